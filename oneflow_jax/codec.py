@@ -1,0 +1,75 @@
+"""Image codecs: pixels <-> the latent patch sequence the transformer sees.
+
+Every codec maps uint8 images [..., H, W, 3] to float32 latent patches [..., num_patches, patch_dim] (row-major
+patch order over a `grid` of (rows, cols)) and back. The flow-matching objective and the sampler only ever see
+latent patches, so swapping the codec (pixel patches now, an SD3/FLUX VAE later) changes nothing else.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelPatchCodec:
+    """Normalised pixels cut into non-overlapping patches: the identity 'VAE' used for shapes-world.
+
+    pixel p in [0, 255] -> p / 127.5 - 1 in [-1, 1]; a patch is its p*p*C values flattened (row, col, channel).
+    """
+
+    image_size: int = 32
+    patch_size: int = 4
+    channels: int = 3
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        n = self.image_size // self.patch_size
+        return (n, n)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size * self.patch_size * self.channels
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.image_size, self.image_size, self.channels)
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images)
+        if images.shape[-3:] != self.image_shape:
+            raise ValueError(f"expected images of shape [..., {self.image_shape}], got {images.shape}")
+        x = images.astype(np.float32) / 127.5 - 1.0
+        lead = x.shape[:-3]
+        g, p, c = self.grid[0], self.patch_size, self.channels
+        x = x.reshape(*lead, g, p, g, p, c)
+        x = np.moveaxis(x, -4, -3)  # [..., g, g, p, p, c]
+        return x.reshape(*lead, g * g, p * p * c)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        latents = np.asarray(latents, dtype=np.float32)
+        if latents.shape[-2:] != (self.num_patches, self.patch_dim):
+            raise ValueError(f"expected latents [..., {self.num_patches}, {self.patch_dim}], got {latents.shape}")
+        lead = latents.shape[:-2]
+        g, p, c = self.grid[0], self.patch_size, self.channels
+        x = latents.reshape(*lead, g, g, p, p, c)
+        x = np.moveaxis(x, -3, -4)  # [..., g, p, g, p, c]
+        x = x.reshape(*lead, g * p, g * p, c)
+        return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def make_codec(config) -> PixelPatchCodec:
+    """Builds the codec named by `config.codec` (a ConfigDict with `name` and its fields)."""
+    name = config.get("name", "pixel_patch")
+    if name == "pixel_patch":
+        return PixelPatchCodec(image_size=config.image_size, patch_size=config.patch_size,
+                               channels=config.get("channels", 3))
+    raise ValueError(f"unknown codec {name!r}; known: 'pixel_patch'")

@@ -1,0 +1,266 @@
+"""The OneFlow transformer: a Llama-3-style backbone over one sequence of text tokens and image-latent patches.
+
+Read top to bottom: RMSNorm -> RoPE -> attention (GQA, bidirectional within a document) -> SwiGLU -> the scanned
+block stack (`Backbone`) -> `OneFlowModel`, which embeds the mixed sequence and reads out the four heads:
+  pi_logit  [B, L]     logit of P(no insertion in gap j) (reference §2)
+  lam       [B, L]     Poisson rate lambda_j > 0 of the insertion count (softplus)
+  q_logits  [B, L, V]  Q_j, the distribution of the token to insert (vocabulary incl. `<image>`)
+  velocity  [B, L, D]  flow-matching velocity for every latent patch (reference §3)
+Text time is *not* an input (paper ablation); each image's own t_img is, added to each of its patches.
+
+Sharding: every parameter and activation names *logical* axes only ('embed', 'heads', 'activation_batch', ...);
+`sharding.py` holds the one table that maps them onto mesh axes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    head_dim: int | None = None       # default d_model // n_heads
+    d_ff: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    num_patches: int = 64             # latent patches per image (codec)
+    patch_dim: int = 48               # values per latent patch (codec)
+    patch_grid: tuple[int, int] = (8, 8)
+    time_embed_dim: int = 256
+    dtype: str = "float32"            # compute dtype
+    param_dtype: str = "float32"
+    remat: str = "none"               # 'none' | 'full' | 'dots' | 'dots_no_batch'
+    attention_impl: str = "xla"       # jax.nn.dot_product_attention implementation: 'xla' | 'cudnn'
+    scan_layers: bool = True
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads and self.head_dim is None:
+            raise ValueError(f"d_model {self.d_model} not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} not divisible by n_kv_heads {self.n_kv_heads}")
+        if self.patch_grid[0] * self.patch_grid[1] != self.num_patches:
+            raise ValueError(f"patch_grid {self.patch_grid} does not hold num_patches {self.num_patches}")
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @classmethod
+    def from_config(cls, config, **overrides) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in dict(config).items() if k in names}
+        kwargs.update(overrides)
+        if "patch_grid" in kwargs:
+            kwargs["patch_grid"] = tuple(kwargs["patch_grid"])
+        return cls(**kwargs)
+
+
+def _init(scale: float = 1.0):
+    return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
+
+
+def _dense(features, axes, cfg: ModelConfig, name, kernel_init=None, use_bias=False, in_axis=-1):
+    """DenseGeneral whose kernel carries logical axis names `axes` (inputs..., outputs...)."""
+    return nn.DenseGeneral(features, axis=in_axis, use_bias=use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                           kernel_init=nn.with_logical_partitioning(kernel_init or _init(), axes),
+                           bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]), name=name)
+
+
+class RMSNorm(nn.Module):
+    eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def apply_rope(x, positions, theta: float):
+    """Rotary embedding, Llama 'rotate half' layout. x [B, L, H, Dh], positions [B, L]."""
+    half = x.shape[-1] // 2
+    freq = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
+    angle = positions[..., None].astype(jnp.float32) * freq          # [B, L, half]
+    sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attention_mask(segment_ids, causal: bool = False, block_ids=None):
+    """[B, 1, L, L] boolean mask: same document (segment id > 0) and, if `causal`, k <= q except that positions
+    sharing a non-zero `block_ids` value (one image block) see each other bidirectionally."""
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
+    if causal:
+        length = segment_ids.shape[1]
+        lower = jnp.arange(length)[:, None] >= jnp.arange(length)[None, :]
+        allowed = lower[None]
+        if block_ids is not None:
+            allowed = allowed | ((block_ids[:, :, None] == block_ids[:, None, :]) & (block_ids[:, None, :] > 0))
+        same = same & allowed
+    return same[:, None, :, :]
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, mask, positions):
+        cfg = self.cfg
+        hd = cfg.dim_per_head
+        q = _dense((cfg.n_heads, hd), ("embed", "heads", "head_dim"), cfg, "q")(x)
+        k = _dense((cfg.n_kv_heads, hd), ("embed", "kv_heads", "head_dim"), cfg, "k")(x)
+        v = _dense((cfg.n_kv_heads, hd), ("embed", "kv_heads", "head_dim"), cfg, "v")(x)
+        q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
+        k = nn.with_logical_constraint(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
+        v = nn.with_logical_constraint(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
+        q, k = apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
+        out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
+        return _dense(cfg.d_model, ("heads", "head_dim", "embed"), cfg, "o", in_axis=(-2, -1))(out)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        gate = _dense(cfg.d_ff, ("embed", "mlp"), cfg, "gate")(x)
+        up = _dense(cfg.d_ff, ("embed", "mlp"), cfg, "up")(x)
+        h = nn.with_logical_constraint(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+        return _dense(cfg.d_model, ("mlp", "embed"), cfg, "down")(h)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; (carry, None) signature for nn.scan."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, mask, positions):
+        cfg = self.cfg
+        norm = lambda name: RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=name)
+        x = x + Attention(cfg, name="attn")(norm("attn_norm")(x), mask, positions)
+        x = x + MLP(cfg, name="mlp")(norm("mlp_norm")(x))
+        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+        return x, None
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Backbone(nn.Module):
+    """n_layers blocks (under nn.scan unless cfg.scan_layers is False) and a final RMSNorm."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, mask, positions):
+        cfg = self.cfg
+        block = Block
+        if cfg.remat != "none":
+            if cfg.remat not in _REMAT_POLICIES:
+                raise ValueError(f"model.remat must be one of none/{'/'.join(_REMAT_POLICIES)}, got {cfg.remat!r}")
+            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = stack(cfg, name="layers")(x, mask, positions)
+        else:
+            for i in range(cfg.n_layers):
+                x, _ = block(cfg, name=f"layers_{i}")(x, mask, positions)
+        return RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
+
+
+def timestep_embedding(t, dim: int, max_period: float = 10000.0):
+    """Sinusoidal embedding of t in [0, 1] (scaled by 1000, as in DiT / Transfusion). t [...] -> [..., dim]."""
+    half = dim // 2
+    freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = (t.astype(jnp.float32) * 1000.0)[..., None] * freqs
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class OneFlowModel(nn.Module):
+    """Embeds text tokens and image patches into one sequence and returns the OneFlow heads.
+
+    Inputs (all [B, L] unless noted): tokens, is_patch, patch_index (0..num_patches-1), patches [B, L, D] (noisy
+    latents Y_t), patch_t (t_img of the patch's image), segment_ids (0 = padding), positions (RoPE index).
+    """
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                              embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                                          ("vocab", "embed")))
+        self.patch_in = _dense(cfg.d_model, ("patch", "embed"), cfg, "patch_in", use_bias=True)
+        self.time_mlp_in = _dense(cfg.d_model, ("time", "embed"), cfg, "time_mlp_in", use_bias=True)
+        self.time_mlp_out = _dense(cfg.d_model, ("embed", "embed_out"), cfg, "time_mlp_out", use_bias=True)
+        init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("patch_grid", "embed"))
+        self.row_embed = self.param("patch_row_embed", init, (cfg.patch_grid[0], cfg.d_model), cfg.param_dtype)
+        self.col_embed = self.param("patch_col_embed", init, (cfg.patch_grid[1], cfg.d_model), cfg.param_dtype)
+        self.backbone = Backbone(cfg)
+        self.insert_head = _dense(2, ("embed", None), cfg, "insert_head", use_bias=True)  # (pi_logit, lambda_raw)
+        if not cfg.tie_embeddings:
+            self.token_head = _dense(cfg.vocab_size, ("embed", "vocab"), cfg, "token_head")
+        self.patch_out = _dense(cfg.patch_dim, ("embed", "patch"), cfg, "patch_out", use_bias=True,
+                                kernel_init=nn.initializers.zeros)
+
+    def embed_inputs(self, batch):
+        """Token embeddings on text positions; patch-in + t_img embedding + 2-D position on patch positions."""
+        cfg = self.cfg
+        tok = self.embed(batch["tokens"])
+        t_emb = self.time_mlp_out(nn.silu(self.time_mlp_in(timestep_embedding(batch["patch_t"], cfg.time_embed_dim))))
+        idx = batch["patch_index"]
+        pos2d = (jnp.take(self.row_embed, idx // cfg.patch_grid[1], axis=0)
+                 + jnp.take(self.col_embed, idx % cfg.patch_grid[1], axis=0)).astype(cfg.dtype)
+        img = self.patch_in(batch["patches"].astype(cfg.dtype)) + t_emb + pos2d
+        x = jnp.where(batch["is_patch"][..., None], img, tok)
+        return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+
+    def __call__(self, batch, attention_segments=None):
+        """`attention_segments` overrides segment_ids for the attention mask only (the sampler's CFG uses it to
+        hide the prompt from the unconditional pass)."""
+        x = self.embed_inputs(batch)
+        seg = batch["segment_ids"] if attention_segments is None else attention_segments
+        h = self.backbone(x, attention_mask(seg), batch["positions"])
+        return self.heads(h)
+
+    def heads(self, h):
+        cfg = self.cfg
+        ins = self.insert_head(h).astype(jnp.float32)
+        if cfg.tie_embeddings:
+            q_logits = self.embed.attend(h)
+        else:
+            q_logits = self.token_head(h)
+        q_logits = nn.with_logical_constraint(q_logits, ("activation_batch", "activation_length", "activation_vocab"))
+        return dict(pi_logit=ins[..., 0], lam=jax.nn.softplus(ins[..., 1]), q_logits=q_logits,
+                    velocity=self.patch_out(h))
+
+
+def dummy_batch(cfg: ModelConfig, batch_size: int = 1, seq_len: int = 16):
+    """A zero batch of the model's input structure, for init and eval_shape."""
+    z = lambda dtype, *shape: jnp.zeros((batch_size, seq_len) + shape, dtype)
+    return dict(tokens=z(jnp.int32), is_patch=z(jnp.bool_), patch_index=z(jnp.int32),
+                patches=z(jnp.float32, cfg.patch_dim), patch_t=z(jnp.float32), segment_ids=z(jnp.int32) + 1,
+                positions=jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch_size, seq_len)))

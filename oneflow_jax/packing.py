@@ -1,0 +1,68 @@
+"""Packing noised documents into fixed [seq_len] rows (host side).
+
+A row holds several documents back to back; `segment_ids` (1, 2, ... per document, 0 for padding) keep their
+attention apart and `positions` restart at 0 for each document (RoPE). Bag deletions go into a separate
+[max_deletions] buffer whose `del_gap` indexes the row. Packing happens *after* noising, so rows are filled with the
+short X_t rather than the clean documents (reference §4).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+# Per-position fields of a noised document and their padding values.
+POSITION_FIELDS = ("tokens", "is_patch", "patch_index", "patches", "patch_t", "velocity_target", "patch_weight",
+                   "text_weight", "no_insert", "insert_count")
+
+
+def doc_length(doc) -> int:
+    return len(doc["tokens"])
+
+
+def doc_deletions(doc) -> int:
+    return len(doc.get("del_tokens", ()))
+
+
+def fits(row_used_len: int, row_used_dels: int, doc, seq_len: int, max_deletions: int) -> bool:
+    """Whether `doc` still fits into a row that already uses `row_used_len` positions and `row_used_dels` deletions."""
+    return (row_used_len + doc_length(doc) <= seq_len
+            and row_used_dels + doc_deletions(doc) <= max_deletions)
+
+
+def pack_rows(docs, seq_len: int, max_deletions: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Concatenates `docs` into one row of `seq_len` positions (and `max_deletions` bag slots).
+
+    Raises ValueError when they do not fit: choosing which documents share a row is the caller's job (`fits`).
+    """
+    total = sum(doc_length(d) for d in docs)
+    dels = sum(doc_deletions(d) for d in docs)
+    if total > seq_len or dels > max_deletions:
+        raise ValueError(f"documents need {total} positions / {dels} deletions; row has {seq_len} / {max_deletions}")
+    row: dict[str, np.ndarray] = {}
+    for name in POSITION_FIELDS:
+        parts = [np.asarray(d[name]) for d in docs if name in d]
+        if not parts:
+            continue
+        ref = parts[0]
+        buf = np.zeros((seq_len,) + ref.shape[1:], ref.dtype)
+        if name == "tokens":
+            buf[:] = pad_id
+        if total:
+            buf[:total] = np.concatenate(parts)
+        row[name] = buf
+    row["segment_ids"] = np.zeros(seq_len, np.int32)
+    row["positions"] = np.zeros(seq_len, np.int32)
+    row["del_tokens"] = np.zeros(max_deletions, np.int32)
+    row["del_gap"] = np.zeros(max_deletions, np.int32)
+    row["del_valid"] = np.zeros(max_deletions, np.float32)
+    pos = ndel = 0
+    for seg, doc in enumerate(docs, start=1):
+        n, k = doc_length(doc), doc_deletions(doc)
+        row["segment_ids"][pos:pos + n] = seg
+        row["positions"][pos:pos + n] = np.arange(n)
+        if k:
+            row["del_tokens"][ndel:ndel + k] = doc["del_tokens"]
+            row["del_gap"][ndel:ndel + k] = np.asarray(doc["del_gap"]) + pos
+            row["del_valid"][ndel:ndel + k] = 1.0
+        pos += n
+        ndel += k
+    return row

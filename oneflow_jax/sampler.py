@@ -1,0 +1,252 @@
+"""The concurrent sampler (paper Alg. 1-2, reference §5): text grows by insertions while images denoise.
+
+One iteration, with h = 1 / steps and one network evaluation on the current state:
+  1. every image with t_img < 1 takes an Euler step Y += h v(Y, t_img), t_img += h;
+  2. while t < 1, every gap i inserts at most one atom: iff Bernoulli(1 - pi_i) and
+     Bernoulli(min(1, h * kappa_dot(t) / (1 - kappa(t)) * lambda_i)); the atom a ~ Q_i, and a = `<image>` splices in
+     a block of fresh N(0, I) latents with t_img = 0;
+  3. t += h; repeat while t < 1 or any t_img < 1.
+Text CFG is Eq. 12 (geometric mixing of lambda and Q between the conditional and the prompt-hidden pass), image CFG
+mixes velocities. Everything lives in fixed [B, max_len] buffers so the loop is one jitted `lax.while_loop` that
+compiles once per shape and runs a batch of prompts at once.
+
+The state is a dict of arrays: tokens, is_patch, patch_index, patches [B, L, D], patch_t, length [B] (positions in
+use) and prompt_len [B] (the fixed prefix: insertions happen only in the gap after its last atom and later).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from oneflow_jax import edit_flow, flow_matching
+from oneflow_jax.edit_flow import SpecialTokens
+
+NEG = -1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    steps: int = 32
+    max_len: int = 256
+    text_cfg: float = 1.0       # w of Eq. 12 (1 = no guidance)
+    image_cfg: float = 1.0      # v = v_u + w (v_c - v_u)
+    temperature: float = 1.0    # for Q
+    top_p: float = 1.0          # nucleus sampling for Q
+    kappa_power: float = 1.0
+
+    @classmethod
+    def from_config(cls, config, **overrides) -> "SamplerConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in dict(config).items() if k in names}
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Host side: prompts in, documents out.
+
+def init_state(prompts, max_len: int, special: SpecialTokens, num_patches: int, patch_dim: int):
+    """Fixed-size state for a batch of prompts; each prompt is (token ids without BOS, clean latents [n_img, N, D]).
+
+    Prompt images are clean (t_img = 1) and every prompt token is fixed.
+    """
+    b = len(prompts)
+    st = dict(tokens=np.full((b, max_len), special.pad, np.int32), is_patch=np.zeros((b, max_len), bool),
+              patch_index=np.zeros((b, max_len), np.int32), patches=np.zeros((b, max_len, patch_dim), np.float32),
+              patch_t=np.ones((b, max_len), np.float32), length=np.zeros(b, np.int32), prompt_len=np.zeros(b, np.int32))
+    for r, (tokens, latents) in enumerate(prompts):
+        tokens = list(tokens)
+        latents = np.zeros((0, num_patches, patch_dim), np.float32) if latents is None else np.asarray(latents)
+        if sum(t == special.image for t in tokens) != len(latents):
+            raise ValueError(f"prompt {r}: {sum(t == special.image for t in tokens)} <image> markers but "
+                             f"{len(latents)} images")
+        pos, img = 1, 0
+        st["tokens"][r, 0] = special.bos
+        for tok in tokens:
+            need = 1 + (num_patches if tok == special.image else 0)
+            if pos + need > max_len:
+                raise ValueError(f"prompt {r} does not fit into sampler.max_len={max_len}")
+            st["tokens"][r, pos] = tok
+            pos += 1
+            if tok == special.image:
+                st["is_patch"][r, pos:pos + num_patches] = True
+                st["patch_index"][r, pos:pos + num_patches] = np.arange(num_patches)
+                st["patches"][r, pos:pos + num_patches] = latents[img]
+                img += 1
+                pos += num_patches
+        st["length"][r] = st["prompt_len"][r] = pos
+    return st
+
+
+def extract_documents(state, special: SpecialTokens):
+    """[(token ids without BOS, [latents [N, D] per image in order])] from a final state."""
+    docs = []
+    tokens, is_patch, patches = (np.asarray(state[k]) for k in ("tokens", "is_patch", "patches"))
+    for r in range(tokens.shape[0]):
+        n = int(state["length"][r])
+        text = [int(t) for t, p in zip(tokens[r, 1:n], is_patch[r, 1:n]) if not p]
+        images, pos = [], 1
+        while pos < n:
+            if not is_patch[r, pos] and tokens[r, pos] == special.image:
+                end = pos + 1
+                while end < n and is_patch[r, end]:
+                    end += 1
+                images.append(patches[r, pos + 1:end])
+                pos = end
+            else:
+                pos += 1
+        docs.append((text, images))
+    return docs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Device side.
+
+def _model_inputs(state):
+    length = state["tokens"].shape[1]
+    valid = jnp.arange(length)[None, :] < state["length"][:, None]
+    return dict(tokens=state["tokens"], is_patch=state["is_patch"], patch_index=state["patch_index"],
+                patches=state["patches"], patch_t=state["patch_t"], segment_ids=valid.astype(jnp.int32),
+                positions=jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), state["tokens"].shape))
+
+
+def _unconditional_segments(state, inputs):
+    """Hides the prompt (all but BOS) from everything else: its own segment id, so neither side attends across."""
+    pos = jnp.arange(state["tokens"].shape[1])[None, :]
+    hidden = (pos > 0) & (pos < state["prompt_len"][:, None])
+    return jnp.where(hidden & (inputs["segment_ids"] > 0), 2, inputs["segment_ids"])
+
+
+def _sample_tokens(rng, log_q, temperature: float, top_p: float):
+    logits = log_q / max(temperature, 1e-6)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        keep = jnp.cumsum(probs, axis=-1) - probs < top_p   # smallest prefix with mass >= top_p
+        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, NEG, logits)
+    return jax.random.categorical(rng, logits, axis=-1)
+
+
+def _guided_heads(apply_fn, state, cfg: SamplerConfig):
+    inputs = _model_inputs(state)
+    out = apply_fn(inputs, None)
+    log_q = jax.nn.log_softmax(out["q_logits"].astype(jnp.float32), axis=-1)
+    log_lam = jnp.log(jnp.maximum(out["lam"].astype(jnp.float32), 1e-30))
+    velocity = out["velocity"].astype(jnp.float32)
+    if cfg.text_cfg != 1.0 or cfg.image_cfg != 1.0:
+        unc = apply_fn(inputs, _unconditional_segments(state, inputs))
+        w = cfg.text_cfg  # Eq. 12: lambda^w * lambda_u^(1-w), Q ∝ Q^w * Q_u^(1-w)
+        log_lam = w * log_lam + (1 - w) * jnp.log(jnp.maximum(unc["lam"].astype(jnp.float32), 1e-30))
+        log_q = jax.nn.log_softmax(
+            w * log_q + (1 - w) * jax.nn.log_softmax(unc["q_logits"].astype(jnp.float32), axis=-1), axis=-1)
+        v_u = unc["velocity"].astype(jnp.float32)
+        velocity = v_u + cfg.image_cfg * (velocity - v_u)
+    return out["pi_logit"].astype(jnp.float32), jnp.exp(log_lam), log_q, velocity
+
+
+def _insert(state, insert, new_tok, rng, special: SpecialTokens, num_patches: int):
+    """Splices the chosen atoms into the fixed buffers. insert/new_tok [B, L] are indexed by the gap owner's text
+    position; an image atom's gap physically starts after its block."""
+    b, length = state["tokens"].shape
+    pos = jnp.arange(length)[None, :]
+    owns_block = (~state["is_patch"]) & (state["tokens"] == special.image) & (pos < state["length"][:, None])
+    anchor = jnp.minimum(pos + jnp.where(owns_block, num_patches, 0), length - 1)   # last position of the atom
+    size = jnp.where(insert, jnp.where(new_tok == special.image, 1 + num_patches, 1), 0)
+    rows = jnp.arange(b)[:, None]
+    size_at = jnp.zeros((b, length), jnp.int32).at[rows, anchor].add(size)
+    tok_at = jnp.zeros((b, length), jnp.int32).at[rows, anchor].add(jnp.where(insert, new_tok, 0))
+    # Keep a prefix of insertions whose total still fits the buffer (all later ones are dropped this step).
+    size_at = jnp.where(state["length"][:, None] + jnp.cumsum(size_at, axis=1) <= length, size_at, 0)
+    shift = jnp.cumsum(size_at, axis=1) - size_at
+    old_valid = pos < state["length"][:, None]
+    new_pos = jnp.where(old_valid, pos + shift, length)                           # `length` = dropped
+    new = {}
+    for k in ("tokens", "is_patch", "patch_index", "patches", "patch_t"):
+        fill = special.pad if k == "tokens" else (1.0 if k == "patch_t" else 0)
+        buf = jnp.full_like(state[k], fill)
+        new[k] = buf.at[rows, new_pos].set(state[k], mode="drop")
+    ins_pos = jnp.where(size_at > 0, pos + shift + 1, length)
+    new["tokens"] = new["tokens"].at[rows, ins_pos].set(tok_at, mode="drop")
+    new["is_patch"] = new["is_patch"].at[rows, ins_pos].set(False, mode="drop")
+    # Fresh image blocks: noise with t_img = 0 right after their new <image> token.
+    is_img = (size_at > 1)[..., None]
+    k = jnp.arange(num_patches)[None, None, :]
+    block_pos = jnp.where(is_img, (pos + shift + 2)[..., None] + k, length).reshape(b, -1)
+    rows2 = jnp.arange(b)[:, None]
+    dim = state["patches"].shape[-1]
+    noise = jax.random.normal(rng, (b, length * num_patches, dim), jnp.float32)
+    new["is_patch"] = new["is_patch"].at[rows2, block_pos].set(True, mode="drop")
+    new["patch_index"] = new["patch_index"].at[rows2, block_pos].set(
+        jnp.broadcast_to(k, (b, length, num_patches)).reshape(b, -1), mode="drop")
+    new["patch_t"] = new["patch_t"].at[rows2, block_pos].set(0.0, mode="drop")
+    new["patches"] = new["patches"].at[rows2, block_pos].set(noise.astype(state["patches"].dtype), mode="drop")
+    new["length"] = state["length"] + jnp.sum(size_at, axis=1)
+    new["prompt_len"] = state["prompt_len"]
+    return new
+
+
+def sample_loop(apply_fn: Callable, state, rng, cfg: SamplerConfig, special: SpecialTokens, num_patches: int,
+                banned_tokens=()):
+    """Runs Alg. 1-2 to completion. apply_fn(inputs, attention_segments) -> model heads. Returns (state, nfe)."""
+    h = 1.0 / cfg.steps
+    length = state["tokens"].shape[1]
+    pos = jnp.arange(length)[None, :]
+    banned = jnp.asarray([special.bos, special.pad, *banned_tokens], jnp.int32)
+
+    def pending_images(st):
+        valid = pos < st["length"][:, None]
+        return jnp.any(st["is_patch"] & valid & (st["patch_t"] < 1.0))
+
+    def cond(carry):
+        st, i, _, _ = carry
+        return ((i < cfg.steps) | pending_images(st)) & (i < 2 * cfg.steps + 1)
+
+    def body(carry):
+        st, i, rng, nfe = carry
+        rng, r_gate, r_rate, r_tok, r_noise = jax.random.split(rng, 5)
+        pi_logit, lam, log_q, velocity = _guided_heads(apply_fn, st, cfg)
+        # 1. Euler step on every noisy image.
+        valid = pos < st["length"][:, None]
+        moving = st["is_patch"] & valid & (st["patch_t"] < 1.0)
+        st = dict(st)
+        st["patches"] = jnp.where(moving[..., None], flow_matching.euler_step(st["patches"], velocity, h),
+                                  st["patches"])
+        t_img = st["patch_t"] + h
+        st["patch_t"] = jnp.where(moving, jnp.where(t_img > 1.0 - 1e-4, 1.0, t_img), st["patch_t"])
+        # 2. Insertions, at text time t = i h < 1, in gaps from the prompt's last atom on.
+        t = i.astype(jnp.float32) * h
+        scale = edit_flow.insertion_rate_scale(t, cfg.kappa_power)
+        gate = jax.random.uniform(r_gate, pi_logit.shape) < jax.nn.sigmoid(-pi_logit)      # 1 - pi
+        rate = jax.random.uniform(r_rate, lam.shape) < jnp.minimum(1.0, h * scale * lam)
+        text_pos = valid & ~st["is_patch"] & (pos >= st["prompt_len"][:, None] - 1)
+        # If the prompt ends in an image block, its gap belongs to that image's <image> token position.
+        owner = text_pos | _block_owner_of_prompt_end(st, special, num_patches, pos)
+        insert = gate & rate & owner & (i < cfg.steps)
+        log_q = log_q.at[..., banned].set(NEG)
+        new_tok = _sample_tokens(r_tok, log_q, cfg.temperature, cfg.top_p).astype(jnp.int32)
+        st = _insert(st, insert, new_tok, r_noise, special, num_patches)
+        return st, i + 1, rng, nfe + 1
+
+    state = {k: jnp.asarray(v) for k, v in state.items()}
+    state, _, _, nfe = jax.lax.while_loop(cond, body, (state, jnp.int32(0), rng, jnp.int32(0)))
+    return state, nfe
+
+
+def _block_owner_of_prompt_end(st, special, num_patches, pos):
+    """True at the `<image>` token whose block ends the prompt (its gap is the first free one)."""
+    end = st["prompt_len"][:, None]
+    return ((~st["is_patch"]) & (st["tokens"] == special.image) & (pos + num_patches == end - 1)
+            & (pos < st["length"][:, None]))
+
+
+def make_sampler(model, cfg: SamplerConfig, special: SpecialTokens, num_patches: int, banned_tokens=()):
+    """jit(params, state, rng) -> (state, nfe) for a Flax OneFlowModel."""
+    def run(params, state, rng):
+        apply_fn = lambda inputs, seg: model.apply({"params": params}, inputs, attention_segments=seg)
+        return sample_loop(apply_fn, state, rng, cfg, special, num_patches, banned_tokens)
+    return jax.jit(run)

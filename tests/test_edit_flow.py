@@ -1,0 +1,136 @@
+"""Host noising (X1 -> X_t, bags) and the Eq. 7 loss against a brute-force reference."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from oneflow_jax import edit_flow, flow_matching, packing
+from oneflow_jax.codec import PixelPatchCodec
+from oneflow_jax.edit_flow import NoisingConfig, SpecialTokens
+
+SP = SpecialTokens(bos=1, pad=0, image=3)
+N, D = 4, 6
+
+
+def random_doc(rng, n_text=12, n_img=2, vocab=20):
+    toks = list(rng.integers(5, vocab, size=n_text))
+    for _ in range(n_img):
+        toks.insert(int(rng.integers(0, len(toks) + 1)), SP.image)
+    return np.asarray(toks, np.int32), rng.standard_normal((n_img, N, D)).astype(np.float32)
+
+
+@pytest.mark.parametrize("k", [1.0, 3.0])
+def test_kept_fraction_matches_kappa(k):
+    rng = np.random.default_rng(0)
+    cfg = NoisingConfig(kappa_power=k)
+    toks = np.arange(5, 205, dtype=np.int32)  # 200 text tokens, no images
+    for t in (0.2, 0.5, 0.8):
+        kept = [len(edit_flow.noise_document(toks, np.zeros((0, N, D)), rng, cfg, SP, times=(t, []))["tokens"]) - 1
+                for _ in range(50)]
+        frac = np.mean(kept) / len(toks)
+        stderr = np.sqrt(t ** k * (1 - t ** k) / (50 * len(toks)))
+        assert abs(frac - t ** k) < 4 * stderr + 1e-3, (t, frac, t ** k)
+
+
+@pytest.mark.parametrize("schedule", ["interleaved", "independent"])
+def test_merge_bags_recovers_x1(schedule):
+    rng = np.random.default_rng(1)
+    cfg = NoisingConfig(schedule=schedule, mixed_gen_prob=0.2)
+    for _ in range(200):
+        toks, lat = random_doc(rng, n_text=int(rng.integers(0, 15)), n_img=int(rng.integers(0, 3)))
+        x_t = edit_flow.noise_document(toks, lat, rng, cfg, SP)
+        np.testing.assert_array_equal(edit_flow.merge_bags(x_t, SP), toks)
+        # counts and weights are consistent with the bags
+        text = ~x_t["is_patch"]
+        assert x_t["insert_count"].sum() == len(x_t["del_tokens"])
+        np.testing.assert_allclose(x_t["text_weight"][text].sum(), 1.0, rtol=1e-6)
+        np.testing.assert_array_equal(x_t["no_insert"][text], x_t["insert_count"][text] == 0)
+
+
+def test_deleted_image_lands_in_its_gap_as_image_token():
+    toks = np.asarray([5, 6, SP.image, 7, 8, SP.image, 9], np.int32)
+    lat = np.random.default_rng(0).standard_normal((2, N, D)).astype(np.float32)
+    # keep all text, delete the first image, keep the second at t_img = 0.5
+    x_t = edit_flow.noise_document(toks, lat, np.random.default_rng(0), NoisingConfig(), SP,
+                                   times=(1.0, [-1.0, 0.5]))
+    text_tokens = [t for t, p in zip(x_t["tokens"], x_t["is_patch"]) if not p]
+    assert text_tokens == [SP.bos, 5, 6, 7, 8, SP.image, 9]
+    # the deleted <image> sits in the gap right after token 6 (sequence position 2)
+    assert list(x_t["del_tokens"]) == [SP.image] and list(x_t["del_gap"]) == [2]
+    assert x_t["insert_count"][2] == 1 and x_t["no_insert"][2] == 0
+    # the kept image: N patch positions at t = 0.5 with Y_t = t Y1 + (1 - t) Y0 and v = Y1 - Y0
+    start = list(x_t["tokens"]).index(SP.image) + 1
+    block = slice(start, start + N)
+    assert x_t["is_patch"][block].all() and (x_t["patch_t"][block] == 0.5).all()
+    y0 = lat[1] - x_t["velocity_target"][block]
+    np.testing.assert_allclose(x_t["patches"][block], 0.5 * lat[1] + 0.5 * y0, atol=1e-6)
+    np.testing.assert_array_equal(x_t["patch_index"][block], np.arange(N))
+
+
+def test_condition_dropout_removes_one_modality():
+    toks = np.asarray([5, 6, SP.image, 7], np.int32)
+    lat = np.zeros((1, N, D), np.float32)
+    no_img = edit_flow.noise_document(toks, lat, np.random.default_rng(0), NoisingConfig(drop_images_prob=1.0), SP)
+    np.testing.assert_array_equal(edit_flow.merge_bags(no_img, SP), [5, 6, 7])
+    no_text = edit_flow.noise_document(toks, lat, np.random.default_rng(0), NoisingConfig(drop_text_prob=1.0), SP)
+    np.testing.assert_array_equal(edit_flow.merge_bags(no_text, SP), [SP.image])
+
+
+def brute_force_text_loss(docs, pi_logit, lam, q_logits):
+    """Eq. 7 written literally, one document and one gap at a time."""
+    per_doc = []
+    for d, (pl, la, ql) in enumerate(zip(pi_logit, lam, q_logits)):
+        doc = docs[d]
+        text_pos = [j for j in range(len(doc["tokens"])) if not doc["is_patch"][j]]
+        total = 0.0
+        for j in text_pos:
+            bag = [int(a) for a, g in zip(doc["del_tokens"], doc["del_gap"]) if g == j]
+            pi = 1 / (1 + np.exp(-pl[j]))
+            total += -(np.log(pi) if not bag else np.log(1 - pi))
+            if bag:
+                total += la[j] - len(bag) * np.log(la[j])
+                logq = ql[j] - np.log(np.sum(np.exp(ql[j])))
+                total += -sum(logq[a] for a in bag)
+        per_doc.append(total / len(text_pos))
+    return np.mean(per_doc)
+
+
+def test_text_loss_matches_brute_force():
+    rng = np.random.default_rng(3)
+    vocab, seq_len, max_del = 20, 96, 64
+    for trial in range(5):
+        docs = [edit_flow.noise_document(*random_doc(rng, n_text=int(rng.integers(1, 12)), n_img=1), rng,
+                                         NoisingConfig(), SP) for _ in range(4)]
+        rows = [packing.pack_rows(docs[:2], seq_len, max_del), packing.pack_rows(docs[2:], seq_len, max_del)]
+        batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+        pi_logit = rng.normal(size=(2, seq_len)).astype(np.float32)
+        lam = np.exp(rng.normal(size=(2, seq_len))).astype(np.float32)
+        q_logits = rng.normal(size=(2, seq_len, vocab)).astype(np.float32)
+        loss, _ = edit_flow.text_loss(pi_logit, lam, q_logits, batch)
+        # slice each document's outputs back out of its row
+        per_doc_out = []
+        for r, row in enumerate(rows):
+            for seg in (1, 2):
+                idx = np.nonzero(row["segment_ids"] == seg)[0]
+                per_doc_out.append((pi_logit[r, idx], lam[r, idx], q_logits[r, idx]))
+        ref = brute_force_text_loss(docs, *zip(*per_doc_out))
+        np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
+
+
+def test_image_loss_and_interpolation():
+    rng = np.random.default_rng(0)
+    y1, y0 = rng.normal(size=(2, 5, D)).astype(np.float32)
+    y_t, v = flow_matching.interpolate(y1, y0, 0.3)
+    np.testing.assert_allclose(flow_matching.euler_step(y_t, v, 0.7), y1, atol=1e-6)  # straight path
+    batch = dict(velocity_target=jnp.asarray(v)[None], patch_weight=jnp.asarray([[1, 1, 0, 1, 0]], jnp.float32))
+    pred = jnp.asarray(v)[None] + 1.0
+    np.testing.assert_allclose(float(flow_matching.image_loss(pred, batch)), 1.0, rtol=1e-6)
+
+
+def test_pixel_codec_round_trip():
+    codec = PixelPatchCodec(image_size=8, patch_size=4)
+    img = np.random.default_rng(0).integers(0, 256, size=(2, 8, 8, 3), dtype=np.uint8)
+    lat = codec.encode(img)
+    assert lat.shape == (2, 4, 48) and lat.min() >= -1 and lat.max() <= 1
+    np.testing.assert_array_equal(codec.decode(lat), img)
+    np.testing.assert_array_equal(lat[0, 1], (img[0, :4, 4:8].astype(np.float32) / 127.5 - 1).reshape(-1))
