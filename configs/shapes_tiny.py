@@ -1,0 +1,57 @@
+"""The embedded default: a tiny OneFlow model on shapes-world that trains on a 2-core CPU in minutes.
+
+python -m oneflow_jax.train --config configs/shapes_tiny.py --workdir workdir/shapes_tiny [--config.total_steps=...]
+Variants: --config configs/shapes_tiny.py:smoke (a few steps, for tests).
+"""
+import ml_collections
+
+
+def get_config(arg: str | None = None):
+    c = ml_collections.ConfigDict()
+    c.model_type = "oneflow"          # 'oneflow' | 'ar' (the AR+FM baseline)
+    c.seed = 0
+    c.total_steps = 3000
+    c.log_every = 50
+    c.ckpt_every = 500
+    c.keep_checkpoints = 3
+    c.sample_every = 1000             # periodic sample grid + texts into workdir/samples (0 = off)
+    c.compile_only = False
+    c.peak_flops = 0.0                # per-device peak FLOP/s for MFU; 0 = measure a matmul peak (CPU)
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))   # -1: the remaining devices
+
+    c.codec = ml_collections.ConfigDict(dict(name="pixel_patch", image_size=32, patch_size=4, channels=3))
+
+    c.model = ml_collections.ConfigDict(dict(
+        vocab_size=0,                 # 0: taken from the tokenizer
+        d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, d_ff=512, rope_theta=10000.0, norm_eps=1e-5,
+        tie_embeddings=False, time_embed_dim=128, dtype="float32", param_dtype="float32", remat="none",
+        attention_impl="xla", scan_layers=True))
+
+    c.objective = ml_collections.ConfigDict(dict(
+        kappa_power=1.0, schedule="interleaved", mixed_gen_prob=0.0,
+        drop_images_prob=0.05, drop_text_prob=0.05, image_loss_weight=1.0))
+
+    c.data = ml_collections.ConfigDict(dict(
+        name="shapes_world", data_dir=ml_collections.FieldReference(None, field_type=str), split="train",
+        seq_len=256, max_deletions=512, global_batch_size=16, shuffle_seed=0, num_workers=0, prefetch=2,
+        overlong="drop", tokenizer_path=ml_collections.FieldReference(None, field_type=str), latents=False))
+
+    c.optimizer = ml_collections.ConfigDict(dict(
+        lr=1e-3, min_lr_ratio=0.1, warmup_steps=100, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05, grad_clip=1.0,
+        max_consecutive_nonfinite=5))
+
+    c.sampler = ml_collections.ConfigDict(dict(
+        steps=32, max_len=256, text_cfg=1.0, image_cfg=1.0, temperature=1.0, top_p=1.0))
+
+    c.eval = ml_collections.ConfigDict(dict(num_examples=200, batch_size=50, split="eval"))
+
+    if arg == "smoke":
+        c.total_steps, c.log_every, c.ckpt_every, c.sample_every = 6, 2, 3, 0
+        c.model.update(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, time_embed_dim=32)
+        c.data.update(seq_len=128, max_deletions=256, global_batch_size=8)
+        c.sampler.update(steps=8, max_len=128)
+        c.eval.update(num_examples=16, batch_size=16)
+    elif arg:
+        raise ValueError(f"unknown variant {arg!r} of shapes_tiny (known: smoke)")
+    return c
