@@ -67,15 +67,35 @@ class ModelConfig:
         return cls(**kwargs)
 
 
-def _init(scale: float = 1.0):
-    return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
+class Dense(nn.Module):
+    """x[..., *in] @ kernel[*in, *out] (+ bias) with a kernel that carries logical axis names `axes`.
 
+    Like nn.DenseGeneral, but the kernel is initialised in its full shape (fan-in over the contracted axes), so
+    logical sharding constraints see the real rank.
+    """
+    features: int | tuple[int, ...]
+    axes: tuple
+    cfg: ModelConfig
+    contract: int = 1            # number of trailing input axes contracted
+    use_bias: bool = False
+    zero_init: bool = False
 
-def _dense(features, axes, cfg: ModelConfig, name, kernel_init=None, use_bias=False, in_axis=-1):
-    """DenseGeneral whose kernel carries logical axis names `axes` (inputs..., outputs...)."""
-    return nn.DenseGeneral(features, axis=in_axis, use_bias=use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                           kernel_init=nn.with_logical_partitioning(kernel_init or _init(), axes),
-                           bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]), name=name)
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        out = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        in_shape = x.shape[x.ndim - self.contract:]
+        n_in = len(in_shape)
+        init = (nn.initializers.zeros if self.zero_init else nn.initializers.variance_scaling(
+            1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + len(out)))))
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), in_shape + out, cfg.param_dtype)
+        y = jax.lax.dot_general(x.astype(cfg.dtype), kernel.astype(cfg.dtype),
+                                ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[n_in:]), out,
+                              cfg.param_dtype)
+            y = y + bias.astype(cfg.dtype)
+        return y
 
 
 class RMSNorm(nn.Module):
@@ -123,16 +143,16 @@ class Attention(nn.Module):
     def __call__(self, x, mask, positions):
         cfg = self.cfg
         hd = cfg.dim_per_head
-        q = _dense((cfg.n_heads, hd), ("embed", "heads", "head_dim"), cfg, "q")(x)
-        k = _dense((cfg.n_kv_heads, hd), ("embed", "kv_heads", "head_dim"), cfg, "k")(x)
-        v = _dense((cfg.n_kv_heads, hd), ("embed", "kv_heads", "head_dim"), cfg, "v")(x)
+        q = Dense((cfg.n_heads, hd), ("embed", "heads", "head_dim"), cfg, name="q")(x)
+        k = Dense((cfg.n_kv_heads, hd), ("embed", "kv_heads", "head_dim"), cfg, name="k")(x)
+        v = Dense((cfg.n_kv_heads, hd), ("embed", "kv_heads", "head_dim"), cfg, name="v")(x)
         q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
         k = nn.with_logical_constraint(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
         v = nn.with_logical_constraint(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
         q, k = apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
-        return _dense(cfg.d_model, ("heads", "head_dim", "embed"), cfg, "o", in_axis=(-2, -1))(out)
+        return Dense(cfg.d_model, ("heads", "head_dim", "embed"), cfg, contract=2, name="o")(out)
 
 
 class MLP(nn.Module):
@@ -142,10 +162,10 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        gate = _dense(cfg.d_ff, ("embed", "mlp"), cfg, "gate")(x)
-        up = _dense(cfg.d_ff, ("embed", "mlp"), cfg, "up")(x)
+        gate = Dense(cfg.d_ff, ("embed", "mlp"), cfg, name="gate")(x)
+        up = Dense(cfg.d_ff, ("embed", "mlp"), cfg, name="up")(x)
         h = nn.with_logical_constraint(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
-        return _dense(cfg.d_model, ("mlp", "embed"), cfg, "down")(h)
+        return Dense(cfg.d_model, ("mlp", "embed"), cfg, name="down")(h)
 
 
 class Block(nn.Module):
@@ -213,18 +233,17 @@ class OneFlowModel(nn.Module):
         self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                               embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                                           ("vocab", "embed")))
-        self.patch_in = _dense(cfg.d_model, ("patch", "embed"), cfg, "patch_in", use_bias=True)
-        self.time_mlp_in = _dense(cfg.d_model, ("time", "embed"), cfg, "time_mlp_in", use_bias=True)
-        self.time_mlp_out = _dense(cfg.d_model, ("embed", "embed_out"), cfg, "time_mlp_out", use_bias=True)
+        self.patch_in = Dense(cfg.d_model, ("patch", "embed"), cfg, use_bias=True)
+        self.time_mlp_in = Dense(cfg.d_model, ("time", "embed"), cfg, use_bias=True)
+        self.time_mlp_out = Dense(cfg.d_model, ("embed", "embed_out"), cfg, use_bias=True)
         init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("patch_grid", "embed"))
         self.row_embed = self.param("patch_row_embed", init, (cfg.patch_grid[0], cfg.d_model), cfg.param_dtype)
         self.col_embed = self.param("patch_col_embed", init, (cfg.patch_grid[1], cfg.d_model), cfg.param_dtype)
         self.backbone = Backbone(cfg)
-        self.insert_head = _dense(2, ("embed", None), cfg, "insert_head", use_bias=True)  # (pi_logit, lambda_raw)
+        self.insert_head = Dense(2, ("embed", None), cfg, use_bias=True)  # (pi_logit, lambda_raw)
         if not cfg.tie_embeddings:
-            self.token_head = _dense(cfg.vocab_size, ("embed", "vocab"), cfg, "token_head")
-        self.patch_out = _dense(cfg.patch_dim, ("embed", "patch"), cfg, "patch_out", use_bias=True,
-                                kernel_init=nn.initializers.zeros)
+            self.token_head = Dense(cfg.vocab_size, ("embed", "vocab"), cfg)
+        self.patch_out = Dense(cfg.patch_dim, ("embed", "patch"), cfg, use_bias=True, zero_init=True)
 
     def embed_inputs(self, batch):
         """Token embeddings on text positions; patch-in + t_img embedding + 2-D position on patch positions."""

@@ -1,0 +1,100 @@
+"""Model: segment isolation in packed rows, finite gradients of the full objective, and fsdp+tensor sharding."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from oneflow_jax import edit_flow, objective, packing, sharding
+from oneflow_jax.edit_flow import NoisingConfig, SpecialTokens
+from oneflow_jax.model import ModelConfig, OneFlowModel, attention_mask, dummy_batch
+
+SP = SpecialTokens(bos=1, pad=0, image=3)
+CFG = ModelConfig(vocab_size=32, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, num_patches=4,
+                  patch_dim=6, patch_grid=(2, 2), time_embed_dim=16)
+
+
+def make_row(rng, docs_tokens, seq_len=64, max_del=64, times=None):
+    docs = []
+    for toks in docs_tokens:
+        toks = np.asarray(toks, np.int32)
+        lat = rng.standard_normal((int((toks == SP.image).sum()), 4, 6)).astype(np.float32)
+        docs.append(edit_flow.noise_document(toks, lat, rng, NoisingConfig(), SP, times=times and (
+            times[0], [times[1]] * len(lat))))
+    return packing.pack_rows(docs, seq_len, max_del)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return OneFlowModel(CFG).init(jax.random.key(0), dummy_batch(CFG))["params"]
+
+
+def test_segment_isolation(params):
+    model = OneFlowModel(CFG)
+    doc_a = [5, 6, SP.image, 7, 8]
+    row1 = make_row(np.random.default_rng(0), [doc_a, [9, 10, 11, SP.image]], times=(1.0, 0.5))
+    row2 = make_row(np.random.default_rng(0), [doc_a, [12, 13, SP.image, 14, 15, 16]], times=(1.0, 0.5))
+    seg_a = row1["segment_ids"] == 1
+    np.testing.assert_array_equal(row1["tokens"][seg_a], row2["tokens"][seg_a])
+    assert not np.array_equal(row1["tokens"], row2["tokens"])
+    out1 = model.apply({"params": params}, {k: jnp.asarray(row1[k])[None] for k in objective.MODEL_INPUTS})
+    out2 = model.apply({"params": params}, {k: jnp.asarray(row2[k])[None] for k in objective.MODEL_INPUTS})
+    for name in ("pi_logit", "lam", "q_logits", "velocity"):
+        np.testing.assert_allclose(np.asarray(out1[name])[0][seg_a], np.asarray(out2[name])[0][seg_a], atol=1e-5)
+        # ... while document B's outputs do change
+    assert not np.allclose(np.asarray(out1["q_logits"])[0][~seg_a], np.asarray(out2["q_logits"])[0][~seg_a])
+
+
+def test_attention_mask_causal_with_image_blocks():
+    seg = jnp.asarray([[1, 1, 1, 1, 2, 2, 0]])
+    block = jnp.asarray([[0, 1, 1, 0, 0, 0, 0]])
+    m = np.asarray(attention_mask(seg, causal=True, block_ids=block))[0, 0]
+    assert m[1, 2] and m[2, 1]            # inside an image block: bidirectional
+    assert not m[0, 1] and m[3, 0]        # text: causal
+    assert not m[4, 3] and not m[:, 6].any()  # other document, padding
+
+
+def test_objective_gradients_finite(params):
+    rng = np.random.default_rng(1)
+    rows = [make_row(rng, [[5, 6, SP.image, 7], [8, 9, 10, 11, 12]]) for _ in range(2)]
+    batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+    model = OneFlowModel(CFG)
+    (loss, metrics), grads = jax.value_and_grad(
+        lambda p: objective.oneflow_loss(model, p, batch), has_aux=True)(params)
+    assert np.isfinite(float(loss)) and float(metrics["text_loss"]) > 0
+    assert float(metrics["num_docs"]) == pytest.approx(4.0)
+    leaves = jax.tree_util.tree_leaves(grads)
+    assert all(np.isfinite(np.asarray(g)).all() for g in leaves)
+    assert sum(float(jnp.abs(g).sum()) for g in leaves) > 0
+
+
+def test_fsdp_tensor_sharding_on_8_devices():
+    assert jax.device_count() == 8
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
+    model = OneFlowModel(CFG)
+    batch = dummy_batch(CFG, batch_size=4, seq_len=16)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), batch)
+    shardings = sharding.logical_to_sharding(nn.get_partition_spec(abstract), mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        variables = jax.jit(model.init, out_shardings=shardings)(jax.random.key(0), batch)
+    p = nn.meta.unbox(variables["params"])
+    spec = lambda x: tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
+    layers = p["backbone"]["layers"]
+    assert spec(layers["attn"]["q"]["kernel"]) == (None, "fsdp", "tensor", None)       # [layers, embed, heads, hd]
+    assert spec(layers["attn"]["k"]["kernel"]) == (None, "fsdp", "tensor", None)
+    assert spec(layers["attn"]["o"]["kernel"]) == (None, "tensor", None, "fsdp")
+    assert spec(layers["mlp"]["gate"]["kernel"]) == (None, "fsdp", "tensor")
+    assert spec(layers["mlp"]["down"]["kernel"]) == (None, "tensor", "fsdp")
+    assert spec(p["embed"]["embedding"]) == ("tensor", "fsdp")
+    assert spec(p["token_head"]["kernel"]) == ("fsdp", "tensor")
+    assert spec(layers["attn_norm"]["scale"]) == (None, None)
+    # every parameter actually lands on the mesh with the table's layout: the sharded init equals the plain one
+    plain = nn.meta.unbox(model.init(jax.random.key(0), batch)["params"])
+    for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(p)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    # a sharded forward matches the single-device one
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        out = jax.jit(model.apply)({"params": p}, batch)
+    ref = model.apply({"params": plain}, batch)
+    np.testing.assert_allclose(np.asarray(out["q_logits"]), np.asarray(ref["q_logits"]), atol=1e-4)
