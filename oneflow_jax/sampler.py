@@ -49,21 +49,23 @@ class SamplerConfig:
 # ----------------------------------------------------------------------------------------------------------------
 # Host side: prompts in, documents out.
 
-def init_state(prompts, max_len: int, special: SpecialTokens, num_patches: int, patch_dim: int):
-    """Fixed-size state for a batch of prompts; each prompt is (token ids without BOS, clean latents [n_img, N, D]).
+def init_state(prompts, max_len: int, special: SpecialTokens, num_patches: int, patch_dim: int, seed: int = 0):
+    """Fixed-size state for a batch of prompts; each prompt is (token ids without BOS, images).
 
-    Prompt images are clean (t_img = 1) and every prompt token is fixed.
+    `images` holds one entry per `<image>` marker: clean latents [N, D] (a given image: t_img = 1, fixed) or None
+    (an image to generate in place: N(0, I) noise at t_img = 0). Every prompt token is fixed.
     """
     b = len(prompts)
+    noise_rng = np.random.default_rng(seed)
     st = dict(tokens=np.full((b, max_len), special.pad, np.int32), is_patch=np.zeros((b, max_len), bool),
               patch_index=np.zeros((b, max_len), np.int32), patches=np.zeros((b, max_len, patch_dim), np.float32),
               patch_t=np.ones((b, max_len), np.float32), length=np.zeros(b, np.int32), prompt_len=np.zeros(b, np.int32))
-    for r, (tokens, latents) in enumerate(prompts):
+    for r, (tokens, images) in enumerate(prompts):
         tokens = list(tokens)
-        latents = np.zeros((0, num_patches, patch_dim), np.float32) if latents is None else np.asarray(latents)
-        if sum(t == special.image for t in tokens) != len(latents):
-            raise ValueError(f"prompt {r}: {sum(t == special.image for t in tokens)} <image> markers but "
-                             f"{len(latents)} images")
+        images = [] if images is None else list(images)
+        n_markers = sum(t == special.image for t in tokens)
+        if n_markers != len(images):
+            raise ValueError(f"prompt {r}: {n_markers} <image> markers but {len(images)} images")
         pos, img = 1, 0
         st["tokens"][r, 0] = special.bos
         for tok in tokens:
@@ -73,9 +75,14 @@ def init_state(prompts, max_len: int, special: SpecialTokens, num_patches: int, 
             st["tokens"][r, pos] = tok
             pos += 1
             if tok == special.image:
-                st["is_patch"][r, pos:pos + num_patches] = True
-                st["patch_index"][r, pos:pos + num_patches] = np.arange(num_patches)
-                st["patches"][r, pos:pos + num_patches] = latents[img]
+                block = slice(pos, pos + num_patches)
+                st["is_patch"][r, block] = True
+                st["patch_index"][r, block] = np.arange(num_patches)
+                if images[img] is None:
+                    st["patches"][r, block] = noise_rng.standard_normal((num_patches, patch_dim))
+                    st["patch_t"][r, block] = 0.0
+                else:
+                    st["patches"][r, block] = np.asarray(images[img]).reshape(num_patches, patch_dim)
                 img += 1
                 pos += num_patches
         st["length"][r] = st["prompt_len"][r] = pos
