@@ -116,7 +116,7 @@ def noise_document(tokens: np.ndarray, latents: np.ndarray, rng: np.random.Gener
     keep = np.where(is_image, img_t >= 0.0, keep)
 
     # Walk the atoms once: kept atoms open a new gap; deleted atoms join the bag of the current gap.
-    out_tokens, is_patch, patch_index, patch_rows, patch_t = [special.bos], [False], [0], [], []
+    out_tokens, is_patch, patch_index, patch_rows = [special.bos], [False], [0], []
     text_pos = [0]              # sequence index of each kept atom's text position (gap owners)
     del_tokens, del_gap = [], []
     for i, tok in enumerate(tokens):

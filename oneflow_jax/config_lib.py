@@ -1,0 +1,93 @@
+"""Config validation and the small pieces every command shares (clean CLI errors, model config from a run config).
+
+A bad config must fail before anything compiles, with one line that says what is wrong; `run_cli` turns the
+`UserError`s raised anywhere in a command into exactly that (no traceback, non-zero exit).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Callable
+
+import ml_collections
+
+from oneflow_jax.model import ModelConfig
+
+
+class UserError(Exception):
+    """A problem with what the user asked for (config, flags, files); printed as one line, exit code 2."""
+
+
+TOP_LEVEL_KEYS = {
+    "model_type", "seed", "total_steps", "log_every", "ckpt_every", "keep_checkpoints", "sample_every",
+    "compile_only", "peak_flops", "mesh", "codec", "model", "objective", "data", "optimizer", "sampler", "eval",
+    "budget", "ar", "compare",
+}
+REQUIRED = ("total_steps", "ckpt_every", "log_every", "seed", "mesh", "model", "data", "optimizer", "objective")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Raises UserError for unknown keys, impossible values, or a mesh that does not fit the devices."""
+    unknown = sorted(set(config.keys()) - TOP_LEVEL_KEYS)
+    if unknown:
+        raise UserError(f"unknown top-level config key(s): {', '.join(unknown)}")
+    missing = [k for k in REQUIRED if k not in config]
+    if missing:
+        raise UserError(f"config is missing required key(s): {', '.join(missing)}")
+    for key in ("total_steps", "log_every", "ckpt_every"):
+        if not isinstance(config[key], int) or config[key] <= 0:
+            raise UserError(f"config.{key} must be a positive integer, got {config[key]!r}")
+    if config.get("model_type", "oneflow") not in ("oneflow", "ar"):
+        raise UserError(f"config.model_type must be 'oneflow' or 'ar', got {config.model_type!r}")
+    _check_fields(config.model, ModelConfig, "model", extra={"vocab_size"})
+    if num_devices is not None:
+        from oneflow_jax import sharding
+        try:
+            shape = sharding.resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, num_devices)
+        except ValueError as e:
+            raise UserError(f"config.mesh: {e}") from None
+        dp = shape[0] * shape[1]
+        if config.data.global_batch_size % dp:
+            raise UserError(f"config.data.global_batch_size={config.data.global_batch_size} is not divisible by the "
+                            f"data-parallel size data*fsdp={dp}")
+        m = config.model
+        for name, size in (("n_heads", m.n_heads), ("n_kv_heads", m.n_kv_heads), ("d_ff", m.d_ff)):
+            if size % shape[2]:
+                raise UserError(f"config.model.{name}={size} is not divisible by mesh.tensor={shape[2]}")
+    if config.data.seq_len <= 0 or config.data.max_deletions <= 0:
+        raise UserError("config.data.seq_len and config.data.max_deletions must be positive")
+
+
+def _check_fields(section, cls, name: str, extra=()):
+    import dataclasses
+    known = {f.name for f in dataclasses.fields(cls)} | set(extra)
+    unknown = sorted(set(section.keys()) - known)
+    if unknown:
+        raise UserError(f"unknown config.{name} key(s): {', '.join(unknown)}")
+
+
+def model_config(config, vocab_size: int, codec) -> ModelConfig:
+    """The ModelConfig of a run: config.model plus what the tokenizer and codec determine."""
+    if config.model.get("vocab_size", 0) not in (0, vocab_size):
+        raise UserError(f"config.model.vocab_size={config.model.vocab_size} but the tokenizer has {vocab_size} "
+                        f"pieces (set 0 to take the tokenizer's)")
+    try:
+        return ModelConfig.from_config(config.model, vocab_size=vocab_size, num_patches=codec.num_patches,
+                                       patch_dim=codec.patch_dim, patch_grid=tuple(codec.grid))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"config.model: {e}") from None
+
+
+def config_to_json(config) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def run_cli(main: Callable) -> Callable:
+    """Wraps an absl main so that UserError (and FileNotFoundError from user paths) print one line and exit 2."""
+    def wrapped(argv):
+        try:
+            return main(argv)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    return wrapped

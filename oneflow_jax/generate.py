@@ -1,0 +1,157 @@
+"""From a run directory to documents: load the latest checkpoint, turn text+PNG prompts into sampler states, decode
+the results to text (with `<image>` markers) and uint8 images. Shared by `sample`, `eval` and the train loop."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from oneflow_jax import checkpointing, config_lib, sampler
+from oneflow_jax import tokenizer as tokenizer_lib
+from oneflow_jax.codec import make_codec
+from oneflow_jax.config_lib import UserError
+from oneflow_jax.edit_flow import SpecialTokens
+from oneflow_jax.model import OneFlowModel
+
+
+def special_tokens(tokenizer) -> SpecialTokens:
+    return SpecialTokens(bos=tokenizer.bos_id, pad=tokenizer.pad_id, image=tokenizer.image_id)
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything needed to sample from a trained run."""
+    config: ml_collections.ConfigDict
+    model: OneFlowModel
+    params: dict
+    codec: object
+    tokenizer: tokenizer_lib.Tokenizer
+    step: int
+
+
+def load_run(workdir: str, step: int | None = None) -> Run:
+    """The run's config, tokenizer and (latest or given) checkpointed params, replicated on the local devices."""
+    if not os.path.isdir(workdir) or not os.path.exists(os.path.join(workdir, "config.json")):
+        raise UserError(f"{workdir} is not a training run directory (no config.json)")
+    config = checkpointing.load_config(workdir)
+    tok_path = os.path.join(workdir, tokenizer_lib.MODEL_FILENAME)
+    if not os.path.exists(tok_path):
+        raise UserError(f"{workdir} has no {tokenizer_lib.MODEL_FILENAME}")
+    tokenizer = tokenizer_lib.load(tok_path)
+    codec = make_codec(config.codec)
+    model = OneFlowModel(config_lib.model_config(config, tokenizer.vocab_size, codec))
+    from oneflow_jax import sharding
+    from oneflow_jax.train_state import abstract_train_state, make_optimizer
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+    tx, _ = make_optimizer(config.optimizer, config.total_steps)
+    abstract_state, _ = abstract_train_state(model, tx, mesh)
+    ckpt = checkpointing.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3), async_save=False)
+    if ckpt.latest_step() is None:
+        raise UserError(f"{workdir} has no checkpoint yet")
+    state, _, restored_step = ckpt.restore(abstract_state, step=step)
+    ckpt.close()
+    return Run(config, model, state["params"], codec, tokenizer, restored_step)
+
+
+def load_png(path: str, codec) -> np.ndarray:
+    """A PNG (or any PIL-readable image) as uint8 [H, W, 3] at the codec's resolution."""
+    if not os.path.exists(path):
+        raise UserError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            h, w, _ = codec.image_shape
+            if im.size != (w, h):
+                im = im.resize((w, h), Image.BICUBIC)
+            return np.asarray(im, np.uint8)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot decode image {path}: {e}") from None
+
+
+def encode_prompt(text: str, images, tokenizer, codec):
+    """(token ids, per-marker latents or None) for a prompt; `images` are uint8 arrays, one per `<image>`."""
+    ids = tokenizer.encode(text)
+    n = ids.count(tokenizer.image_id)
+    if n != len(images):
+        raise UserError(f"prompt {text!r} has {n} <image> marker(s) but {len(images)} image(s) were given")
+    return ids, [None if im is None else codec.encode(im) for im in images]
+
+
+class Generator:
+    """Jitted sampling in fixed batches (one compile per batch size)."""
+
+    def __init__(self, run: Run, sampler_config: sampler.SamplerConfig, batch_size: int):
+        self.run, self.cfg, self.batch_size = run, sampler_config, batch_size
+        self.special = special_tokens(run.tokenizer)
+        banned = (run.tokenizer.eos_id,)
+        self._sample = sampler.make_sampler(run.model, sampler_config, self.special, run.codec.num_patches, banned)
+        self.nfe: list[int] = []
+
+    def __call__(self, prompts, seed: int = 0):
+        """prompts: [(token ids, latents-or-None per marker)] -> [(text, [uint8 images])] in the same order."""
+        out = []
+        codec = self.run.codec
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = list(prompts[start:start + self.batch_size])
+            real = len(chunk)
+            chunk += [([], [])] * (self.batch_size - real)
+            state = sampler.init_state(chunk, self.cfg.max_len, self.special, codec.num_patches, codec.patch_dim,
+                                       seed=seed + start)
+            final, nfe = self._sample(self.run.params, state, jax.random.fold_in(jax.random.key(seed), start))
+            self.nfe.append(int(nfe))
+            for tokens, latents in sampler.extract_documents(jax.device_get(final), self.special)[:real]:
+                images = [codec.decode(lat) for lat in latents]
+                out.append((self.run.tokenizer.decode(tokens), images))
+        return out
+
+
+def image_grid(images, cols: int = 8, pad: int = 2) -> np.ndarray:
+    """uint8 [H, W, 3] grid of equally sized images (white padding)."""
+    if not images:
+        return np.full((8, 8, 3), 255, np.uint8)
+    h, w, c = images[0].shape
+    rows = (len(images) + cols - 1) // cols
+    grid = np.full((rows * (h + pad) + pad, min(cols, len(images)) * (w + pad) + pad, c), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, k = divmod(i, cols)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = im
+    return grid
+
+
+class TrainSampler:
+    """The train loop's periodic samples: a few captioning, generation and free-form prompts -> W/samples/."""
+
+    def __init__(self, config, model, codec, tokenizer, workdir: str, num_each: int = 4):
+        from oneflow_jax import datasets
+        self.config, self.workdir = config, workdir
+        records = datasets.load_records(config.data.name, config.eval.get("split", "eval"), config.data.data_dir,
+                                        limit=num_each) if config.data.name == "shapes_world" else []
+        prompts = []
+        for rec in records:
+            prompts.append(encode_prompt("<image>", [rec["images"][0]], tokenizer, codec))
+        for rec in records:
+            caption = rec["text"].replace("<image>", "").split(" then ")[0].strip()
+            prompts.append(encode_prompt(caption + " <image>", [None], tokenizer, codec))
+        prompts += [([], [])] * 2
+        self.prompts = prompts
+        self.model, self.codec, self.tokenizer = model, codec, tokenizer
+        self.sampler_config = sampler.SamplerConfig.from_config(config.sampler,
+                                                                kappa_power=config.objective.kappa_power)
+
+    def __call__(self, step: int, params, logger) -> None:
+        run = Run(self.config, self.model, params, self.codec, self.tokenizer, step)
+        docs = Generator(run, self.sampler_config, len(self.prompts))(self.prompts, seed=step)
+        out = os.path.join(self.workdir, "samples", f"step_{step:07d}")
+        images = [im for _, ims in docs for im in ims]
+        texts = "\n".join(f"{i:02d}: {text}" for i, (text, _) in enumerate(docs))
+        if jax.process_index() == 0:
+            os.makedirs(out, exist_ok=True)
+            Image.fromarray(image_grid(images)).save(os.path.join(out, "grid.png"))
+            with open(os.path.join(out, "texts.txt"), "w") as f:
+                f.write(texts + "\n")
+        logger.write_images(step, {"samples": image_grid(images)})
+        logger.write_texts(step, {"samples": texts.replace("\n", "  \n")})

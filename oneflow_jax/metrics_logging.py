@@ -1,0 +1,71 @@
+"""Where metrics go: TensorBoard through clu (`W/tb`), one JSON object per logged step (`W/metrics.jsonl`), and a
+human progress line with throughput and ETA. Only process 0 writes files."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from clu import metric_writers
+
+
+class MetricLogger:
+    def __init__(self, workdir: str, total_steps: int, name: str = "train"):
+        self.is_main = jax.process_index() == 0
+        self.total_steps = total_steps
+        self.name = name
+        self.writer = metric_writers.create_default_writer(os.path.join(workdir, "tb"), just_logging=not self.is_main,
+                                                           asynchronous=False)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.is_main else None
+        self._t0 = time.time()
+
+    def write_scalars(self, step: int, scalars: dict) -> None:
+        scalars = {k: float(v) for k, v in scalars.items()}
+        self.writer.write_scalars(step, scalars)
+        if self._jsonl:
+            self._jsonl.write(json.dumps({"step": int(step), **scalars}, sort_keys=True) + "\n")
+            self._jsonl.flush()
+
+    def write_images(self, step: int, images: dict) -> None:
+        self.writer.write_images(step, {k: np.asarray(v)[None] if np.ndim(v) == 3 else v for k, v in images.items()})
+
+    def write_texts(self, step: int, texts: dict) -> None:
+        self.writer.write_texts(step, texts)
+
+    def progress(self, step: int, scalars: dict) -> None:
+        """One line: step, loss, speed and ETA (printed by every process; cheap)."""
+        sps = scalars.get("steps_per_sec", 0.0)
+        eta = (self.total_steps - step) / sps if sps > 0 else float("nan")
+        parts = [f"{self.name} step {step}/{self.total_steps}"]
+        for key in ("loss", "text_loss", "image_loss"):
+            if key in scalars:
+                parts.append(f"{key} {scalars[key]:.4f}")
+        parts.append(f"{sps:.2f} steps/s")
+        if "tokens_per_sec" in scalars:
+            parts.append(f"{scalars['tokens_per_sec'] / 1e3:.1f}k tok/s")
+        if "mfu" in scalars:
+            parts.append(f"MFU {100 * scalars['mfu']:.1f}%")
+        parts.append(f"ETA {format_seconds(eta)}")
+        logging.info(" | ".join(parts))
+        print(" | ".join(parts), flush=True)
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+        if self._jsonl:
+            self._jsonl.close()
+
+
+def format_seconds(s: float) -> str:
+    if not np.isfinite(s):
+        return "?"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,197 @@
+"""Training: `python -m oneflow_jax.train --config configs/shapes_tiny.py --workdir W [--config.key=value ...]`.
+
+The loop, top to bottom:
+  config (validated before anything compiles) -> mesh -> tokenizer + codec -> model -> sharded train state
+  (jit with out_shardings from eval_shape) -> Grain iterator -> restore the latest good checkpoint (state and
+  iterator) -> for each step: global batch -> jitted step (donated state) -> metrics / samples / checkpoints.
+SIGTERM saves the current step and exits 0; rerunning the same command resumes exactly where it stopped.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from oneflow_jax import checkpointing, config_lib, input_pipeline, sharding
+from oneflow_jax import tokenizer as tokenizer_lib
+from oneflow_jax.config_lib import UserError
+from oneflow_jax.metrics_logging import MetricLogger, read_jsonl
+from oneflow_jax.train_state import (abstract_train_state, build_model, create_sharded_state, make_optimizer,
+                                     make_train_step)
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:variant]).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, tb/, samples/.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs (jax.distributed).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with auto-detection (TPU pods, SLURM).")
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+def init_distributed() -> None:
+    """jax.distributed for multi-process runs; CPU processes talk over gloo."""
+    if FLAGS.coordinator_address or FLAGS.num_processes:
+        if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    elif FLAGS.distributed:
+        jax.distributed.initialize()
+
+
+def load_run_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
+    """The run's tokenizer: the copy in the workdir if resuming, else config.data.tokenizer_path or the dataset's."""
+    saved = os.path.join(workdir, "tokenizer.model")
+    if not config.data.tokenizer_path and os.path.exists(saved):
+        return tokenizer_lib.load(saved)
+    if config.data.tokenizer_path:
+        tok = tokenizer_lib.load(config.data.tokenizer_path)
+    else:
+        tok = input_pipeline.get_tokenizer(config)
+    if os.path.exists(saved) and tokenizer_lib.load(saved).model_proto != tok.model_proto:
+        raise UserError(f"tokenizer mismatch: {saved} (used by this run's checkpoints) differs from "
+                        f"{config.data.tokenizer_path or 'the dataset tokenizer'}; use a new --workdir")
+    if jax.process_index() == 0:
+        tokenizer_lib.save_to_dir(tok, workdir)
+    return tok
+
+
+def truncate_metrics(workdir: str, step: int) -> None:
+    """On resume, drop metrics.jsonl lines logged after the restored step (they will be logged again)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return
+    import json
+    rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+    os.replace(path + ".tmp", path)
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains until config.total_steps (or a stop signal). Returns the last logged scalars."""
+    config_lib.validate(config, jax.device_count())
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.make_mesh(config.mesh)
+    tokenizer = load_run_tokenizer(config, workdir)
+    model, codec = build_model(config, tokenizer)
+    checkpointing.save_config(workdir, config)
+    tx, schedule = make_optimizer(config.optimizer, config.total_steps)
+    state, state_shardings = create_sharded_state(model, tx, mesh, config.seed)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state["params"]))
+    logging.info("model: %.2fM parameters; mesh %s", n_params / 1e6, dict(mesh.shape))
+
+    data_iter = input_pipeline.create_train_iterator(
+        config, process_index=jax.process_index(), process_count=jax.process_count(), codec=codec,
+        tokenizer=tokenizer, seed=config.seed)
+    ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints, save_every=config.ckpt_every)
+    counters = dict(nonfinite_steps=0)
+    if ckpt.latest_step() is not None:
+        state, meta, _ = ckpt.restore(abstract_train_state(model, tx, mesh)[0], data_iter)
+        counters.update({k: v for k, v in meta.get("user", {}).items() if k in counters})
+    start = int(state["step"])
+    truncate_metrics(workdir, start)
+
+    train_step = jax.jit(make_train_step(model, tx, schedule, config.objective.image_loss_weight),
+                         in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
+                         donate_argnums=(0,))
+    if config.compile_only:
+        return compile_only(train_step, state, data_iter, mesh)
+
+    logger = MetricLogger(workdir, config.total_steps)
+    sampler_hook = None
+    if config.get("sample_every", 0):
+        from oneflow_jax import generate
+        sampler_hook = generate.TrainSampler(config, model, codec, tokenizer, workdir)
+    logging.info("training from step %d to %d in %s", start, config.total_steps, workdir)
+    last, window = {}, _Window()
+    consecutive_nonfinite = 0
+    with checkpointing.PreemptionGuard() as guard, jax.set_mesh(mesh), \
+            nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        step = start
+        while step < config.total_steps:
+            local = next(data_iter)
+            batch = input_pipeline.make_global_batch(local, mesh, sharding.BATCH_AXES)
+            state, metrics = train_step(state, batch)
+            step += 1
+            window.add(metrics)
+            finite = bool(metrics["finite"])
+            consecutive_nonfinite = 0 if finite else consecutive_nonfinite + 1
+            counters["nonfinite_steps"] += int(not finite)
+            if not finite:
+                logging.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step,
+                                consecutive_nonfinite)
+            if step % config.log_every == 0 or step == config.total_steps:
+                last = window.flush(step, n_params, skipped_records=data_iter.skipped_records, **counters)
+                logger.write_scalars(step, last)
+                logger.progress(step, last)
+            if sampler_hook and step % config.sample_every == 0:
+                sampler_hook(step, state["params"], logger)
+            meta = dict(counters, skipped_records=data_iter.skipped_records,
+                        config_hash=checkpointing.config_hash(config))
+            ckpt.save(step, state, data_iter, meta, force=step == config.total_steps)
+            if consecutive_nonfinite >= config.optimizer.max_consecutive_nonfinite:
+                ckpt.close()
+                raise UserError(f"stopping: {consecutive_nonfinite} non-finite losses in a row at step {step} "
+                                f"(lower optimizer.lr or check the data); the last good checkpoint is kept")
+            if guard.should_stop(step):
+                ckpt.save(step, state, data_iter, meta, force=True)
+                logging.warning("stopped by signal at step %d; checkpoint saved, rerun the command to resume", step)
+                break
+    ckpt.close()
+    logger.close()
+    return last
+
+
+class _Window:
+    """Accumulates device metrics between log steps; averages and throughput on flush."""
+
+    def __init__(self):
+        self.t0, self.metrics = time.time(), []
+
+    def add(self, metrics):
+        self.metrics.append(metrics)
+
+    def flush(self, step: int, n_params: int, **extra) -> dict:
+        ms = jax.device_get(self.metrics)
+        dt = max(time.time() - self.t0, 1e-9)
+        out = {k: float(np.mean([m[k] for m in ms])) for k in ms[0] if k not in ("num_tokens", "num_docs", "finite")}
+        tokens = float(np.sum([m["num_tokens"] for m in ms]))
+        out.update(steps_per_sec=len(ms) / dt, tokens_per_sec=tokens / dt, **{k: float(v) for k, v in extra.items()})
+        self.t0, self.metrics = time.time(), []
+        return out
+
+
+def compile_only(train_step, state, data_iter, mesh) -> dict:
+    """Lower + compile the step for the configured mesh and print per-device memory; nothing runs."""
+    local = next(data_iter)
+    batch = input_pipeline.make_global_batch(local, mesh, sharding.BATCH_AXES)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        compiled = train_step.lower(state, batch).compile()
+    mem = compiled.memory_analysis()
+    stats = {k: getattr(mem, f"{k}_size_in_bytes", 0) for k in ("argument", "output", "temp", "generated_code")}
+    for k, v in stats.items():
+        print(f"{k:>15}: {v / 2**30:8.3f} GiB per device")
+    return stats
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS.config is None or FLAGS.workdir is None:
+        raise UserError("--config and --workdir are required")
+    init_distributed()
+    train(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(config_lib.run_cli(main))

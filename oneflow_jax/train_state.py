@@ -1,0 +1,71 @@
+"""The train state and the step: AdamW with warmup-cosine, params created straight into their shardings, a jitted
+update that skips non-finite steps. Shared by the train loop and every tool that restores a checkpoint."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from oneflow_jax import config_lib, objective, sharding
+from oneflow_jax.codec import make_codec
+from oneflow_jax.model import OneFlowModel, dummy_batch
+
+
+def make_optimizer(opt, total_steps: int):
+    """AdamW with linear warmup and cosine decay to lr * min_lr_ratio; global-norm clipping; no decay on vectors."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=opt.lr, warmup_steps=min(opt.warmup_steps, max(total_steps - 1, 1)),
+        decay_steps=max(total_steps, opt.warmup_steps + 1), end_value=opt.lr * opt.min_lr_ratio)
+    decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+    tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip),
+                     optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                                 mask=decay_mask))
+    return tx, schedule
+
+
+def build_model(config, tokenizer):
+    codec = make_codec(config.codec)
+    return OneFlowModel(config_lib.model_config(config, tokenizer.vocab_size, codec)), codec
+
+
+def _init_fn(model, tx):
+    def init(rng):
+        params = model.init(rng, dummy_batch(model.cfg))["params"]      # boxed with logical axis names
+        return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return init
+
+
+def abstract_train_state(model, tx, mesh):
+    """(abstract state whose leaves carry their target shardings, shardings), from eval_shape: nothing allocated."""
+    abstract = jax.eval_shape(_init_fn(model, tx), jax.random.key(0))
+    shardings = sharding.logical_to_sharding(nn.get_partition_spec(abstract), mesh)
+    abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                      nn.meta.unbox(abstract), shardings)
+    return abstract, shardings
+
+
+def create_sharded_state(model, tx, mesh, seed: int):
+    """(state, state_shardings): params initialised straight into their shardings (never whole on one device)."""
+    _, shardings = abstract_train_state(model, tx, mesh)
+    init = _init_fn(model, tx)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(jax.random.key(seed))
+    return state, shardings
+
+
+def make_train_step(model, tx, schedule, loss_weight: float):
+    """One optimizer step. A non-finite loss or gradient leaves params and optimizer state unchanged."""
+    def train_step(state, batch):
+        loss_fn = lambda p: objective.oneflow_loss(model, p, batch, loss_weight)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        keep_new = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = dict(step=state["step"] + 1, params=keep_new(params, state["params"]),
+                         opt_state=keep_new(opt_state, state["opt_state"]))
+        metrics.update(grad_norm=grad_norm, lr=schedule(state["step"]), finite=finite.astype(jnp.float32))
+        return new_state, metrics
+    return train_step
