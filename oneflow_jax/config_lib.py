@@ -78,6 +78,15 @@ def model_config(config, vocab_size: int, codec) -> ModelConfig:
         raise UserError(f"config.model: {e}") from None
 
 
+def say(message: str) -> None:
+    """A line for the user (process 0 only), also in the absl log."""
+    import jax
+    from absl import logging
+    logging.info(message)
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
 def config_to_json(config) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
 
@@ -85,6 +94,9 @@ def config_to_json(config) -> str:
 def run_cli(main: Callable) -> Callable:
     """Wraps an absl main so that UserError (and FileNotFoundError from user paths) print one line and exit 2."""
     def wrapped(argv):
+        from absl import flags, logging
+        if not flags.FLAGS["verbosity"].present:   # library INFO chatter (Orbax, tfds) only with --verbosity=0
+            logging.set_verbosity(logging.WARNING)
         try:
             return main(argv)
         except UserError as e:

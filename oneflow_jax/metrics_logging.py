@@ -49,8 +49,10 @@ class MetricLogger:
         if "mfu" in scalars:
             parts.append(f"MFU {100 * scalars['mfu']:.1f}%")
         parts.append(f"ETA {format_seconds(eta)}")
-        logging.info(" | ".join(parts))
-        print(" | ".join(parts), flush=True)
+        line = " | ".join(parts)
+        logging.info(line)
+        if self.is_main:
+            print(line, flush=True)
 
     def close(self) -> None:
         self.writer.flush()

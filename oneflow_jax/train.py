@@ -88,7 +88,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tx, schedule = make_optimizer(config.optimizer, config.total_steps)
     state, state_shardings = create_sharded_state(model, tx, mesh, config.seed)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state["params"]))
-    logging.info("model: %.2fM parameters; mesh %s", n_params / 1e6, dict(mesh.shape))
+    config_lib.say(f"model: {n_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)}; {jax.process_count()} "
+                   f"process(es), {jax.device_count()} device(s)")
 
     data_iter = input_pipeline.create_train_iterator(
         config, process_index=jax.process_index(), process_count=jax.process_count(), codec=codec,
@@ -98,6 +99,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if ckpt.latest_step() is not None:
         state, meta, _ = ckpt.restore(abstract_train_state(model, tx, mesh)[0], data_iter)
         counters.update({k: v for k, v in meta.get("user", {}).items() if k in counters})
+        config_lib.say(f"resumed from checkpoint step {int(state['step'])} in {workdir}")
     start = int(state["step"])
     truncate_metrics(workdir, start)
 
@@ -112,7 +114,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.get("sample_every", 0):
         from oneflow_jax import generate
         sampler_hook = generate.TrainSampler(config, model, codec, tokenizer, workdir)
-    logging.info("training from step %d to %d in %s", start, config.total_steps, workdir)
+    config_lib.say(f"training from step {start} to {config.total_steps} in {workdir}")
     last, window = {}, _Window()
     consecutive_nonfinite = 0
     with checkpointing.PreemptionGuard() as guard, jax.set_mesh(mesh), \
