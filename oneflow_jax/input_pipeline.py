@@ -1,0 +1,534 @@
+"""Grain input pipeline: ArrayRecord records -> noised documents -> packed [batch, seq_len] rows.
+
+Stages (docs/data.md has the full picture):
+
+    MapDataset.source(ArrayRecordDataSource)         raw serialized records of one split
+      .shuffle(shuffle_seed).repeat(num_epochs)      seeded global shuffle, reshuffled every epoch
+      .map_with_index(...)                           tag each record with its global stream position
+      [process_index::process_count]                 per-host shard (disjoint, together covering every epoch)
+      .map(_Decode)                                  tfds decode + validation
+      .map(_Tokenize)                                text -> ids, images -> latents, over-long policy
+      .map(_Transform)                               per-document transform (OneFlow noising), seeded by
+                                                     (seed, global position) = per example and epoch
+      .to_iter_dataset()
+    PackedBatchIterDataset                           greedy row filling -> {key: [rows, ...]} batches
+      .mp_prefetch(num_workers)                      worker processes (or a prefetch thread when 0)
+    TrainIterator                                    cumulative counters + checkpointable state
+
+Bad records never raise: they travel as `{"skip": reason}` markers to the packer, which counts them per batch; the
+`TrainIterator` accumulates the counts (`iterator.counters`, `iterator.skipped_records`) and checkpoints them with
+its state. The per-document transform and the row packer are pluggable (`DocumentTransform`, `RowPacker`): the AR
+baseline swaps them and keeps everything else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import flags
+
+from oneflow_jax import datasets
+from oneflow_jax import edit_flow
+from oneflow_jax import packing
+from oneflow_jax import tokenizer as tokenizer_lib
+
+SKIP_REASONS = ("corrupt", "invalid", "overlong", "transform_error")
+COUNTER_NAMES = tuple(f"skipped_{r}" for r in SKIP_REASONS) + ("truncated", "documents", "rows")
+_COUNTS_KEY = "_counts"
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """`config.data` fields and their defaults."""
+    return ml_collections.ConfigDict(dict(
+        name="shapes_world",        # tfds builder in oneflow_jax.datasets
+        builder_config=None,        # dict: shapes_world_config(**) kwargs, or a JsonlConfig for user data
+        data_dir=None,              # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
+        split="train",
+        seq_len=256,
+        max_deletions=256,
+        global_batch_size=32,       # rows, over all hosts
+        shuffle_seed=0,
+        num_epochs=None,            # None: repeat forever
+        num_workers=0,              # Grain worker processes (0: a prefetch thread in this process)
+        prefetch=2,                 # batches buffered per worker (or by the thread)
+        read_threads=1,             # threads decoding records inside each worker
+        overlong="truncate",        # 'truncate' (at a text boundary) | 'drop'
+        tokenizer_path=None,        # None: trained once for the dataset and cached in its data dir
+        tokenizer_vocab_size=None,  # None: the dataset's default (shapes-world: word model, <= 64)
+        latents=False,              # records hold precomputed latents instead of pixels
+    ))
+
+
+# ------------------------------------------------------------------------------------------ pluggable pieces
+
+
+class DocumentTransform(Protocol):
+    """Turns one clean document into the variable-length sequence the packer places."""
+
+    def cost(self, num_tokens: int, num_images: int) -> tuple[int, ...]:
+        """Worst-case row usage (same arity as `RowPacker.limits`) of a clean document of this size."""
+
+    def __call__(self, tokens: np.ndarray, latents: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        ...
+
+
+class RowPacker(Protocol):
+    """Places transformed documents into rows; `usage(doc)` is summed per row and must stay <= `limits`."""
+
+    limits: tuple[int, ...]
+
+    def usage(self, doc: dict[str, np.ndarray]) -> tuple[int, ...]:
+        ...
+
+    def pack(self, docs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class EditFlowTransform:
+    """OneFlow noising (`edit_flow.noise_document`): X_t is BOS + kept atoms, each kept image brings its patches."""
+
+    cfg: edit_flow.NoisingConfig
+    special: edit_flow.SpecialTokens
+    num_patches: int
+
+    def cost(self, num_tokens: int, num_images: int) -> tuple[int, int]:
+        # Nothing deleted: 1 + n positions + N per image; everything deleted: n bag entries.
+        return (1 + num_tokens + num_images * self.num_patches, num_tokens)
+
+    def __call__(self, tokens, latents, rng):
+        return edit_flow.noise_document(tokens, latents, rng, self.cfg, self.special)
+
+
+@dataclasses.dataclass(frozen=True)
+class EditFlowPacker:
+    """Rows of `seq_len` positions and `max_deletions` bag slots (`packing.pack_rows`)."""
+
+    seq_len: int
+    max_deletions: int
+    pad_id: int = 0
+
+    @property
+    def limits(self) -> tuple[int, int]:
+        return (self.seq_len, self.max_deletions)
+
+    def usage(self, doc):
+        return (packing.doc_length(doc), packing.doc_deletions(doc))
+
+    def pack(self, docs):
+        return packing.pack_rows(docs, self.seq_len, self.max_deletions, pad_id=self.pad_id)
+
+
+def _fits(used: Sequence[int], extra: Sequence[int], limits: Sequence[int]) -> bool:
+    return all(u + e <= lim for u, e, lim in zip(used, extra, limits))
+
+
+def truncate_to_fit(tokens: np.ndarray, image_id: int, word_start: np.ndarray,
+                    fits: Callable[[int, int], bool]) -> int:
+    """Largest cut c (1 <= c < len) such that tokens[:c] fits, preferring a text boundary; 0 if nothing fits.
+
+    `fits(num_tokens, num_images)` must be monotone in the prefix length. A boundary is a cut before a token that
+    starts a word or is `<image>` (so images and words stay whole); without one, any token boundary is used.
+    """
+    is_image = tokens == image_id
+    cum_images = np.concatenate([[0], np.cumsum(is_image)])
+    lo, hi = 0, len(tokens) - 1  # invariant: prefix lo fits (0 trivially), find the largest fitting c <= hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid, int(cum_images[mid])):
+            lo = mid
+        else:
+            hi = mid - 1
+    for c in range(lo, 0, -1):
+        if word_start[tokens[c]]:
+            return c
+    return lo
+
+
+# ----------------------------------------------------------------------------------------- per-record stages
+
+
+def _skip(reason: str) -> dict[str, Any]:
+    return {"skip": reason}
+
+
+class _Decode:
+    """Raw record -> {'index', 'text', 'images'} or a skip marker ('corrupt': unparsable, 'invalid': bad values)."""
+
+    def __init__(self, features_json: str, latents: bool, image_shape: tuple[int, ...],
+                 latent_shape: tuple[int, int]):
+        self._features_json = features_json
+        self._latents = latents
+        self._image_shape = tuple(image_shape)
+        self._latent_shape = tuple(latent_shape)
+        self._features = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_features"] = None  # rebuilt lazily in each worker process
+        return state
+
+    def _check_images(self, images) -> None:
+        for im in images:
+            im = np.asarray(im)
+            if self._latents:
+                if im.dtype != np.float32 or im.shape != self._latent_shape:
+                    raise ValueError(f"latent {im.dtype}{im.shape}, expected float32{self._latent_shape}")
+                if not np.isfinite(im).all():
+                    raise ValueError("non-finite latents")
+            elif im.dtype != np.uint8 or im.shape != self._image_shape:
+                raise ValueError(f"image {im.dtype}{im.shape}, expected uint8{self._image_shape}")
+
+    def __call__(self, element):
+        index, raw = element
+        if self._features is None:
+            self._features = tfds.features.FeatureConnector.from_json(json.loads(self._features_json))
+        try:
+            ex = self._features.deserialize_example_np(raw)
+            text = ex["text"].decode("utf-8") if isinstance(ex["text"], bytes) else str(ex["text"])
+            images = list(ex["images"])
+        except Exception:  # pylint: disable=broad-except
+            return _skip("corrupt")
+        try:
+            datasets.check_document(text, len(images))
+            self._check_images(images)
+        except ValueError:
+            return _skip("invalid")
+        return {"index": index, "text": text, "images": images}
+
+
+@dataclasses.dataclass
+class _Tokenize:
+    """Text -> token ids, images -> latents [n_img, N, D]; applies the over-long policy."""
+
+    tokenizer: tokenizer_lib.Tokenizer
+    codec: Any
+    latents: bool
+    cost: Callable[[int, int], tuple[int, ...]]
+    limits: tuple[int, ...]
+    overlong: str
+
+    def __call__(self, element):
+        if "skip" in element:
+            return element
+        tokens = np.asarray(self.tokenizer.encode(element["text"]), np.int32)
+        images = element["images"]
+        n_img = len(images)
+        if not len(tokens) or int((tokens == self.tokenizer.image_id).sum()) != n_img:
+            return _skip("invalid")
+        if self.latents:
+            latents = np.stack(images).astype(np.float32) if n_img else None
+        else:
+            latents = self.codec.encode(np.stack(images)).astype(np.float32) if n_img else None
+        if latents is None:
+            latents = np.zeros((0, self.codec.num_patches, self.codec.patch_dim), np.float32)
+
+        truncated = False
+        if not _fits((0,) * len(self.limits), self.cost(len(tokens), n_img), self.limits):
+            if self.overlong == "drop":
+                return _skip("overlong")
+            cut = truncate_to_fit(tokens, self.tokenizer.image_id, self.tokenizer.word_start,
+                                  lambda n, m: _fits((0,) * len(self.limits), self.cost(n, m), self.limits))
+            if cut == 0:
+                return _skip("overlong")
+            tokens = tokens[:cut]
+            latents = latents[:int((tokens == self.tokenizer.image_id).sum())]
+            truncated = True
+        return {"index": element["index"], "tokens": tokens, "latents": latents, "truncated": truncated}
+
+
+@dataclasses.dataclass
+class _Transform:
+    """Runs the per-document transform with a Generator seeded by (seed, global stream position)."""
+
+    transform: DocumentTransform
+    seed: int
+
+    def __call__(self, element):
+        if "skip" in element:
+            return element
+        rng = np.random.default_rng([self.seed, element["index"]])
+        try:
+            doc = self.transform(element["tokens"], element["latents"], rng)
+        except Exception:  # pylint: disable=broad-except
+            logging.warning("document transform failed on record %d; skipping it", element["index"], exc_info=True)
+            return _skip("transform_error")
+        return {"doc": doc, "truncated": element["truncated"]}
+
+
+# -------------------------------------------------------------------------------------------------- packing
+
+
+class PackedBatchIterDataset(grain.IterDataset):
+    """Greedily fills `rows_per_batch` rows per batch; a document that does not fit opens the next row.
+
+    Checkpoint state is the parent's state *before* the carried-over document was read (so restoring re-reads it
+    and continues exactly). Each batch carries `_counts` [len(COUNTER_NAMES)]: what this batch consumed. A finite
+    stream ends with a batch padded by empty rows (segment_ids all 0).
+    """
+
+    def __init__(self, parent: grain.IterDataset, packer: RowPacker, rows_per_batch: int):
+        super().__init__(parent)
+        self._packer = packer
+        self._rows = rows_per_batch
+
+    def __iter__(self):
+        return _PackedBatchIterator(self._parent.__iter__(), self._packer, self._rows)
+
+    def __str__(self):
+        return f"PackedBatchIterDataset(rows_per_batch={self._rows})"
+
+
+class _PackedBatchIterator(grain.DatasetIterator):
+
+    def __init__(self, parent, packer: RowPacker, rows_per_batch: int):
+        super().__init__(parent)
+        self._packer = packer
+        self._rows = rows_per_batch
+        self._pending = None          # element read but not placed (did not fit the previous row)
+        self._pending_state = None    # parent state just before `_pending` was read
+        self._template = None         # an all-padding row, for the last batch of a finite stream
+
+    def _next_element(self):
+        if self._pending is not None:
+            element, self._pending = self._pending, None
+            return element
+        self._pending_state = self._parent.get_state()
+        return next(self._parent)
+
+    def __next__(self):
+        counts = dict.fromkeys(COUNTER_NAMES, 0)
+        limits = tuple(self._packer.limits)
+        rows = []
+        exhausted = False
+        while len(rows) < self._rows and not exhausted:
+            docs, used = [], (0,) * len(limits)
+            while True:
+                try:
+                    element = self._next_element()
+                except StopIteration:
+                    exhausted = True
+                    break
+                if "skip" in element:
+                    counts["skipped_" + element["skip"]] += 1
+                    continue
+                usage = tuple(self._packer.usage(element["doc"]))
+                if _fits(used, usage, limits):
+                    docs.append(element["doc"])
+                    used = tuple(u + e for u, e in zip(used, usage))
+                    counts["truncated"] += int(element["truncated"])
+                elif not docs:  # cannot happen after the over-long policy, but never loop forever
+                    counts["skipped_overlong"] += 1
+                else:
+                    self._pending = element
+                    break
+            if docs:
+                rows.append(self._packer.pack(docs))
+                counts["documents"] += len(docs)
+        counts["rows"] = len(rows)
+        if rows and self._template is None:
+            self._template = {k: np.zeros_like(v) for k, v in rows[0].items()}
+        if exhausted:
+            # End of a finite stream: pad the last batch with empty rows (segment_ids 0 everywhere) so every
+            # document and skip is accounted for; stop once nothing is left.
+            if self._template is None or not any(counts.values()):
+                raise StopIteration
+            rows += [self._template] * (self._rows - len(rows))
+        batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        batch[_COUNTS_KEY] = np.asarray([counts[k] for k in COUNTER_NAMES], np.int64)
+        return batch
+
+    def get_state(self):
+        state = self._pending_state if self._pending is not None else self._parent.get_state()
+        return {"parent": state}
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self._pending = self._pending_state = None
+
+    def __str__(self):
+        return "PackedBatchDatasetIterator"
+
+
+class TrainIterator(grain.DatasetIterator):
+    """Host-local batches `{key: np.ndarray [rows, ...]}` with cumulative, checkpointed counters.
+
+    `counters`: {skipped_corrupt, skipped_invalid, skipped_overlong, skipped_transform_error, truncated, documents,
+    rows} summed over every batch returned so far on this host; `skipped_records` is the sum of the skipped_*.
+    `get_state()` / `set_state()` are JSON-serializable (Grain's Orbax handler accepts this iterator).
+    """
+
+    def __init__(self, parent: grain.DatasetIterator):
+        super().__init__(parent)
+        self._totals = np.zeros(len(COUNTER_NAMES), np.int64)
+
+    def __next__(self):
+        batch = dict(next(self._parent))
+        self._totals += batch.pop(_COUNTS_KEY)
+        return batch
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return {k: int(v) for k, v in zip(COUNTER_NAMES, self._totals)}
+
+    @property
+    def skipped_records(self) -> int:
+        return int(sum(self._totals[i] for i, k in enumerate(COUNTER_NAMES) if k.startswith("skipped_")))
+
+    def get_state(self):
+        return {"pipeline": self._parent.get_state(), "counters": self.counters}
+
+    def set_state(self, state):
+        self._parent.set_state(state["pipeline"])
+        counters = state.get("counters", {})
+        self._totals = np.asarray([int(counters.get(k, 0)) for k in COUNTER_NAMES], np.int64)
+
+    def __str__(self):
+        return "TrainIterator"
+
+
+# ------------------------------------------------------------------------------------------------- assembly
+
+
+def record_stream(filepaths: Sequence[str], *, shuffle_seed: int, process_index: int = 0, process_count: int = 1,
+                  num_epochs: int | None = None) -> grain.MapDataset:
+    """This host's (global position, raw record) stream: seeded global shuffle per epoch, then a strided shard.
+
+    Host h gets positions h, h + P, h + 2P, ... of the one global order, so hosts are disjoint and cover each epoch.
+    """
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    source = grain.sources.ArrayRecordDataSource(list(filepaths))
+    if len(source) == 0:  # pylint: disable=g-explicit-length-test
+        raise ValueError(f"no records in {list(filepaths)}")
+    ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat(num_epochs)
+    ds = ds.map_with_index(lambda i, raw: (i, raw))
+    return ds[process_index::process_count]
+
+
+def build_pipeline(filepaths: Sequence[str], features: tfds.features.FeaturesDict, *, tokenizer, codec,
+                   transform: DocumentTransform, packer: RowPacker, rows_per_batch: int, shuffle_seed: int,
+                   seed: int, process_index: int = 0, process_count: int = 1, num_epochs: int | None = None,
+                   latents: bool = False, overlong: str = "truncate", num_workers: int = 0, prefetch: int = 2,
+                   read_threads: int = 1) -> TrainIterator:
+    """The full pipeline over explicit ArrayRecord files (`create_train_iterator` resolves them from a config)."""
+    if overlong not in ("truncate", "drop"):
+        raise ValueError(f"data.overlong must be 'truncate' or 'drop', got {overlong!r}")
+    if rows_per_batch < 1:
+        raise ValueError(f"rows_per_batch must be >= 1, got {rows_per_batch}")
+    _check_features(features, latents, codec)
+    ds = record_stream(filepaths, shuffle_seed=shuffle_seed, process_index=process_index,
+                       process_count=process_count, num_epochs=num_epochs)
+    ds = ds.map(_Decode(json.dumps(features.to_json()), latents, codec.image_shape,
+                        (codec.num_patches, codec.patch_dim)))
+    ds = ds.map(_Tokenize(tokenizer, codec, latents, transform.cost, tuple(packer.limits), overlong))
+    ds = ds.map(_Transform(transform, seed))
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * rows_per_batch))
+    it_ds = PackedBatchIterDataset(it_ds, packer, rows_per_batch)
+    if num_workers > 0:
+        if not flags.FLAGS.is_parsed():  # Grain's worker processes read absl flags (defaults are fine)
+            flags.FLAGS.mark_as_parsed()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                               per_worker_buffer_size=max(1, prefetch)))
+    elif prefetch > 0:
+        it_ds = grain.experimental.ThreadPrefetchIterDataset(it_ds, prefetch_buffer_size=prefetch)
+    return TrainIterator(iter(it_ds))
+
+
+def _check_features(features, latents: bool, codec) -> None:
+    images = features["images"].feature
+    if latents:
+        if not isinstance(images, tfds.features.Tensor):
+            raise ValueError("data.latents=True but the records hold pixels; build the dataset with a codec")
+        if tuple(images.shape) != (codec.num_patches, codec.patch_dim):
+            raise ValueError(f"records hold latents {images.shape}, codec makes ({codec.num_patches}, "
+                             f"{codec.patch_dim})")
+    elif not isinstance(images, tfds.features.Image):
+        raise ValueError("the records hold precomputed latents; set data.latents=True")
+
+
+def _data_config(config) -> ml_collections.ConfigDict:
+    data = config.data if "data" in config else config
+    merged = default_config()
+    merged.update(dict(data))
+    return merged
+
+
+def prepare_dataset(config):
+    """The prepared tfds builder named by `config.data` (built offline on first use)."""
+    data = _data_config(config)
+    builder_config = None
+    if data.builder_config is not None:
+        builder_config = datasets.make_builder_config(data.name, dict(data.builder_config))
+    return datasets.ensure_prepared(data.name, data.data_dir, builder_config)
+
+
+def get_tokenizer(config) -> tokenizer_lib.Tokenizer:
+    """`data.tokenizer_path` if set, else the dataset's own tokenizer (trained once, cached in its data dir)."""
+    data = _data_config(config)
+    if data.tokenizer_path:
+        return tokenizer_lib.load(data.tokenizer_path)
+    builder = prepare_dataset(config)
+    return datasets.dataset_tokenizer(data.name, data.data_dir, builder.builder_config,
+                                      vocab_size=data.tokenizer_vocab_size)
+
+
+def create_train_iterator(config, *, process_index: int, process_count: int, codec, tokenizer, seed: int,
+                          transform: DocumentTransform | None = None,
+                          packer: RowPacker | None = None) -> TrainIterator:
+    """Checkpointable iterator of host-local packed batches for `config.data` (see module docstring).
+
+    `transform` / `packer` default to OneFlow noising (`config.objective` -> NoisingConfig) and Edit Flow packing.
+    Each host gets `global_batch_size // process_count` rows per batch. Restoring a state needs the same config,
+    seed, process_count and num_workers.
+    """
+    data = _data_config(config)
+    if data.global_batch_size % process_count:
+        raise ValueError(f"global_batch_size {data.global_batch_size} not divisible by {process_count} hosts")
+    builder = prepare_dataset(config)
+    if transform is None:
+        objective = config.objective if "objective" in config else {}
+        transform = EditFlowTransform(
+            edit_flow.NoisingConfig.from_config(objective),
+            edit_flow.SpecialTokens(bos=tokenizer.bos_id, pad=tokenizer.pad_id, image=tokenizer.image_id),
+            codec.num_patches)
+    if packer is None:
+        packer = EditFlowPacker(data.seq_len, data.max_deletions, pad_id=tokenizer.pad_id)
+    return build_pipeline(
+        datasets.split_filepaths(builder, data.split), builder.info.features, tokenizer=tokenizer, codec=codec,
+        transform=transform, packer=packer, rows_per_batch=data.global_batch_size // process_count,
+        shuffle_seed=data.shuffle_seed, seed=seed, process_index=process_index, process_count=process_count,
+        num_epochs=data.num_epochs, latents=data.latents, overlong=data.overlong, num_workers=data.num_workers,
+        prefetch=data.prefetch, read_threads=data.read_threads)
+
+
+def load_eval_records(config, split: str = "eval", limit: int | None = None) -> list[dict[str, Any]]:
+    """Raw labelled records of the eval split (shapes-world: see `datasets.load_records`)."""
+    data = _data_config(config)
+    builder = prepare_dataset(config)
+    return datasets.load_records(data.name, split, data.data_dir, builder.builder_config, limit=limit)
+
+
+# ------------------------------------------------------------------------------------------- global arrays
+
+
+def make_global_batch(local_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
+                      data_sharding_spec) -> dict[str, jax.Array]:
+    """Assembles global jax.Arrays from each host's rows (leading axis sharded by `data_sharding_spec`).
+
+    `data_sharding_spec`: a PartitionSpec for the batch axis (trailing axes are replicated), or the mesh axis name(s)
+    to shard the batch over, e.g. 'data' or ('data', 'fsdp').
+    """
+    spec = data_sharding_spec
+    if not isinstance(spec, jax.sharding.PartitionSpec):
+        spec = jax.sharding.PartitionSpec(spec)
+    sharding = jax.sharding.NamedSharding(mesh, spec)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
