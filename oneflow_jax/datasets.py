@@ -30,6 +30,8 @@ F = tfds.features
 IMAGE_TOKEN = sw.IMAGE_TOKEN
 FILE_FORMAT = "array_record"
 DOC_KINDS = sw.KINDS
+# `python -m oneflow_jax.datasets` runs this file as __main__: register only the importable copy (see main()).
+_SKIP_REGISTRATION = __name__ == "__main__"
 
 # --------------------------------------------------------------------------------------------- record format
 
@@ -144,7 +146,7 @@ def shapes_world_config(num_train: int = 20_000, num_eval: int = 1_000, seed: in
     return ShapesWorldConfig(name=name, description=json.dumps(fields, sort_keys=True), **fields)
 
 
-class ShapesWorld(_ArrayRecordBuilder):
+class ShapesWorld(_ArrayRecordBuilder, skip_registration=_SKIP_REGISTRATION):
     """shapes-world v1 (docs/data.md, /work/shared/specs/shapes-world.md).
 
     `tfds.builder("shapes_world")` gives the default (20k train / 1k eval documents); pass `num_train=`,
@@ -273,7 +275,7 @@ class _JsonlBuilder(_ArrayRecordBuilder, skip_registration=True):
         raise NotImplementedError
 
 
-class InterleavedJsonl(_JsonlBuilder):
+class InterleavedJsonl(_JsonlBuilder, skip_registration=_SKIP_REGISTRATION):
     """Interleaved documents (OBELICS / MMC4 style): `{"text": "... <image> ...", "images": ["a.png", ...]}`."""
 
     def _parse_line(self, obj, key):
@@ -285,7 +287,7 @@ class InterleavedJsonl(_JsonlBuilder):
         return str(obj["text"]), "interleaved", paths
 
 
-class ImageCaptionPairs(_JsonlBuilder):
+class ImageCaptionPairs(_JsonlBuilder, skip_registration=_SKIP_REGISTRATION):
     """Image-caption pairs `{"image": "a.jpg", "caption": "..."}` stored as `caption <image>` (generation) or
     `<image> caption` (understanding), per `pair_format`; 'both' picks one per line, seeded by (seed, line)."""
 
@@ -418,3 +420,31 @@ def load_records(name: str = "shapes_world", split: str = "eval", data_dir: str 
 def load_eval_records(data_dir: str | None = None, limit: int | None = None, **kwargs) -> list[dict[str, Any]]:
     """The shapes-world eval split with labels (see `load_records`)."""
     return load_records("shapes_world", "eval", data_dir, limit=limit, **kwargs)
+
+
+def main(argv=None) -> None:
+    """CLI: prepare a dataset (and its tokenizer) once, e.g. before a multi-host run.
+
+    python -m oneflow_jax.datasets --name shapes_world [--config '{"num_train": 2000}'] [--data_dir DIR]
+    python -m oneflow_jax.datasets --name interleaved_jsonl \
+        --config '{"name": "mine", "train_files": ["docs.jsonl"], "image_size": 256}'
+    """
+    import argparse  # pylint: disable=g-import-not-at-top
+    p = argparse.ArgumentParser(description=main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", default="shapes_world", choices=sorted(BUILDERS))
+    p.add_argument("--config", default=None, help="builder config fields as JSON")
+    p.add_argument("--data_dir", default=None)
+    p.add_argument("--no_tokenizer", action="store_true", help="skip training/caching the dataset tokenizer")
+    args = p.parse_args(argv)
+    config = make_builder_config(args.name, json.loads(args.config)) if args.config else None
+    builder = ensure_prepared(args.name, args.data_dir, config)
+    print(f"{builder.name}/{builder.builder_config.name if builder.builder_config else ''} prepared at "
+          f"{builder.data_dir}: " + ", ".join(f"{k}={v.num_examples}" for k, v in builder.info.splits.items()))
+    if not args.no_tokenizer:
+        tok = dataset_tokenizer(args.name, args.data_dir, config)
+        print(f"tokenizer: {tok}")
+
+
+if __name__ == "__main__":
+    import importlib  # pylint: disable=g-import-not-at-top
+    importlib.import_module("oneflow_jax.datasets").main()

@@ -125,12 +125,13 @@ class Tokenizer:
 
 def train_tokenizer(corpus_iter: Iterable[str], vocab_size: int, out_path: str | None = None, *,
                     model_type: str = "unigram", character_coverage: float = 1.0,
-                    max_sentences: int = 2_000_000, **spm_kwargs) -> Tokenizer:
+                    max_sentences: int = 2_000_000, seed: int = 0, **spm_kwargs) -> Tokenizer:
     """Trains a SentencePiece model on `corpus_iter` (documents; `<image>` markers are stripped from the text).
 
     `vocab_size` is an upper bound (`hard_vocab_limit=False`): a small closed corpus may yield fewer pieces, and the
     returned tokenizer's `vocab_size` is the real one. `model_type='word'` keeps whole words (shapes-world);
-    'unigram' / 'bpe' suit open text. Writes the model to `out_path` when given.
+    'unigram' / 'bpe' suit open text. Deterministic for a given corpus and `seed` (sentence sampling), so hosts
+    that train independently agree. Writes the model to `out_path` when given.
     """
     if vocab_size < 8:
         raise ValueError(f"vocab_size must be >= 8, got {vocab_size}")
@@ -143,6 +144,7 @@ def train_tokenizer(corpus_iter: Iterable[str], vocab_size: int, out_path: str |
                     yield segment
 
     buf = io.BytesIO()
+    spm.set_random_generator_seed(seed)
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=sentences(), model_writer=buf, vocab_size=vocab_size, model_type=model_type,
