@@ -22,9 +22,11 @@ baseline swaps them and keeps everything else.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -369,6 +371,8 @@ class TrainIterator(grain.DatasetIterator):
     def __init__(self, parent: grain.DatasetIterator):
         super().__init__(parent)
         self._totals = np.zeros(len(COUNTER_NAMES), np.int64)
+        # Stop prefetch threads / worker processes before interpreter teardown if the user never calls close().
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     def __next__(self):
         batch = dict(next(self._parent))
@@ -393,6 +397,12 @@ class TrainIterator(grain.DatasetIterator):
 
     def __str__(self):
         return "TrainIterator"
+
+
+def _close_at_exit(ref: weakref.ref) -> None:
+    iterator = ref()
+    if iterator is not None:
+        iterator.close()
 
 
 # ------------------------------------------------------------------------------------------------- assembly
