@@ -29,7 +29,6 @@ from oneflow_jax import tokenizer as tokenizer_lib
 F = tfds.features
 IMAGE_TOKEN = sw.IMAGE_TOKEN
 FILE_FORMAT = "array_record"
-DOC_KINDS = sw.KINDS
 # `python -m oneflow_jax.datasets` runs this file as __main__: register only the importable copy (see main()).
 _SKIP_REGISTRATION = __name__ == "__main__"
 
@@ -344,8 +343,8 @@ def ensure_prepared(name: str, data_dir: str | None = None, config=None, **kwarg
     """Returns the builder, generating the dataset (offline) on first use."""
     builder = get_builder(name, data_dir, config, **kwargs)
     if not builder.is_prepared():
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+        mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
     return builder
 
 
@@ -406,11 +405,16 @@ def load_records(name: str = "shapes_world", split: str = "eval", data_dir: str 
     builder = ensure_prepared(name, data_dir, config, **kwargs)
     source = array_record_data_source.ArrayRecordDataSource(split_filepaths(builder, split))
     n = len(source) if limit is None else min(limit, len(source))
+    image_feature = builder.info.features["images"].feature
+    if isinstance(image_feature, F.Tensor):  # latents
+        empty = np.zeros((0,) + tuple(image_feature.shape), np.float32)
+    else:
+        empty = np.zeros((0, 0, 0, 3), np.uint8)
     out = []
     for i in range(n):
         ex = decode_record(builder.info.features, source[i])
         images = ex["images"]
-        ex["images"] = np.stack(images) if len(images) else np.zeros((0, 0, 0, 3), np.uint8)
+        ex["images"] = np.stack(images) if len(images) else empty
         if "image_held_out" in ex:
             ex["image_held_out"] = np.asarray(ex["image_held_out"], bool)
         out.append(ex)

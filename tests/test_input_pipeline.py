@@ -77,7 +77,8 @@ def unpack_texts(batch, tok):
             in_seg = valid & (seg[batch["del_gap"][r]] == s)
             doc = {"tokens": batch["tokens"][r][idx], "is_patch": batch["is_patch"][r][idx],
                    "del_tokens": batch["del_tokens"][r][in_seg], "del_gap": batch["del_gap"][r][in_seg] - idx[0]}
-            texts.append(tok.decode(edit_flow.merge_bags(doc, edit_flow.SpecialTokens(tok.bos_id, tok.pad_id, tok.image_id))))
+            special = edit_flow.SpecialTokens(tok.bos_id, tok.pad_id, tok.image_id)
+            texts.append(tok.decode(edit_flow.merge_bags(doc, special)))
     return texts
 
 
