@@ -58,6 +58,8 @@ def default_config() -> ml_collections.ConfigDict:
         max_deletions=256,
         global_batch_size=32,       # rows, over all hosts
         shuffle_seed=0,
+        num_streams=0,              # independent record streams forming the global batch (0: one per process);
+                                    # fix it to get identical batches whatever the process count
         num_epochs=None,            # None: repeat forever
         num_workers=0,              # Grain worker processes (0: a prefetch thread in this process)
         prefetch=2,                 # batches buffered per worker (or by the thread)
@@ -497,12 +499,14 @@ def create_train_iterator(config, *, process_index: int, process_count: int, cod
     """Checkpointable iterator of host-local packed batches for `config.data` (see module docstring).
 
     `transform` / `packer` default to OneFlow noising (`config.objective` -> NoisingConfig) and Edit Flow packing.
-    Each host gets `global_batch_size // process_count` rows per batch. Restoring a state needs the same config,
-    seed, process_count and num_workers.
+    Each host gets `global_batch_size // process_count` rows per batch, from its `num_streams // process_count`
+    streams. Restoring a state needs the same config, seed, stream layout and num_workers.
     """
     data = _data_config(config)
-    if data.global_batch_size % process_count:
-        raise ValueError(f"global_batch_size {data.global_batch_size} not divisible by {process_count} hosts")
+    streams = data.num_streams or process_count
+    if streams % process_count or data.global_batch_size % streams:
+        raise ValueError(f"data.num_streams={streams} must be a multiple of the {process_count} process(es) and "
+                         f"divide global_batch_size={data.global_batch_size}")
     builder = prepare_dataset(config)
     if transform is None:
         objective = config.objective if "objective" in config else {}
@@ -512,12 +516,51 @@ def create_train_iterator(config, *, process_index: int, process_count: int, cod
             codec.num_patches)
     if packer is None:
         packer = EditFlowPacker(data.seq_len, data.max_deletions, pad_id=tokenizer.pad_id)
-    return build_pipeline(
+    per_process = streams // process_count
+    iterators = [build_pipeline(
         datasets.split_filepaths(builder, data.split), builder.info.features, tokenizer=tokenizer, codec=codec,
-        transform=transform, packer=packer, rows_per_batch=data.global_batch_size // process_count,
-        shuffle_seed=data.shuffle_seed, seed=seed, process_index=process_index, process_count=process_count,
+        transform=transform, packer=packer, rows_per_batch=data.global_batch_size // streams,
+        shuffle_seed=data.shuffle_seed, seed=seed, process_index=stream, process_count=streams,
         num_epochs=data.num_epochs, latents=data.latents, overlong=data.overlong, num_workers=data.num_workers,
         prefetch=data.prefetch, read_threads=data.read_threads)
+        for stream in range(process_index * per_process, (process_index + 1) * per_process)]
+    return iterators[0] if len(iterators) == 1 else StreamsIterator(iterators)
+
+
+class StreamsIterator:
+    """Several streams' batches concatenated row-wise (stream order), with summed counters and a joint state.
+
+    Stream s reads global record positions s, s + S, ... (S = num_streams), so a process that owns streams
+    [a, b) produces exactly the rows those streams would produce in any other process layout.
+    """
+
+    def __init__(self, iterators: Sequence[TrainIterator]):
+        self._iterators = list(iterators)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batches = [next(it) for it in self._iterators]
+        return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return {k: sum(it.counters[k] for it in self._iterators) for k in COUNTER_NAMES}
+
+    @property
+    def skipped_records(self) -> int:
+        return sum(it.skipped_records for it in self._iterators)
+
+    def get_state(self):
+        return {"streams": [it.get_state() for it in self._iterators]}
+
+    def set_state(self, state):
+        if len(state.get("streams", ())) != len(self._iterators):
+            raise ValueError(f"iterator state has {len(state.get('streams', ()))} streams, this pipeline "
+                             f"{len(self._iterators)}: restore with the same data.num_streams and process count")
+        for it, st in zip(self._iterators, state["streams"]):
+            it.set_state(st)
 
 
 def load_eval_records(config, split: str = "eval", limit: int | None = None) -> list[dict[str, Any]]:
