@@ -72,4 +72,7 @@ def make_codec(config) -> PixelPatchCodec:
     if name == "pixel_patch":
         return PixelPatchCodec(image_size=config.image_size, patch_size=config.patch_size,
                                channels=config.get("channels", 3))
-    raise ValueError(f"unknown codec {name!r}; known: 'pixel_patch'")
+    if name == "vae":                     # an SD3 / FLUX-style diffusers AutoencoderKL (vae.py)
+        from oneflow_jax.vae import VAECodec
+        return VAECodec.from_config(config)
+    raise ValueError(f"unknown codec {name!r}; known: 'pixel_patch', 'vae'")

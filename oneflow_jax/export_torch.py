@@ -1,0 +1,94 @@
+"""Export a training run to PyTorch:
+
+    python -m oneflow_jax.export_torch --workdir W --out D [--step N] [--dtype float32|bfloat16] [--tokenizer PATH]
+
+Reads W/config.json and the latest (or --step) checkpoint, writes D/{model.safetensors, config.json,
+modeling_oneflow.py, tokenizer.model, parity_inputs.safetensors, parity_check.py} (see torch_export.py and
+docs/conversion.md), then runs D/parity_check.py in a fresh process and exits non-zero if torch does not reproduce
+the JAX outputs within tolerance (float32: 1e-4 relative).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import ml_collections
+from absl import logging
+
+from oneflow_jax import checkpointing, config_lib, sharding, torch_export
+from oneflow_jax import tokenizer as tokenizer_lib
+from oneflow_jax.codec import make_codec
+from oneflow_jax.config_lib import UserError
+from oneflow_jax.model import OneFlowModel
+
+
+def load_params(workdir: str, step: int | None = None, tokenizer_path: str | None = None):
+    """(config, ModelConfig, params, tokenizer path, restored step) of a run, params restored on the local devices."""
+    if not os.path.exists(os.path.join(workdir, "config.json")):
+        raise UserError(f"{workdir} is not a training run directory (no config.json)")
+    config = checkpointing.load_config(workdir)
+    if config.get("model_type", "oneflow") != "oneflow":
+        raise UserError(f"only OneFlow runs can be exported (model_type={config.model_type!r})")
+    tok_path = os.path.join(workdir, tokenizer_lib.MODEL_FILENAME)
+    if not os.path.exists(tok_path):
+        if not tokenizer_path:
+            raise UserError(f"{workdir} has no {tokenizer_lib.MODEL_FILENAME}; pass --tokenizer")
+        tok_path = tokenizer_path
+    tokenizer = tokenizer_lib.load(tok_path)
+    model = OneFlowModel(config_lib.model_config(config, tokenizer.vocab_size, make_codec(config.codec)))
+    from oneflow_jax.train import abstract_train_state, make_optimizer    # the train state's exact structure
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+    tx, _ = make_optimizer(config.optimizer, config.total_steps)
+    abstract_state, _ = abstract_train_state(model, tx, mesh)
+    ckpt = checkpointing.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3), async_save=False)
+    try:
+        if ckpt.latest_step() is None:
+            raise UserError(f"{workdir} has no checkpoint")
+        state, _, restored = ckpt.restore(abstract_state, step=step)
+    finally:
+        ckpt.close()
+    return config, model.cfg, state["params"], tokenizer, tok_path, restored
+
+
+def export_run(workdir: str, out_dir: str, step: int | None = None, dtype: str = "float32",
+               tokenizer_path: str | None = None) -> dict:
+    """Exports run `workdir` into `out_dir` and checks parity; returns the parity report."""
+    config, cfg, params, tokenizer, tok_path, restored = load_params(workdir, step, tokenizer_path)
+    extra = dict(source_step=restored, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id,
+                 codec=config.codec.to_dict())
+    report = torch_export.export(params, dataclasses.asdict(cfg), out_dir, tokenizer_path=tok_path, dtype=dtype,
+                                 extra_config=extra, image_token_id=tokenizer.image_id, bos_id=tokenizer.bos_id)
+    logging.info("exported step %d of %s to %s; parity %s", restored, workdir, out_dir, json.dumps(report))
+    return report
+
+
+def main(argv=None) -> int:
+    """argparse (not absl flags: train.py, imported for the state layout, defines absl flags of the same names)."""
+    parser = argparse.ArgumentParser(prog="python -m oneflow_jax.export_torch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True, help="training run directory (config.json + checkpoints/)")
+    parser.add_argument("--out", required=True, help="output directory of the PyTorch export")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest readable one)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(torch_export.NP_DTYPES),
+                        help="dtype of the exported weights and of the reference computation")
+    parser.add_argument("--tokenizer", default=None, help="SentencePiece .model when the workdir has none")
+    args = parser.parse_args(argv)
+    logging.set_verbosity(logging.INFO)
+    try:
+        report = export_run(args.workdir, args.out, args.step, args.dtype, args.tokenizer)
+    except (UserError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except torch_export.ParityError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for name, r in report["outputs"].items():
+        print(f"{name:10s} max_abs {r['max_abs']:.3e}  rel {r['rel']:.3e}")
+    print(f"parity ok ({args.dtype}, tolerance {report['tolerance']:g}); export written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
