@@ -17,6 +17,7 @@ import sys
 
 import ml_collections
 from absl import logging
+from etils import epath
 
 from oneflow_jax import checkpointing, config_lib, sharding, torch_export
 from oneflow_jax import tokenizer as tokenizer_lib
@@ -27,13 +28,13 @@ from oneflow_jax.model import OneFlowModel
 
 def load_params(workdir: str, step: int | None = None, tokenizer_path: str | None = None):
     """(config, ModelConfig, params, tokenizer path, restored step) of a run, params restored on the local devices."""
-    if not os.path.exists(os.path.join(workdir, "config.json")):
+    if not (epath.Path(workdir) / "config.json").exists():          # epath: gs:// workdirs too
         raise UserError(f"{workdir} is not a training run directory (no config.json)")
     config = checkpointing.load_config(workdir)
     if config.get("model_type", "oneflow") != "oneflow":
         raise UserError(f"only OneFlow runs can be exported (model_type={config.model_type!r})")
-    tok_path = os.path.join(workdir, tokenizer_lib.MODEL_FILENAME)
-    if not os.path.exists(tok_path):
+    tok_path = os.fspath(epath.Path(workdir) / tokenizer_lib.MODEL_FILENAME)
+    if not epath.Path(tok_path).exists():
         if not tokenizer_path:
             raise UserError(f"{workdir} has no {tokenizer_lib.MODEL_FILENAME}; pass --tokenizer")
         tok_path = tokenizer_path

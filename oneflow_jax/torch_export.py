@@ -12,6 +12,7 @@ The mapping is derived from the Flax param paths (kernel/scale/embedding -> weig
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from etils import epath
 
 from oneflow_jax import model as model_lib
 from oneflow_jax import safetensors_io
@@ -222,13 +224,17 @@ def parity_batch(cfg: model_lib.ModelConfig, image_token_id: int = 4, bos_id: in
 
 
 def jax_outputs(params, cfg: model_lib.ModelConfig, batch) -> dict[str, np.ndarray]:
-    """The JAX model's four heads on `batch`, as float32 numpy."""
-    out = model_lib.OneFlowModel(cfg).apply({"params": params}, {k: jnp.asarray(v) for k, v in batch.items()})
+    """The JAX model's four heads on `batch`, as float32 numpy. Matmuls at full float32 precision: on GPUs JAX's
+    default would use TF32 for float32 and miss the 1e-4 tolerance against torch on CPU."""
+    with jax.default_matmul_precision("highest"):
+        out = model_lib.OneFlowModel(cfg).apply({"params": params}, {k: jnp.asarray(v) for k, v in batch.items()})
     return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
 
 
 def run_parity_check(out_dir: str, env: dict | None = None) -> dict:
     """Runs `python parity_check.py` inside `out_dir` in a fresh process; returns its report or raises ParityError."""
+    if importlib.util.find_spec("torch") is None:
+        raise ParityError("the parity check needs PyTorch in this environment: pip install -e '.[torch]'")
     proc = subprocess.run([sys.executable, PARITY_SCRIPT_NAME], cwd=out_dir, capture_output=True, text=True, env=env)
     report = None
     for line in proc.stdout.splitlines():
@@ -260,7 +266,8 @@ def export(params, model_config: dict, out_dir: str, tokenizer_path: str | None 
     with open(os.path.join(out_dir, PARITY_SCRIPT_NAME), "w") as f:
         f.write(PARITY_SCRIPT)
     if tokenizer_path:
-        shutil.copyfile(tokenizer_path, os.path.join(out_dir, TOKENIZER_NAME))
+        with open(os.path.join(out_dir, TOKENIZER_NAME), "wb") as f:
+            f.write(epath.Path(tokenizer_path).read_bytes())               # also from gs:// workdirs
 
     batch = parity_batch(cfg, image_token_id=image_token_id, bos_id=bos_id)
     ref_params = torch_tensors_to_params(tensors, cfg, source="export")   # exactly what torch will load
