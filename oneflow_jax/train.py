@@ -79,6 +79,8 @@ def truncate_metrics(workdir: str, step: int) -> None:
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains until config.total_steps (or a stop signal). Returns the last logged scalars."""
+    if config.compile_only:
+        return compile_only(config)
     config_lib.validate(config, jax.device_count())
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh)
@@ -106,9 +108,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_step = jax.jit(make_train_step(model, tx, schedule, config.objective.image_loss_weight),
                          in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
                          donate_argnums=(0,))
-    if config.compile_only:
-        return compile_only(train_step, state, data_iter, mesh)
-
     logger = MetricLogger(workdir, config.total_steps)
     sampler_hook = None
     if config.get("sample_every", 0):
@@ -173,17 +172,14 @@ class _Window:
         return out
 
 
-def compile_only(train_step, state, data_iter, mesh) -> dict:
-    """Lower + compile the step for the configured mesh and print per-device memory; nothing runs."""
-    local = next(data_iter)
-    batch = input_pipeline.make_global_batch(local, mesh, sharding.BATCH_AXES)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-        compiled = train_step.lower(state, batch).compile()
-    mem = compiled.memory_analysis()
-    stats = {k: getattr(mem, f"{k}_size_in_bytes", 0) for k in ("argument", "output", "temp", "generated_code")}
-    for k, v in stats.items():
-        print(f"{k:>15}: {v / 2**30:8.3f} GiB per device")
-    return stats
+def compile_only(config) -> dict:
+    """Lower + compile the train step for the configured mesh (or `mesh.compile_topology`) and print per-device
+    memory from the compiled executable; nothing runs and no data, tokenizer or VAE weights are read (aot.py)."""
+    from oneflow_jax import aot
+    result = aot.compile_train_step(config)
+    for line in aot.memory_lines(result):
+        config_lib.say(line)
+    return aot.memory_stats(result.compiled)
 
 
 def main(argv):

@@ -1,0 +1,101 @@
+"""OneFlow 1B: Llama 3.2 1B backbone, paper pretraining shape (reference §6): sequence 512, global batch 4096,
+256-px images through the SD3/FLUX VAE (16 latent channels, /8) in 2x2 patches -> 256 patches of 64 values.
+
+    python -m oneflow_jax.train --config configs/oneflow_1b.py --workdir gs://BUCKET/runs/1b \
+        --config.codec.path=/path/to/vae --config.data.tokenizer_path=/path/tokenizer.model \
+        --config.data.builder_config.train_files="('gs://BUCKET/pairs-00000.jsonl',)"
+    python -m oneflow_jax.flops --config configs/oneflow_1b.py --json
+    python -m oneflow_jax.train --config configs/oneflow_1b.py --workdir /tmp/x --config.compile_only=True \
+        [--config.mesh.compile_topology=v5p-128]
+
+Variants (comma-separated after ':'): `cpu` shrinks layers and batch so compile_only runs on 8 fake CPU devices;
+`tp2`/`tp4`/`tp8` add tensor parallelism; `slices2`, `slices4`, ... put the data axis across that many slices.
+configs/oneflow_3b.py and oneflow_8b.py reuse `pod_config` with their backbones. docs/pod_scale.md explains the
+mesh choice. Vocabulary: 128256 = Llama 3's, `<image>` takes one of its reserved special-token slots (no +1), so
+the Llama embedding imports unchanged (import_llama checks the size).
+"""
+import ml_collections
+
+# Llama backbones (reference §6); head_dim = d_model / n_heads = 128 for all three.
+LLAMA_3_2_1B = dict(d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192, tie_embeddings=True)
+LLAMA_VOCAB = 128256
+
+
+def _vae_codec():
+    # SD3 / FLUX VAE: 16 latent channels, 8x downsampling. Without `path` the codec is shape-only (compile_only and
+    # the FLOP count need no weights); with it, latent_channels / downsample_factor are checked against the VAE.
+    return dict(name="vae", path=None, image_size=256, patch_size=2, batch_size=8, latent_channels=16,
+                downsample_factor=8)
+
+
+def pod_config(backbone: dict, arg: str | None = None) -> ml_collections.ConfigDict:
+    """The pretraining config around a Llama `backbone`; `arg` = comma-separated variants (module docstring)."""
+    c = ml_collections.ConfigDict()
+    c.model_type = "oneflow"
+    c.seed = 0
+    c.total_steps = 500_000          # the paper's scaling study: 500k iterations at batch 4096 (reference §6)
+    c.log_every = 100
+    c.ckpt_every = 1000              # ~minutes of pod time; preemption loses at most this many steps
+    c.keep_checkpoints = 3
+    c.sample_every = 0               # sampling at pod scale decodes with the VAE on every host: enable deliberately
+    c.compile_only = False
+    c.peak_flops = 0.0               # per-device peak for MFU; 0 = the device's spec sheet (flops.PEAK_FLOPS)
+
+    # Mesh: FSDP over every chip of a slice. 1B-8B with fp32 params + Adam is 16 bytes/param = 20-130 GB in total:
+    # fully sharded it is < 1 GB per chip on 256 chips, and 4096 rows / 256 chips = 16 rows (8192 tokens) per chip
+    # keep the per-layer weight all-gathers well behind the matmuls. Tensor parallelism does not cut the dominant
+    # per-chip activations here (the [tokens, 128256] logits are per row), so it is only for more chips than rows.
+    # Across slices (DCN) only gradients travel: data = num_slices.
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, compile_topology="", num_slices=1))
+
+    c.codec = ml_collections.ConfigDict(_vae_codec())
+    c.codec.path = ml_collections.FieldReference(None, field_type=str)
+
+    c.model = ml_collections.ConfigDict(dict(
+        vocab_size=LLAMA_VOCAB, rope_theta=500000.0, norm_eps=1e-5, time_embed_dim=256,
+        dtype="bfloat16", param_dtype="float32",
+        remat="full",                # per-layer recompute: 16 rows x 512 x d_model per layer kept, nothing else
+        attention_impl="xla",        # 'cudnn' on NVIDIA GPUs
+        scan_layers=True, **backbone))
+
+    c.objective = ml_collections.ConfigDict(dict(
+        kappa_power=1.0, schedule="interleaved",
+        mixed_gen_prob=0.0,          # 0.2 for "OneFlow Mixed" (reference §4, Table 2)
+        drop_images_prob=0.1, drop_text_prob=0.1,   # condition dropout for CFG (rate not stated in the paper)
+        image_loss_weight=1.0))      # the paper gives no weight (reference §3)
+
+    c.data = ml_collections.ConfigDict(dict(
+        name="image_caption_pairs",  # or 'interleaved_jsonl' (same builder_config fields)
+        builder_config=dict(name="pairs256", train_files=(), eval_files=(), image_size=256, codec=_vae_codec(),
+                            pair_format="both"),
+        data_dir=ml_collections.FieldReference(None, field_type=str), split="train",
+        seq_len=512, max_deletions=512, global_batch_size=4096, shuffle_seed=0, num_workers=8, prefetch=2,
+        overlong="truncate",
+        tokenizer_path=ml_collections.FieldReference(None, field_type=str),   # required: a 128256-piece model
+        latents=True))               # records hold precomputed VAE latents (built once with the codec above)
+    c.data.builder_config.codec.path = c.codec.get_ref("path")   # one --config.codec.path sets both
+
+    c.optimizer = ml_collections.ConfigDict(dict(    # Edit Flows' recipe (reference §6)
+        lr=3e-4, min_lr_ratio=0.1, warmup_steps=2000, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0,
+        max_consecutive_nonfinite=5))
+
+    c.sampler = ml_collections.ConfigDict(dict(steps=50, max_len=512, text_cfg=1.0, image_cfg=5.0, temperature=1.0,
+                                               top_p=1.0))
+    c.eval = ml_collections.ConfigDict(dict(num_examples=200, batch_size=50, split="eval"))
+
+    for variant in filter(None, (arg or "").split(",")):
+        if variant == "cpu":         # the same layout, shrunk to compile on 8 fake CPU devices in seconds
+            c.model.n_layers = 2
+            c.data.update(global_batch_size=16, num_workers=0)
+            c.total_steps, c.ckpt_every, c.log_every = 10, 5, 1
+        elif variant.startswith("tp") and variant[2:].isdigit():
+            c.mesh.tensor = int(variant[2:])
+        elif variant.startswith("slices") and variant[6:].isdigit():
+            c.mesh.update(data=int(variant[6:]), num_slices=int(variant[6:]))
+        else:
+            raise ValueError(f"unknown variant {variant!r} (known: cpu, tpN, slicesN)")
+    return c
+
+
+def get_config(arg: str | None = None):
+    return pod_config(LLAMA_3_2_1B, arg)

@@ -1,0 +1,21 @@
+"""OneFlow 3B: Llama 3.2 3B backbone (reference §6: d 3072, 28 layers, 24 heads, 8 KV heads, FFN 8192, tied
+embeddings); everything else as configs/oneflow_1b.py (sequence 512, batch 4096, 256-px VAE latents, FSDP mesh).
+
+Variants as in oneflow_1b.py: `cpu`, `tpN` (N must divide 24 heads and 8 KV heads: 2, 4 or 8), `slicesN`.
+"""
+import importlib.util
+import os
+
+LLAMA_3_2_3B = dict(d_model=3072, n_layers=28, n_heads=24, n_kv_heads=8, d_ff=8192, tie_embeddings=True)
+
+
+def _base():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "oneflow_1b.py")
+    spec = importlib.util.spec_from_file_location("oneflow_1b_base", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config(arg: str | None = None):
+    return _base().pod_config(LLAMA_3_2_3B, arg)

@@ -1,0 +1,22 @@
+"""OneFlow 8B: Llama 3.1 8B backbone (reference §6: d 4096, 32 layers, 32 heads, 8 KV heads, FFN 14336, untied
+Q head); everything else as configs/oneflow_1b.py (sequence 512, batch 4096, 256-px VAE latents, FSDP mesh).
+
+Variants as in oneflow_1b.py: `cpu`, `tpN` (2, 4 or 8), `slicesN`. At 8B the fp32 params + Adam state are 128 GB:
+FSDP over >= 64 chips keeps them under 2 GiB per chip; see docs/pod_scale.md for when tensor parallelism pays.
+"""
+import importlib.util
+import os
+
+LLAMA_3_1_8B = dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336, tie_embeddings=False)
+
+
+def _base():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "oneflow_1b.py")
+    spec = importlib.util.spec_from_file_location("oneflow_1b_base", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config(arg: str | None = None):
+    return _base().pod_config(LLAMA_3_1_8B, arg)

@@ -1,0 +1,150 @@
+"""oneflow_jax.flops: exact parameter counts, analytic FLOPs vs XLA's cost analysis, X_t moments vs the real noising,
+the CLI, the MFU arithmetic."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from oneflow_jax import aot, edit_flow, flops
+from oneflow_jax.model import ModelConfig, OneFlowModel, dummy_batch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(path, arg=None):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("cfg_under_test", os.path.join(REPO, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def tiny_model_config(**kw):
+    base = dict(vocab_size=97, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=160, num_patches=16,
+                patch_dim=12, patch_grid=(4, 4), time_embed_dim=32)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(tie_embeddings=True), dict(scan_layers=False, head_dim=24),
+                                dict(n_kv_heads=4, patch_grid=(2, 8))])
+def test_param_count_equals_the_real_tree(kw):
+    cfg = tiny_model_config(**kw)
+    shapes = jax.eval_shape(lambda r: OneFlowModel(cfg).init(r, dummy_batch(cfg)), jax.random.key(0))
+    real = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
+    assert flops.params(cfg) == real
+    b = flops.param_breakdown(cfg)
+    assert flops.params_non_embedding(cfg) == real - b["embed"] - b["token_head"] - b["patch_pos"]
+
+
+@pytest.mark.parametrize("model_kw", [dict(), dict(tie_embeddings=True, d_model=256, n_heads=4, n_kv_heads=4,
+                                                   d_ff=1024)])
+def test_analytic_flops_match_xla_cost_analysis(model_kw):
+    """The compiled train step (loss grad + AdamW) on one CPU device: XLA counts every dot (2mnk) and elementwise op.
+    Unscanned layers: XLA's cost analysis counts a scan (while loop) body once."""
+    config = load_config("configs/shapes_tiny.py")
+    config.model.update(vocab_size=512, scan_layers=False, remat="none", **model_kw)
+    config.mesh.data = 1
+    config.data.global_batch_size = 4
+    result = aot.compile_train_step(config, jax.devices()[:1])
+    xla = aot.xla_flops(result.compiled)
+    analytic = flops.train_flops_per_step(result.model_cfg, config.data)
+    assert abs(analytic / xla - 1) < 0.10, (analytic, xla)
+
+
+def test_attention_and_heads_are_counted_at_every_position():
+    cfg = tiny_model_config()
+    row = flops.train_flops_per_row(cfg, 128)
+    assert row["attention"] == 4 * 128 ** 2 * cfg.n_heads * cfg.dim_per_head * cfg.n_layers * 3
+    assert row["token_head"] == 2 * cfg.d_model * cfg.vocab_size * 128 * 3
+    assert row["patch_in"] == 2 * cfg.patch_dim * cfg.d_model * 128 * 2       # data input: no input gradient
+    ar = flops.train_flops_per_row(cfg, 128, "ar")
+    assert ar["attention"] == row["attention"] / 2 and ar["insert_head"] == 0
+    assert flops.params(cfg, "ar") == flops.params(cfg) - (2 * cfg.d_model + 2)
+    data = ml_collections.ConfigDict(dict(seq_len=128, global_batch_size=8))
+    assert flops.train_flops_per_step(cfg, data) == pytest.approx(8 * sum(row.values()))
+
+
+@pytest.mark.parametrize("objective", [
+    dict(schedule="interleaved", kappa_power=1.0),
+    dict(schedule="interleaved", kappa_power=2.0, mixed_gen_prob=0.2, drop_images_prob=0.1, drop_text_prob=0.1),
+    dict(schedule="independent", kappa_power=1.0)])
+def test_expected_xt_matches_the_noising(objective):
+    noising = edit_flow.NoisingConfig(**objective)
+    special = edit_flow.SpecialTokens(bos=1, pad=0, image=4)
+    n_text, n_img, num_patches = 40, 2, 8
+    tokens = np.full(n_text + n_img, 7, np.int32)
+    tokens[[5, 30]] = special.image
+    latents = np.zeros((n_img, num_patches, 3), np.float32)
+    rng = np.random.default_rng(0)
+    lengths = np.array([len(edit_flow.noise_document(tokens, latents, rng, noising, special)["tokens"])
+                        for _ in range(4000)], np.float64)
+    want = flops.expected_xt(flops.DocStats(n_text, n_img), num_patches, noising)
+    assert lengths.mean() == pytest.approx(want["length"], rel=0.02)
+    assert (lengths ** 2).mean() == pytest.approx(want["length_sq"], rel=0.04)
+
+
+def test_interleaved_schedule_keeps_three_quarters_of_the_text():
+    """tau ~ U[0, 2], t = min(tau, 1): E[kappa(t)] = 1/2 * 1/2 + 1/2 * 1 = 3/4 for kappa(t) = t."""
+    doc = flops.DocStats(100, 0)
+    inter = flops.expected_xt(doc, 16, edit_flow.NoisingConfig())
+    indep = flops.expected_xt(doc, 16, edit_flow.NoisingConfig(schedule="independent"))
+    assert inter["text_kept"] == pytest.approx(75, rel=1e-3)
+    assert indep["text_kept"] == pytest.approx(50, rel=1e-3)
+
+
+def test_useful_flops_drop_padding_and_cross_document_attention():
+    cfg = tiny_model_config()
+    data = ml_collections.ConfigDict(dict(seq_len=256, global_batch_size=4))
+    config = ml_collections.ConfigDict(dict(
+        model_type="oneflow", model=dict(vocab_size=97, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=160,
+                                         time_embed_dim=32),
+        codec=dict(name="pixel_patch", image_size=16, patch_size=4), data=data.to_dict(), objective={}))
+    full = flops.report(config)
+    half = flops.report(config, packing_fill=0.5)
+    assert full["train_flops_per_step"] == flops.train_flops_per_step(flops.model_config_from(config), data)
+    assert full["train_flops_per_step_useful"] < full["train_flops_per_step"]
+    assert half["train_flops_per_step_useful"] == pytest.approx(full["train_flops_per_step_useful"] / 2)
+    assert cfg.num_patches == full["num_patches"]
+
+
+def test_vae_geometry_without_weights():
+    config = load_config("configs/oneflow_1b.py")
+    assert config.codec.path is None
+    cfg = flops.model_config_from(config)
+    assert (cfg.num_patches, cfg.patch_dim, cfg.patch_grid) == (256, 64, (16, 16))
+
+
+def test_vocab_from_the_tokenizer_when_the_config_says_0(monkeypatch):
+    from oneflow_jax import input_pipeline
+    config = load_config("configs/shapes_tiny.py")
+    assert config.model.vocab_size == 0
+    monkeypatch.setattr(input_pipeline, "get_tokenizer", lambda c: type("T", (), dict(vocab_size=33))())
+    assert flops.model_config_from(config).vocab_size == 33
+
+
+def test_throughput_metrics_and_peaks():
+    m = flops.throughput_metrics(8e12, 2.0, 4, 1e12)
+    assert m["tflops_per_sec"] == pytest.approx(4.0) and m["mfu"] == pytest.approx(4.0)
+    kinds = {"TPU v5 lite": 197e12, "TPU v4": 275e12, "NVIDIA H100 80GB HBM3": 989e12, "cpu": None}
+    for kind, peak in kinds.items():
+        assert flops.peak_flops_per_device(type("D", (), dict(device_kind=kind))()) == peak
+    assert flops.resolve_peak_flops(5.0) == (5.0, "config.peak_flops")
+
+
+def test_cli_prints_one_json_object():
+    proc = subprocess.run([sys.executable, "-m", "oneflow_jax.flops", "--config", "configs/oneflow_1b.py", "--json",
+                           "--config.data.global_batch_size=8"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    for key in ("params", "params_non_embedding", "train_flops_per_example", "train_flops_per_step",
+                "train_flops_per_step_useful", "tokens_per_step", "attention_flops_fraction"):
+        assert key in out
+    assert out["tokens_per_step"] == 8 * 512
+    assert out["train_flops_per_step"] == pytest.approx(8 * out["train_flops_per_example"])

@@ -1,0 +1,139 @@
+"""The paper-scale configs (reference §6): they load and validate, their parameter counts are the Llama backbones plus
+the OneFlow heads, and compile_only of the 1B layout runs on 8 fake CPU devices."""
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from oneflow_jax import aot, config_lib, flops
+from oneflow_jax.config_lib import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Reference §6, written out independently of the configs: (d, layers, heads, kv_heads, ffn, tied).
+LLAMA = {"1b": (2048, 16, 32, 8, 8192, True), "3b": (3072, 28, 24, 8, 8192, True),
+         "8b": (4096, 32, 32, 8, 14336, False)}
+VOCAB = 128256
+PUBLISHED = {"1b": 1.24e9, "3b": 3.21e9, "8b": 8.03e9}    # Hugging Face model cards
+
+
+def load(size, arg=None):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"oneflow_{size}", os.path.join(REPO, f"configs/oneflow_{size}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def llama_params(d, layers, heads, kv, ffn, tied):
+    """Embedding + layers (4 attention projections, 3 MLP matrices, 2 norms) + final norm (+ LM head if untied)."""
+    hd = d // heads
+    layer = d * heads * hd * 2 + d * kv * hd * 2 + 3 * d * ffn + 2 * d
+    return VOCAB * d * (1 if tied else 2) + layers * layer + d
+
+
+def oneflow_heads(d, patch_dim=64, grid=16, time_dim=256):
+    """What OneFlow adds: insert head (pi, lambda), patch in/out, the t_img MLP, the patch row/col tables."""
+    return (2 * d + 2) + (patch_dim * d + d) + (d * patch_dim + patch_dim) + (time_dim * d + d + d * d + d) \
+        + 2 * grid * d
+
+
+@pytest.mark.parametrize("size", sorted(LLAMA))
+def test_configs_load_and_validate(size):
+    config = load(size)
+    config_lib.validate(config, 256)
+    assert (config.data.seq_len, config.data.global_batch_size) == (512, 4096)
+    assert config.codec.name == "vae" and config.codec.image_size == 256 and config.data.latents
+    assert config.model.dtype == "bfloat16" and config.model.param_dtype == "float32" and config.model.scan_layers
+    assert config.model.remat != "none" and config.model.vocab_size == VOCAB
+    config_lib.validate(load(size, "tp4"), 256)
+    multi = load(size, "slices2")
+    assert (multi.mesh.data, multi.mesh.num_slices) == (2, 2)
+    config_lib.validate(multi, 512)
+    config_lib.validate(load(size, "cpu"), 8)
+    with pytest.raises(ValueError, match="unknown variant"):
+        load(size, "tpx")
+
+
+@pytest.mark.parametrize("size", sorted(LLAMA))
+def test_param_counts_are_llama_plus_oneflow_heads(size):
+    d, layers, heads, kv, ffn, tied = LLAMA[size]
+    cfg = flops.model_config_from(load(size))
+    backbone = llama_params(d, layers, heads, kv, ffn, tied)
+    assert backbone == pytest.approx(PUBLISHED[size], rel=0.005)
+    assert (cfg.num_patches, cfg.patch_dim) == (256, 64)
+    assert flops.params(cfg) == backbone + oneflow_heads(d)
+    assert flops.params(cfg) - backbone < 0.01 * backbone
+
+
+def test_compile_only_of_the_1b_layout_on_8_fake_devices(tmp_path):
+    """The real CLI, no data: prints the memory lines; params + Adam state (12 bytes/param) are sharded 8 ways."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "oneflow_jax.train", "--config", "configs/oneflow_1b.py:cpu",
+                           "--workdir", str(tmp_path / "w"), "--config.compile_only=True", "--config.mesh.fsdp=8"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1} on 8 cpu device(s)" in proc.stdout
+    gib = {}
+    for key in ("argument", "output", "temp", "total"):
+        m = re.search(rf"^\s*{key}:\s+(\d+\.\d+) GiB per device$", proc.stdout, re.M)
+        assert m, proc.stdout
+        gib[key] = float(m.group(1))
+    n_params = flops.params(flops.model_config_from(load("1b", "cpu")))
+    assert gib["argument"] == pytest.approx(12 * n_params / 8 / 2**30, rel=0.05)
+    assert gib["total"] >= gib["argument"] + gib["temp"] - 0.01
+    assert not os.path.exists(tmp_path / "w"), "compile_only must not write a run directory"
+
+
+def test_named_topology_needs_libtpu_here():
+    import importlib.util
+    if importlib.util.find_spec("libtpu"):
+        pytest.skip("libtpu is installed: the AOT path is live")
+    with pytest.raises(UserError, match="needs libtpu"):
+        aot.topology_devices("v5e-256")
+    with pytest.raises(UserError, match="unknown TPU topology"):
+        aot.topology_devices("v9z-3")
+    config = load("1b", "cpu")
+    config.mesh.compile_topology = "v5p-128"
+    with pytest.raises(UserError, match="needs libtpu"):
+        aot.target_mesh(config)
+
+
+def test_abstract_batch_matches_the_packer():
+    cfg = flops.model_config_from(load("1b", "cpu"))
+    struct = aot.batch_structure(cfg, 512, 300)
+    assert struct["patches"] == ((512, 64), struct["patches"][1])
+    assert struct["del_tokens"][0] == (300,)
+    assert struct["tokens"][1] == jax.numpy.int32 and struct["is_patch"][1] == bool
+
+
+def test_tpu_pod_launcher_dry_run():
+    env = dict(os.environ, DRY_RUN="1", TPU_NAME="t1", ACCELERATOR="v5p-256", SPOT="1")
+    args = ["bash", "launch/tpu_pod.sh", "--config", "configs/oneflow_1b.py", "--workdir", "gs://b/runs/1b",
+            "--config.total_steps=7"]
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "queued-resources create t1 --node-id t1 --accelerator-type v5p-256" in out and "--spot" in out
+    assert out.count("--worker=all") == 2                       # install, then the same train command everywhere
+    assert "python -m oneflow_jax.train --distributed --config configs/oneflow_1b.py --workdir gs://b/runs/1b" \
+        " --config.total_steps=7" in out
+    assert "launch/check_done.py gs://b/runs/1b" in out
+    local = subprocess.run(args[:5] + ["/tmp/local"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert local.returncode == 2 and "gs://" in local.stderr
+    typo = subprocess.run(args + ["--config.model.nope=1"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert typo.returncode == 2 and "queued-resources" not in typo.stdout   # preflight stops before provisioning
+
+
+def test_check_done(tmp_path):
+    (tmp_path / "config.json").write_text('{"total_steps": 20}')
+    run = lambda: subprocess.run([sys.executable, "launch/check_done.py", str(tmp_path)], cwd=REPO,
+                                 capture_output=True, text=True).returncode
+    assert run() == 3
+    (tmp_path / "checkpoints" / "10").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "20.orbax-checkpoint-tmp-1").mkdir()
+    assert run() == 3
+    (tmp_path / "checkpoints" / "20").mkdir()
+    assert run() == 0
