@@ -5,17 +5,20 @@ Stages (docs/data.md has the full picture):
     MapDataset.source(ArrayRecordDataSource)         raw serialized records of one split
       .shuffle(shuffle_seed).repeat(num_epochs)      seeded global shuffle, reshuffled every epoch
       .map_with_index(...)                           tag each record with its global stream position
-      [process_index::process_count]                 per-host shard (disjoint, together covering every epoch)
+      [s::num_streams], for this host's streams s    per-host shard: disjoint streams covering every epoch
       .map(_Decode)                                  tfds decode + validation
       .map(_Tokenize)                                text -> ids, images -> latents, over-long policy
       .map(_Transform)                               per-document transform (OneFlow noising), seeded by
                                                      (seed, global position) = per example and epoch
       .to_iter_dataset()
-    PackedBatchIterDataset                           greedy row filling -> {key: [rows, ...]} batches
-      .mp_prefetch(num_workers)                      worker processes (or a prefetch thread when 0)
-    TrainIterator                                    cumulative counters + checkpointable state
+    StreamPackerIterDataset                          greedy row filling per stream -> blocks of rows
+      .mp_prefetch(num_workers)                      worker processes, whole streams each (or a prefetch thread)
+    TrainIterator                                    blocks -> batch, cumulative counters, checkpointable state
 
-Bad records never raise: they travel as `{"skip": reason}` markers to the packer, which counts them per batch; the
+The global batch is `num_streams` blocks of rows, block s packed from stream s alone, so it is identical whatever
+the process count or number of workers; a host builds the contiguous blocks of its streams.
+
+Bad records never raise: they travel as `{"skip": reason}` markers to the packer, which counts them per block; the
 `TrainIterator` accumulates the counts (`iterator.counters`, `iterator.skipped_records`) and checkpoints them with
 its state. The per-document transform and the row packer are pluggable (`DocumentTransform`, `RowPacker`): the AR
 baseline swaps them and keeps everything else.
@@ -58,12 +61,12 @@ def default_config() -> ml_collections.ConfigDict:
         max_deletions=256,
         global_batch_size=32,       # rows, over all hosts
         shuffle_seed=0,
-        num_streams=0,              # independent record streams forming the global batch (0: one per process);
-                                    # fix it to get identical batches whatever the process count
+        num_streams=0,              # record streams the global batch is packed from (0: one per row); batches
+                                    # are identical for any process count / num_workers dividing it
         num_epochs=None,            # None: repeat forever
-        num_workers=0,              # Grain worker processes (0: a prefetch thread in this process)
-        prefetch=2,                 # batches buffered per worker (or by the thread)
-        read_threads=1,             # threads decoding records inside each worker
+        num_workers=0,              # Grain worker processes, must divide the host's streams (0: a prefetch thread)
+        prefetch=2,                 # batches buffered (over all workers, or by the thread)
+        read_threads=0,             # extra threads decoding records per stream (0: in the packing thread)
         overlong="truncate",        # 'truncate' (at a text boundary) | 'drop'
         tokenizer_path=None,        # None: trained once for the dataset and cached in its data dir
         tokenizer_vocab_size=None,  # None: the dataset's default (shapes-world: word model, <= 64)
@@ -271,115 +274,149 @@ class _Transform:
 # -------------------------------------------------------------------------------------------------- packing
 
 
-class PackedBatchIterDataset(grain.IterDataset):
-    """Greedily fills `rows_per_batch` rows per batch; a document that does not fit opens the next row.
+class StreamPackerIterDataset(grain.IterDataset):
+    """Packs each record stream into rows and emits one block of `rows_per_stream` rows per stream, cycling.
 
-    Checkpoint state is the parent's state *before* the carried-over document was read (so restoring re-reads it
-    and continues exactly). Each batch carries `_counts` [len(COUNTER_NAMES)]: what this batch consumed. A finite
-    stream ends with a batch padded by empty rows (segment_ids all 0).
+    Parents: one per-document IterDataset per stream. Rows are filled greedily in stream order; the first document
+    that does not fit closes the row and is carried over to the stream's next row. Elements are
+    `{key: [rows_per_stream, ...], "_counts": [len(COUNTER_NAMES)]}` in stream order. Under `mp_prefetch`, worker w
+    keeps streams w, w + W, ... (`set_slice`); Grain's round-robin over workers then restores stream order.
     """
 
-    def __init__(self, parent: grain.IterDataset, packer: RowPacker, rows_per_batch: int):
-        super().__init__(parent)
+    def __init__(self, streams: Sequence[grain.IterDataset], packer: RowPacker, rows_per_stream: int):
+        super().__init__(list(streams))
         self._packer = packer
-        self._rows = rows_per_batch
+        self._rows = rows_per_stream
+        self._active = list(range(len(streams)))
+
+    def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+        del sequential_slice  # whole streams are dealt to workers either way
+        self._active = self._active[sl]
 
     def __iter__(self):
-        return _PackedBatchIterator(self._parent.__iter__(), self._packer, self._rows)
+        return _StreamPackerIterator([self.parents[i].__iter__() for i in self._active], self._packer, self._rows)
 
     def __str__(self):
-        return f"PackedBatchIterDataset(rows_per_batch={self._rows})"
+        return f"StreamPackerIterDataset(streams={len(self._active)}, rows_per_stream={self._rows})"
 
 
-class _PackedBatchIterator(grain.DatasetIterator):
+class _StreamPackerIterator(grain.DatasetIterator):
+    """State: per stream, its parent's position *before* the carried-over document (restoring re-reads it)."""
 
-    def __init__(self, parent, packer: RowPacker, rows_per_batch: int):
-        super().__init__(parent)
+    def __init__(self, streams, packer: RowPacker, rows_per_stream: int):
+        super().__init__(streams)
         self._packer = packer
-        self._rows = rows_per_batch
-        self._pending = None          # element read but not placed (did not fit the previous row)
-        self._pending_state = None    # parent state just before `_pending` was read
-        self._template = None         # an all-padding row, for the last batch of a finite stream
+        self._rows = rows_per_stream
+        n = len(streams)
+        self._pending = [None] * n          # document read but not placed (did not fit the previous row)
+        self._pending_state = [None] * n    # parent state just before it was read
+        self._exhausted = [False] * n
+        self._next = 0                      # stream whose block comes next
 
-    def _next_element(self):
-        if self._pending is not None:
-            element, self._pending = self._pending, None
+    def _read(self, s: int):
+        if self._pending[s] is not None:
+            element, self._pending[s] = self._pending[s], None
             return element
-        self._pending_state = self._parent.get_state()
-        return next(self._parent)
+        self._pending_state[s] = self._parents[s].get_state()
+        return next(self._parents[s])
+
+    def _fill_row(self, s: int, counts: dict[str, int]) -> list[dict]:
+        """Documents of stream s's next row ([] once the stream is exhausted)."""
+        limits = tuple(self._packer.limits)
+        docs, used = [], (0,) * len(limits)
+        while True:
+            try:
+                element = self._read(s)
+            except StopIteration:
+                self._exhausted[s] = True
+                return docs
+            if "skip" in element:
+                counts["skipped_" + element["skip"]] += 1
+                continue
+            usage = tuple(self._packer.usage(element["doc"]))
+            if _fits(used, usage, limits):
+                docs.append(element["doc"])
+                used = tuple(u + e for u, e in zip(used, usage))
+                counts["truncated"] += int(element["truncated"])
+            elif not docs:  # cannot happen after the over-long policy, but never loop forever
+                counts["skipped_overlong"] += 1
+            else:
+                self._pending[s] = element
+                return docs
 
     def __next__(self):
-        counts = dict.fromkeys(COUNTER_NAMES, 0)
-        limits = tuple(self._packer.limits)
-        rows = []
-        exhausted = False
-        while len(rows) < self._rows and not exhausted:
-            docs, used = [], (0,) * len(limits)
-            while True:
-                try:
-                    element = self._next_element()
-                except StopIteration:
-                    exhausted = True
-                    break
-                if "skip" in element:
-                    counts["skipped_" + element["skip"]] += 1
-                    continue
-                usage = tuple(self._packer.usage(element["doc"]))
-                if _fits(used, usage, limits):
-                    docs.append(element["doc"])
-                    used = tuple(u + e for u, e in zip(used, usage))
-                    counts["truncated"] += int(element["truncated"])
-                elif not docs:  # cannot happen after the over-long policy, but never loop forever
-                    counts["skipped_overlong"] += 1
-                else:
-                    self._pending = element
-                    break
-            if docs:
-                rows.append(self._packer.pack(docs))
-                counts["documents"] += len(docs)
-        counts["rows"] = len(rows)
-        if rows and self._template is None:
-            self._template = {k: np.zeros_like(v) for k, v in rows[0].items()}
-        if exhausted:
-            # End of a finite stream: pad the last batch with empty rows (segment_ids 0 everywhere) so every
-            # document and skip is accounted for; stop once nothing is left.
-            if self._template is None or not any(counts.values()):
-                raise StopIteration
-            rows += [self._template] * (self._rows - len(rows))
-        batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-        batch[_COUNTS_KEY] = np.asarray([counts[k] for k in COUNTER_NAMES], np.int64)
-        return batch
+        while not all(self._exhausted):
+            s = self._next
+            self._next = (s + 1) % len(self._parents)
+            if self._exhausted[s]:
+                continue
+            counts = dict.fromkeys(COUNTER_NAMES, 0)
+            rows = []
+            while len(rows) < self._rows and not self._exhausted[s]:
+                docs = self._fill_row(s, counts)
+                if docs:
+                    rows.append(self._packer.pack(docs))
+                    counts["documents"] += len(docs)
+            counts["rows"] = len(rows)
+            block = {k: np.stack([r[k] for r in rows]) for k in rows[0]} if rows else {}
+            if rows or any(counts.values()):  # a finite stream may end with skips only: still report them
+                block[_COUNTS_KEY] = np.asarray([counts[k] for k in COUNTER_NAMES], np.int64)
+                return block
+        raise StopIteration
 
     def get_state(self):
-        state = self._pending_state if self._pending is not None else self._parent.get_state()
-        return {"parent": state}
+        streams = [self._pending_state[s] if self._pending[s] is not None else p.get_state()
+                   for s, p in enumerate(self._parents)]
+        return {"streams": streams, "next": self._next}
 
     def set_state(self, state):
-        self._parent.set_state(state["parent"])
-        self._pending = self._pending_state = None
+        if len(state["streams"]) != len(self._parents):
+            raise ValueError(f"iterator state has {len(state['streams'])} streams, this worker "
+                             f"{len(self._parents)}: restore with the same data.num_streams, processes and workers")
+        for parent, st in zip(self._parents, state["streams"]):
+            parent.set_state(st)
+        n = len(self._parents)
+        self._pending, self._pending_state, self._exhausted = [None] * n, [None] * n, [False] * n
+        self._next = int(state["next"])
 
     def __str__(self):
-        return "PackedBatchDatasetIterator"
+        return "StreamPackerDatasetIterator"
 
 
 class TrainIterator(grain.DatasetIterator):
     """Host-local batches `{key: np.ndarray [rows, ...]}` with cumulative, checkpointed counters.
 
-    `counters`: {skipped_corrupt, skipped_invalid, skipped_overlong, skipped_transform_error, truncated, documents,
-    rows} summed over every batch returned so far on this host; `skipped_records` is the sum of the skipped_*.
-    `get_state()` / `set_state()` are JSON-serializable (Grain's Orbax handler accepts this iterator).
+    Concatenates the next block of each of this host's streams (in stream order) into one batch. `counters`:
+    {skipped_corrupt, skipped_invalid, skipped_overlong, skipped_transform_error, truncated, documents, rows} summed
+    over every batch returned so far on this host; `skipped_records` is the sum of the skipped_*. `get_state()` /
+    `set_state()` are JSON-serializable (Grain's Orbax handler accepts this iterator). A finite stream (num_epochs
+    set) ends with a batch padded by empty rows (segment_ids 0).
     """
 
-    def __init__(self, parent: grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, rows_per_batch: int):
         super().__init__(parent)
+        self._rows = rows_per_batch
         self._totals = np.zeros(len(COUNTER_NAMES), np.int64)
         # Stop prefetch threads / worker processes before interpreter teardown if the user never calls close().
         atexit.register(_close_at_exit, weakref.ref(self))
 
     def __next__(self):
-        batch = dict(next(self._parent))
-        self._totals += batch.pop(_COUNTS_KEY)
-        return batch
+        blocks, rows = [], 0
+        while rows < self._rows:
+            try:
+                block = dict(next(self._parent))
+            except StopIteration:
+                break
+            self._totals += block.pop(_COUNTS_KEY)
+            if block:
+                blocks.append(block)
+                rows += len(block["segment_ids"])
+        if not blocks:
+            raise StopIteration
+        if rows < self._rows:  # end of a finite stream
+            pad = {k: np.zeros((self._rows - rows,) + v.shape[1:], v.dtype) for k, v in blocks[0].items()}
+            blocks.append(pad)
+        return {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
 
     @property
     def counters(self) -> dict[str, int]:
@@ -405,54 +442,76 @@ def _close_at_exit(ref: weakref.ref) -> None:
     iterator = ref()
     if iterator is not None:
         iterator.close()
+        # Drop the closed pipeline now: Grain's __del__ hooks fail noisily once interpreter teardown has begun.
+        iterator._parents = ()  # pylint: disable=protected-access
 
 
 # ------------------------------------------------------------------------------------------------- assembly
 
 
-def record_stream(filepaths: Sequence[str], *, shuffle_seed: int, process_index: int = 0, process_count: int = 1,
-                  num_epochs: int | None = None) -> grain.MapDataset:
-    """This host's (global position, raw record) stream: seeded global shuffle per epoch, then a strided shard.
-
-    Host h gets positions h, h + P, h + 2P, ... of the one global order, so hosts are disjoint and cover each epoch.
-    """
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+def global_record_stream(filepaths: Sequence[str], *, shuffle_seed: int,
+                         num_epochs: int | None = None) -> grain.MapDataset:
+    """(global position, raw record) over all hosts: a seeded global shuffle, a different permutation per epoch."""
     source = grain.sources.ArrayRecordDataSource(list(filepaths))
     if len(source) == 0:  # pylint: disable=g-explicit-length-test
         raise ValueError(f"no records in {list(filepaths)}")
     ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat(num_epochs)
-    ds = ds.map_with_index(lambda i, raw: (i, raw))
-    return ds[process_index::process_count]
+    return ds.map_with_index(lambda i, raw: (i, raw))
+
+
+def host_streams(num_streams: int, process_index: int, process_count: int) -> range:
+    """The streams this host packs: a contiguous block, so its rows are its contiguous part of the global batch.
+
+    Stream s reads global positions s, s + num_streams, ...: hosts get disjoint records that together cover each
+    epoch, and the global batch does not depend on the process count.
+    """
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if num_streams % process_count:
+        raise ValueError(f"data.num_streams={num_streams} must be a multiple of the {process_count} process(es)")
+    per_host = num_streams // process_count
+    return range(process_index * per_host, (process_index + 1) * per_host)
 
 
 def build_pipeline(filepaths: Sequence[str], features: tfds.features.FeaturesDict, *, tokenizer, codec,
-                   transform: DocumentTransform, packer: RowPacker, rows_per_batch: int, shuffle_seed: int,
-                   seed: int, process_index: int = 0, process_count: int = 1, num_epochs: int | None = None,
-                   latents: bool = False, overlong: str = "truncate", num_workers: int = 0, prefetch: int = 2,
-                   read_threads: int = 1) -> TrainIterator:
-    """The full pipeline over explicit ArrayRecord files (`create_train_iterator` resolves them from a config)."""
+                   transform: DocumentTransform, packer: RowPacker, global_batch_size: int, shuffle_seed: int,
+                   seed: int, process_index: int = 0, process_count: int = 1, num_streams: int = 0,
+                   num_epochs: int | None = None, latents: bool = False, overlong: str = "truncate",
+                   num_workers: int = 0, prefetch: int = 2, read_threads: int = 0) -> TrainIterator:
+    """The full pipeline over explicit ArrayRecord files (`create_train_iterator` resolves them from a config).
+
+    The global batch is `num_streams` (0: one per row) blocks of `global_batch_size / num_streams` rows; this host
+    builds the blocks of `host_streams(...)`. Batches depend on the seeds and `num_streams`, not on the process
+    count or `num_workers` (which must divide the host's stream count).
+    """
     if overlong not in ("truncate", "drop"):
         raise ValueError(f"data.overlong must be 'truncate' or 'drop', got {overlong!r}")
-    if rows_per_batch < 1:
-        raise ValueError(f"rows_per_batch must be >= 1, got {rows_per_batch}")
+    num_streams = num_streams or global_batch_size
+    if global_batch_size < 1 or global_batch_size % num_streams:
+        raise ValueError(f"data.num_streams={num_streams} must divide global_batch_size={global_batch_size}")
+    streams = host_streams(num_streams, process_index, process_count)
+    if num_workers and len(streams) % num_workers:
+        raise ValueError(f"data.num_workers={num_workers} must divide this host's {len(streams)} streams "
+                         f"(num_streams={num_streams} over {process_count} process(es))")
     _check_features(features, latents, codec)
-    ds = record_stream(filepaths, shuffle_seed=shuffle_seed, process_index=process_index,
-                       process_count=process_count, num_epochs=num_epochs)
-    ds = ds.map(_Decode(json.dumps(features.to_json()), latents, codec.image_shape,
-                        (codec.num_patches, codec.patch_dim)))
-    ds = ds.map(_Tokenize(tokenizer, codec, latents, transform.cost, tuple(packer.limits), overlong))
-    ds = ds.map(_Transform(transform, seed))
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * rows_per_batch))
-    it_ds = PackedBatchIterDataset(it_ds, packer, rows_per_batch)
+    rows_per_stream = global_batch_size // num_streams
+    records = global_record_stream(filepaths, shuffle_seed=shuffle_seed, num_epochs=num_epochs)
+    decode = _Decode(json.dumps(features.to_json()), latents, codec.image_shape, (codec.num_patches, codec.patch_dim))
+    tokenize = _Tokenize(tokenizer, codec, latents, transform.cost, tuple(packer.limits), overlong)
+    noise = _Transform(transform, seed)
+    read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * rows_per_stream if read_threads else 0)
+    per_stream = [records[s::num_streams].map(decode).map(tokenize).map(noise).to_iter_dataset(read)
+                  for s in streams]
+    ds = StreamPackerIterDataset(per_stream, packer, rows_per_stream)
+    blocks = prefetch * len(streams)  # buffered blocks: `prefetch` batches
     if num_workers > 0:
         if not flags.FLAGS.is_parsed():  # Grain's worker processes read absl flags (defaults are fine)
             flags.FLAGS.mark_as_parsed()
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                               per_worker_buffer_size=max(1, prefetch)))
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                         per_worker_buffer_size=max(1, blocks // num_workers)))
     elif prefetch > 0:
-        it_ds = grain.experimental.ThreadPrefetchIterDataset(it_ds, prefetch_buffer_size=prefetch)
-    return TrainIterator(iter(it_ds))
+        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=blocks)
+    return TrainIterator(iter(ds), rows_per_stream * len(streams))
 
 
 def _check_features(features, latents: bool, codec) -> None:
@@ -499,14 +558,13 @@ def create_train_iterator(config, *, process_index: int, process_count: int, cod
     """Checkpointable iterator of host-local packed batches for `config.data` (see module docstring).
 
     `transform` / `packer` default to OneFlow noising (`config.objective` -> NoisingConfig) and Edit Flow packing.
-    Each host gets `global_batch_size // process_count` rows per batch, from its `num_streams // process_count`
-    streams. Restoring a state needs the same config, seed, stream layout and num_workers.
+    Each host gets `global_batch_size // process_count` rows per batch: the blocks of its `num_streams //
+    process_count` streams. The global batch is the same for any process count and `num_workers`; restoring a
+    state needs the same config, seeds, process count and num_workers.
     """
     data = _data_config(config)
-    streams = data.num_streams or process_count
-    if streams % process_count or data.global_batch_size % streams:
-        raise ValueError(f"data.num_streams={streams} must be a multiple of the {process_count} process(es) and "
-                         f"divide global_batch_size={data.global_batch_size}")
+    if data.global_batch_size % process_count:
+        raise ValueError(f"global_batch_size {data.global_batch_size} not divisible by {process_count} processes")
     builder = prepare_dataset(config)
     if transform is None:
         objective = config.objective if "objective" in config else {}
@@ -516,51 +574,12 @@ def create_train_iterator(config, *, process_index: int, process_count: int, cod
             codec.num_patches)
     if packer is None:
         packer = EditFlowPacker(data.seq_len, data.max_deletions, pad_id=tokenizer.pad_id)
-    per_process = streams // process_count
-    iterators = [build_pipeline(
+    return build_pipeline(
         datasets.split_filepaths(builder, data.split), builder.info.features, tokenizer=tokenizer, codec=codec,
-        transform=transform, packer=packer, rows_per_batch=data.global_batch_size // streams,
-        shuffle_seed=data.shuffle_seed, seed=seed, process_index=stream, process_count=streams,
-        num_epochs=data.num_epochs, latents=data.latents, overlong=data.overlong, num_workers=data.num_workers,
-        prefetch=data.prefetch, read_threads=data.read_threads)
-        for stream in range(process_index * per_process, (process_index + 1) * per_process)]
-    return iterators[0] if len(iterators) == 1 else StreamsIterator(iterators)
-
-
-class StreamsIterator:
-    """Several streams' batches concatenated row-wise (stream order), with summed counters and a joint state.
-
-    Stream s reads global record positions s, s + S, ... (S = num_streams), so a process that owns streams
-    [a, b) produces exactly the rows those streams would produce in any other process layout.
-    """
-
-    def __init__(self, iterators: Sequence[TrainIterator]):
-        self._iterators = list(iterators)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        batches = [next(it) for it in self._iterators]
-        return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-
-    @property
-    def counters(self) -> dict[str, int]:
-        return {k: sum(it.counters[k] for it in self._iterators) for k in COUNTER_NAMES}
-
-    @property
-    def skipped_records(self) -> int:
-        return sum(it.skipped_records for it in self._iterators)
-
-    def get_state(self):
-        return {"streams": [it.get_state() for it in self._iterators]}
-
-    def set_state(self, state):
-        if len(state.get("streams", ())) != len(self._iterators):
-            raise ValueError(f"iterator state has {len(state.get('streams', ()))} streams, this pipeline "
-                             f"{len(self._iterators)}: restore with the same data.num_streams and process count")
-        for it, st in zip(self._iterators, state["streams"]):
-            it.set_state(st)
+        transform=transform, packer=packer, global_batch_size=data.global_batch_size,
+        shuffle_seed=data.shuffle_seed, seed=seed, process_index=process_index, process_count=process_count,
+        num_streams=data.num_streams, num_epochs=data.num_epochs, latents=data.latents, overlong=data.overlong,
+        num_workers=data.num_workers, prefetch=data.prefetch, read_threads=data.read_threads)
 
 
 def load_eval_records(config, split: str = "eval", limit: int | None = None) -> list[dict[str, Any]]:

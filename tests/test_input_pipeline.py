@@ -96,12 +96,14 @@ def test_same_seed_same_batches(tok, codec):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_restore_mid_epoch(tok, codec, num_workers):
     it = make_iter(tok, codec, num_workers=num_workers, prefetch=2)
-    take(it, 3)
+    first = take(it, 3)
     state = json.loads(json.dumps(it.get_state()))  # what Grain's Orbax handler writes
     counters = it.counters
     expected = take(it, 4)
     expected_counters = it.counters
     it.close()
+    if num_workers:  # worker processes change where rows are packed, not which rows
+        assert_same(first + expected, take(make_iter(tok, codec), 7))
 
     restored = make_iter(tok, codec, num_workers=num_workers, prefetch=2)
     restored.set_state(state)
@@ -114,13 +116,13 @@ def test_restore_mid_epoch(tok, codec, num_workers):
 def test_hosts_get_disjoint_shards_covering_the_data(tok, codec, data_dir):
     builder = datasets.ensure_prepared("shapes_world", **BUILDER)
     files = datasets.split_filepaths(builder, "train")
-    for epochs in (1, 2):
-        shards = [list(ip.record_stream(files, shuffle_seed=3, process_index=h, process_count=2, num_epochs=epochs))
-                  for h in range(2)]
-        positions = [{i for i, _ in shard} for shard in shards]
+    for epochs, num_streams in ((1, 4), (2, 8)):
+        records = ip.global_record_stream(files, shuffle_seed=3, num_epochs=epochs)
+        shards = [[records[s::num_streams] for s in ip.host_streams(num_streams, h, 2)] for h in range(2)]
+        positions = [{i for stream in host for i, _ in stream} for host in shards]
         assert not positions[0] & positions[1] and len(positions[0] | positions[1]) == NUM_TRAIN * epochs
         for e in range(epochs):
-            raw = [r for shard in shards for i, r in shard if i // NUM_TRAIN == e]
+            raw = [r for host in shards for stream in host for i, r in stream if i // NUM_TRAIN == e]
             assert len(raw) == len(set(raw)) == NUM_TRAIN  # each epoch holds every record once
 
     # End to end: one epoch over 2 hosts packs every document exactly once.
@@ -134,6 +136,20 @@ def test_hosts_get_disjoint_shards_covering_the_data(tok, codec, data_dir):
     assert sum(host_docs) == NUM_TRAIN
     all_texts = collections.Counter(host_texts[0] + host_texts[1])
     assert all_texts == collections.Counter(datasets.iter_texts(builder, "train"))
+
+
+@pytest.mark.parametrize("num_streams", [0, 4])
+def test_global_batch_independent_of_process_count(tok, codec, num_streams):
+    """The rows of 2 hosts, concatenated, are exactly the 1-host batch (hosts own contiguous stream blocks)."""
+    one = take(make_iter(tok, codec, global_batch_size=8, num_streams=num_streams), 3)
+    hosts = [take(make_iter(tok, codec, process_index=h, process_count=2, global_batch_size=8,
+                            num_streams=num_streams), 3) for h in range(2)]
+    joined = [{k: np.concatenate([h0[k], h1[k]]) for k in h0} for h0, h1 in zip(*hosts)]
+    assert_same(joined, one)
+    with pytest.raises(ValueError, match="num_streams"):
+        make_iter(tok, codec, global_batch_size=8, num_streams=3)
+    with pytest.raises(ValueError, match="num_workers"):
+        make_iter(tok, codec, global_batch_size=8, num_streams=4, num_workers=3)
 
 
 def test_packed_rows_keep_documents_apart(tok, codec):
@@ -171,7 +187,7 @@ def _write_array_record(path, records):
 def _pipeline(files, features, tok, codec, latents=False, **kw):
     transform = ip.EditFlowTransform(edit_flow.NoisingConfig(),
                                      edit_flow.SpecialTokens(tok.bos_id, tok.pad_id, tok.image_id), codec.num_patches)
-    opts = dict(rows_per_batch=2, shuffle_seed=0, seed=0, num_epochs=1, prefetch=0, latents=latents)
+    opts = dict(global_batch_size=2, shuffle_seed=0, seed=0, num_epochs=1, prefetch=0, latents=latents)
     opts.update(kw)
     packer = ip.EditFlowPacker(opts.pop("seq_len", 256), opts.pop("max_deletions", 128), tok.pad_id)
     return ip.build_pipeline(files, features, tokenizer=tok, codec=codec, transform=transform, packer=packer, **opts)
