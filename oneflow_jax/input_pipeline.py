@@ -358,6 +358,8 @@ class _StreamPackerIterator(grain.DatasetIterator):
                     rows.append(self._packer.pack(docs))
                     counts["documents"] += len(docs)
             counts["rows"] = len(rows)
+            if rows and len(rows) < self._rows:  # the stream ended mid-block: pad with empty rows
+                rows += [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (self._rows - len(rows))
             block = {k: np.stack([r[k] for r in rows]) for k in rows[0]} if rows else {}
             if rows or any(counts.values()):  # a finite stream may end with skips only: still report them
                 block[_COUNTS_KEY] = np.asarray([counts[k] for k in COUNTER_NAMES], np.int64)

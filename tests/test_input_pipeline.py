@@ -152,6 +152,15 @@ def test_global_batch_independent_of_process_count(tok, codec, num_streams):
         make_iter(tok, codec, global_batch_size=8, num_streams=4, num_workers=3)
 
 
+def test_finite_run_accounts_for_every_document(tok, codec):
+    """num_epochs=1 with 2 streams of 4 rows: streams end at different times; shapes stay static."""
+    it = make_iter(tok, codec, num_epochs=1, global_batch_size=8, num_streams=2)
+    batches = list(it)
+    assert all(b["tokens"].shape == (8, 256) for b in batches)
+    assert it.counters["documents"] == NUM_TRAIN
+    assert sum(int(b["segment_ids"].max(axis=1).sum()) for b in batches) == NUM_TRAIN
+
+
 def test_packed_rows_keep_documents_apart(tok, codec):
     it = make_iter(tok, codec, seq_len=200, global_batch_size=8)
     n_docs = 0
