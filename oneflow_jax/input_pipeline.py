@@ -223,6 +223,9 @@ class _Tokenize:
     limits: tuple[int, ...]
     overlong: str
 
+    def _fits_empty_row(self, num_tokens: int, num_images: int) -> bool:
+        return _fits((0,) * len(self.limits), self.cost(num_tokens, num_images), self.limits)
+
     def __call__(self, element):
         if "skip" in element:
             return element
@@ -231,19 +234,18 @@ class _Tokenize:
         n_img = len(images)
         if not len(tokens) or int((tokens == self.tokenizer.image_id).sum()) != n_img:
             return _skip("invalid")
-        if self.latents:
-            latents = np.stack(images).astype(np.float32) if n_img else None
-        else:
-            latents = self.codec.encode(np.stack(images)).astype(np.float32) if n_img else None
-        if latents is None:
+        if n_img == 0:
             latents = np.zeros((0, self.codec.num_patches, self.codec.patch_dim), np.float32)
+        elif self.latents:
+            latents = np.stack(images).astype(np.float32)
+        else:
+            latents = self.codec.encode(np.stack(images)).astype(np.float32)
 
         truncated = False
-        if not _fits((0,) * len(self.limits), self.cost(len(tokens), n_img), self.limits):
+        if not self._fits_empty_row(len(tokens), n_img):
             if self.overlong == "drop":
                 return _skip("overlong")
-            cut = truncate_to_fit(tokens, self.tokenizer.image_id, self.tokenizer.word_start,
-                                  lambda n, m: _fits((0,) * len(self.limits), self.cost(n, m), self.limits))
+            cut = truncate_to_fit(tokens, self.tokenizer.image_id, self.tokenizer.word_start, self._fits_empty_row)
             if cut == 0:
                 return _skip("overlong")
             tokens = tokens[:cut]
