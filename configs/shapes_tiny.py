@@ -35,7 +35,8 @@ def get_config(arg: str | None = None):
     c.data = ml_collections.ConfigDict(dict(
         name="shapes_world", data_dir=ml_collections.FieldReference(None, field_type=str), split="train",
         seq_len=256, max_deletions=512, global_batch_size=16, shuffle_seed=0, num_workers=0, prefetch=2,
-        overlong="drop", tokenizer_path=ml_collections.FieldReference(None, field_type=str), latents=False))
+        overlong="drop", tokenizer_path=ml_collections.FieldReference(None, field_type=str), latents=False,
+        num_streams=0))               # record streams the global batch is built from (0: one per process)
 
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=1e-3, min_lr_ratio=0.1, warmup_steps=100, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05, grad_clip=1.0,

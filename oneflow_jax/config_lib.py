@@ -91,6 +91,25 @@ def config_to_json(config) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (`app.run(..., flags_parser=parse_flags)`), except that a --config.* override of a key the
+    config does not have is one line and exit 2: ml_collections raises AttributeError there, which absl would show
+    as a traceback."""
+    import re
+    from absl import app
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:
+        text = str(e)
+        key = (re.findall(r"[A-Za-z_]\w*", text) or ["?"])[0]
+        flag = next((a.split("=")[0] for a in argv[1:]
+                     if a.startswith("--config.") and a.split("=")[0].rsplit(".", 1)[-1] == key), "--config.*")
+        hint = re.search(r'Did you mean "([^"]+)"', text)
+        print(f"error: {flag}: the config has no key {key!r}" + (f" (did you mean {hint.group(1)!r}?)" if hint else ""),
+              file=sys.stderr)
+        sys.exit(2)
+
+
 def run_cli(main: Callable) -> Callable:
     """Wraps an absl main so that UserError (and FileNotFoundError from user paths) print one line and exit 2."""
     def wrapped(argv):

@@ -75,6 +75,14 @@ def truncate_metrics(workdir: str, step: int) -> None:
     os.replace(path + ".tmp", path)
 
 
+def global_skipped_records(data_iter) -> int:
+    """Records skipped so far by every process (each iterator counts only its own streams). A collective."""
+    if jax.process_count() == 1:
+        return data_iter.skipped_records
+    from jax.experimental import multihost_utils
+    return int(np.sum(multihost_utils.process_allgather(np.asarray(data_iter.skipped_records, np.int64))))
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -132,7 +140,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 logging.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step,
                                 consecutive_nonfinite)
             if step % config.log_every == 0 or step == config.total_steps:
-                last = window.flush(step, n_params, skipped_records=data_iter.skipped_records, **counters)
+                last = window.flush(step, n_params, skipped_records=global_skipped_records(data_iter), **counters)
                 logger.write_scalars(step, last)
                 logger.progress(step, last)
             if sampler_hook and step % config.sample_every == 0:
@@ -192,4 +200,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(config_lib.run_cli(main))
+    app.run(config_lib.run_cli(main), flags_parser=config_lib.parse_flags)
