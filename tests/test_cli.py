@@ -1,0 +1,100 @@
+"""The sample and eval CLIs on a trained smoke run (`trained_run` from cli_utils.py), as users run them: the files
+they write, and one-line errors (no traceback) for bad inputs."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.register_assert_rewrite("cli_utils")
+from cli_utils import assert_one_line_error, copy_workdir  # noqa: E402
+
+pytest_plugins = ("cli_utils",)
+
+
+@pytest.fixture(scope="module")
+def png(tmp_path_factory):
+    """A 32x32 RGB PNG (the codec's resolution, so it is used unresized)."""
+    path = tmp_path_factory.mktemp("inputs") / "x.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def _markers(text_file) -> int:
+    return text_file.read_text().count("<image>")
+
+
+def test_sample_prompt_with_an_image(cli, trained_run, png, tmp_path):
+    out = tmp_path / "samples"
+    result = cli.run("sample", f"--workdir={trained_run.workdir}", "--prompt=<image>", f"--image={png}",
+                     "--num_samples=2", f"--out={out}").check()
+    assert "from step 12" in result.stdout, str(result)
+    for sample in ("00", "01"):
+        text = out / f"0000_{sample}.txt"
+        assert text.exists(), sorted(p.name for p in out.iterdir())
+        images = sorted(out.glob(f"0000_{sample}_img*.png"))
+        assert len(images) == _markers(text) >= 1          # one PNG per <image> marker of the document
+        # The given image is the document's first image (through the codec's encode/decode round trip).
+        first = np.asarray(Image.open(out / f"0000_{sample}_img0.png").convert("RGB"), np.int16)
+        assert np.abs(first - np.asarray(Image.open(png), np.int16)).max() <= 2
+    assert not list(out.glob("0001_*"))
+
+
+def test_sample_prompts_file(cli, trained_run, png, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "<image>", "images": [png.name]}) + "\n"
+                       + json.dumps({"prompt": "a red circle on the left"}) + "\n")
+    (tmp_path / png.name).write_bytes(png.read_bytes())     # image paths are relative to the prompts file
+    out = tmp_path / "samples"
+    cli.run("sample", f"--workdir={trained_run.workdir}", f"--prompts_file={prompts}", f"--out={out}").check()
+    assert sorted(p.name for p in out.glob("*.txt")) == ["0000_00.txt", "0001_00.txt"]
+    assert (out / "0000_00_img0.png").exists()
+    for text in out.glob("*.txt"):
+        assert len(list(out.glob(f"{text.stem}_img*.png"))) == _markers(text)
+
+
+SAMPLE_ERRORS = {   # name: (arguments after --workdir, expected words of the error line)
+    "missing_image": (["--prompt=<image>", "--image={missing}"], "image not found"),
+    "undecodable_image": (["--prompt=<image>", "--image={garbage}"], "cannot decode image"),
+    "fewer_images_than_markers": (["--prompt=<image> <image>", "--image={png}"], "marker"),
+    "empty_workdir": (["--prompt=<image>", "--image={png}"], "not a training run directory"),
+    "nonexistent_workdir": (["--prompt=<image>", "--image={png}"], "not a training run directory"),
+}
+
+
+@pytest.fixture(scope="module")
+def sample_error_results(cli, trained_run, png, tmp_path_factory):
+    """Every bad-input sample command, run concurrently."""
+    base = tmp_path_factory.mktemp("sample_errors")
+    garbage = base / "garbage.png"
+    garbage.write_bytes(b"this is not a PNG\x00\x01\x02" * 8)
+    (base / "empty_workdir").mkdir()
+    workdirs = {"empty_workdir": base / "empty_workdir", "nonexistent_workdir": base / "nonexistent"}
+    paths = dict(missing=base / "missing.png", garbage=garbage, png=png)
+    commands = [("sample", [f"--workdir={workdirs.get(name, trained_run.workdir)}", f"--out={base / ('out_' + name)}",
+                            *(a.format(**paths) for a in args)])
+                for name, (args, _) in SAMPLE_ERRORS.items()]
+    results = cli.run_many(commands, timeout=180)
+    return dict(zip(SAMPLE_ERRORS, results)), base
+
+
+@pytest.mark.parametrize("name", list(SAMPLE_ERRORS))
+def test_sample_bad_input_is_a_one_line_error(sample_error_results, name):
+    results, base = sample_error_results
+    assert_one_line_error(results[name], SAMPLE_ERRORS[name][1])
+    assert not (base / f"out_{name}").exists(), "nothing may be written on a bad input"
+
+
+def test_eval_prints_the_table_and_writes_scores(cli, trained_run, tmp_path):
+    workdir = copy_workdir(trained_run.workdir, tmp_path / "run")
+    result = cli.run("eval", f"--workdir={workdir}", "--num_examples=8").check()
+    assert "shapes-world eval @ step 12" in result.stdout, str(result)
+    for row in ("caption", "generation", "interleaved consistency"):
+        assert row in result.stdout, str(result)
+    scores = json.loads((workdir / "eval" / "step_12.json").read_text())
+    assert {"caption", "generation", "interleaved_consistency"} <= set(scores)
+    assert scores["step"] == 12 and scores["caption"]["all"]["n"] == 8
+    assert 0.0 <= scores["caption"]["all"]["accuracy"] <= 1.0

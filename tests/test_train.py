@@ -1,0 +1,182 @@
+"""The train CLI end to end, run as users run it, on fake CPU devices: sharded training, multi-process runs, exact
+resume after kill -9 / SIGTERM, resharding on resume, corrupt-checkpoint fallback, and clean config errors.
+
+Everything is compared with `trained_run` (cli_utils.py): the 12-step smoke run on mesh data=2, fsdp=2, tensor=2.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import shutil
+import statistics
+
+import numpy as np
+import pytest
+
+pytest.register_assert_rewrite("cli_utils")
+from cli_utils import (METRIC_KEYS, REFERENCE_DEVICES, SMOKE_CONFIG, TOTAL_STEPS,  # noqa: E402
+                       all_finite, assert_one_line_error, checkpoint_steps, copy_workdir, exact_metrics,
+                       metrics_by_step, resumed_step, train_args, wait_for_step)
+
+pytest_plugins = ("cli_utils",)
+
+
+def test_sharded_run_logs_metrics_tensorboard_and_checkpoints(trained_run):
+    workdir = trained_run.workdir
+    assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in trained_run.result.stdout
+    rows = metrics_by_step(workdir)
+    assert sorted(rows) == list(range(1, TOTAL_STEPS + 1))
+    for step, row in rows.items():
+        assert set(METRIC_KEYS) <= set(row), f"step {step}: missing {set(METRIC_KEYS) - set(row)}"
+        assert all_finite(row[k] for k in METRIC_KEYS), row
+        assert row["steps_per_sec"] > 0 and row["tokens_per_sec"] > 0 and row["grad_norm"] > 0
+    losses = [rows[s]["loss"] for s in sorted(rows)]
+    assert statistics.mean(losses[-3:]) < 0.8 * statistics.mean(losses[:3]), losses
+    assert list((workdir / "tb").rglob("events.out.tfevents.*")), "no TensorBoard events file in W/tb"
+    assert checkpoint_steps(workdir) == [8, 10, 12]          # every 2 steps, the latest 3 kept
+    assert (workdir / "config.json").exists() and (workdir / "tokenizer.model").exists()
+
+
+FOUR_DEVICE_MESH = {"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 1}
+
+
+@pytest.fixture(scope="module")
+def new_topology_runs(cli, trained_run, tmp_path_factory):
+    """The two runs whose programs the reference did not compile: 2 processes x 4 devices from scratch, and 1 process
+    x 4 devices resuming the reference's step-10 checkpoint (saved on 8). XLA compiles on one core, so they run side
+    by side. Returns {name: (workdir, Result)}."""
+    base = tmp_path_factory.mktemp("new_topologies")
+    two_processes = base / "two_processes"
+    four_devices = copy_workdir(trained_run.workdir, base / "four_devices")
+    shutil.rmtree(four_devices / "checkpoints" / "12")       # resume mid-run, from step 10
+    started = {
+        "two_processes": (two_processes, cli.start_multiprocess(2, *train_args(two_processes, {"ckpt_every": 6}),
+                                                                 devices_per_process=4)),
+        "four_devices": (four_devices, cli.start("train", *train_args(four_devices, FOUR_DEVICE_MESH), devices=4)),
+    }
+    return {name: (workdir, run.wait(timeout=600)) for name, (workdir, run) in started.items()}
+
+
+def test_two_processes_match_one_process(new_topology_runs, trained_run):
+    """jax.distributed over gloo: 2 processes x 4 devices = the reference's 8 devices and mesh -> the same losses."""
+    workdir, result = new_topology_runs["two_processes"]
+    result.check()
+    assert f"[0] train step {TOTAL_STEPS}/{TOTAL_STEPS}" in result.stdout, str(result)
+    assert "2 process(es), 8 device(s)" in result.stdout, str(result)
+    got, want = metrics_by_step(workdir), metrics_by_step(trained_run.workdir)
+    assert sorted(got) == sorted(want)
+    for step in sorted(want):
+        for key in ("loss", "text_loss", "image_loss"):
+            np.testing.assert_allclose(got[step][key], want[step][key], rtol=1e-5, err_msg=f"step {step} {key}")
+        assert got[step]["skipped_records"] == want[step]["skipped_records"], f"step {step}: counted over all processes"
+    assert checkpoint_steps(workdir) == [6, 12]
+    iter_states = sorted(p.name for p in (workdir / "checkpoints" / "12" / "data_iter").glob("process_*.json"))
+    assert iter_states == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+def test_resume_on_4_devices_from_a_checkpoint_saved_on_8(new_topology_runs, trained_run):
+    workdir, result = new_topology_runs["four_devices"]
+    result.check()
+    assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 1}; 1 process(es), 4 device(s)" in result.stdout, str(result)
+    assert resumed_step(result) == 10, str(result)
+    got, want = metrics_by_step(workdir), metrics_by_step(trained_run.workdir)
+    assert sorted(got) == list(range(1, TOTAL_STEPS + 1))
+    for step in (11, 12):
+        assert all_finite(got[step][k] for k in METRIC_KEYS), got[step]
+        # Same params, optimizer state and data; only the reduction order differs from the 8-device run.
+        np.testing.assert_allclose(got[step]["loss"], want[step]["loss"], rtol=1e-4, err_msg=f"step {step}")
+    assert checkpoint_steps(workdir)[-1] == TOTAL_STEPS
+
+
+def test_multiprocess_launcher_fails_when_a_process_fails(cli, tmp_path):
+    result = cli.start_multiprocess(2, f"--config={SMOKE_CONFIG}", f"--workdir={tmp_path / 'run'}", "--no_such_flag=1",
+                                    devices_per_process=1).wait(timeout=120)
+    assert result.returncode != 0, str(result)
+    # Each process's lines carry its id (the first failure stops the other, which may not get to print).
+    prefixed = [line for line in result.stderr.splitlines() if line.startswith(("[0] ", "[1] "))]
+    assert any("no_such_flag" in line for line in prefixed), str(result)
+    assert "local_multiprocess: process" in result.stderr, str(result)
+
+
+def test_kill9_then_rerun_matches_the_uninterrupted_run(cli, trained_run, tmp_path):
+    workdir = tmp_path / "run"
+    run = cli.start("train", *train_args(workdir), devices=REFERENCE_DEVICES)
+    wait_for_step(run, workdir, 5)
+    run.send(signal.SIGKILL)
+    assert run.wait().returncode == -signal.SIGKILL
+    killed_at = max(metrics_by_step(workdir))
+    assert killed_at < TOTAL_STEPS, "the run finished before it was killed"
+
+    resumed = cli.run("train", *train_args(workdir), devices=REFERENCE_DEVICES).check()
+    start = resumed_step(resumed)
+    assert start is not None and 2 <= start <= killed_at, str(resumed)
+    # Every step (those before the kill, those redone after the restored step) is bit-identical to the reference.
+    assert exact_metrics(workdir) == exact_metrics(trained_run.workdir)
+
+
+def test_sigterm_checkpoints_exits_0_and_resumes(cli, trained_run, tmp_path):
+    workdir = tmp_path / "run"
+    run = cli.start("train", *train_args(workdir), devices=REFERENCE_DEVICES)
+    wait_for_step(run, workdir, 3)
+    run.send(signal.SIGTERM)
+    stopped = run.wait()
+    assert stopped.returncode == 0, str(stopped)
+    stop_step = max(metrics_by_step(workdir))
+    assert stop_step < TOTAL_STEPS, "the run finished before SIGTERM arrived"
+    assert f"stopped by signal at step {stop_step}" in stopped.stderr, str(stopped)
+    assert checkpoint_steps(workdir)[-1] == stop_step
+
+    resumed = cli.run("train", *train_args(workdir), devices=REFERENCE_DEVICES).check()
+    assert resumed_step(resumed) == stop_step, str(resumed)
+    assert exact_metrics(workdir) == exact_metrics(trained_run.workdir)
+
+
+def _corrupt_files(directory):
+    """Overwrites every file below `directory` with garbage of the same size (bit rot, a torn write)."""
+    rng = np.random.default_rng(0)
+    corrupted = 0
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            size = max(os.path.getsize(path), 16)
+            with open(path, "wb") as f:
+                f.write(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+            corrupted += 1
+    assert corrupted, f"nothing to corrupt in {directory}"
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(cli, trained_run, tmp_path):
+    workdir = copy_workdir(trained_run.workdir, tmp_path / "run")
+    _corrupt_files(workdir / "checkpoints" / "12" / "state")
+    result = cli.run("train", *train_args(workdir), devices=REFERENCE_DEVICES).check()
+    warnings = [line for line in result.stderr.splitlines() if "checkpoint step 12" in line and "falling back" in line]
+    assert warnings, str(result)
+    assert resumed_step(result) == 10, str(result)
+    assert list((workdir / "checkpoints.corrupt").glob("12-*")), "the unreadable step was not moved aside"
+    assert checkpoint_steps(workdir)[-1] == TOTAL_STEPS      # step 12 trained and saved again
+    assert exact_metrics(workdir) == exact_metrics(trained_run.workdir)
+
+
+BAD_CONFIGS = {   # name: (flags, what the one error line must mention)
+    "mesh_product_is_not_the_device_count": (["--config.mesh.fsdp=3"], "config.mesh"),
+    "batch_not_divisible_by_data_parallel": (["--config.data.global_batch_size=12"], "global_batch_size"),
+    "unknown_top_level_key": (["--config.nonexistent=1"], "nonexistent"),
+    "heads_not_divisible_by_tensor": (["--config.mesh.tensor=8"], "n_heads"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_config_results(cli, tmp_path_factory):
+    """All bad-config commands, run concurrently (each fails before anything compiles)."""
+    base = tmp_path_factory.mktemp("bad_configs")
+    commands = [("train", [f"--config={SMOKE_CONFIG}", f"--workdir={base / name}", *flags])
+                for name, (flags, _) in BAD_CONFIGS.items()]
+    results = cli.run_many(commands, devices=REFERENCE_DEVICES, timeout=180)
+    return {name: (result, base / name) for name, result in zip(BAD_CONFIGS, results)}
+
+
+@pytest.mark.parametrize("name", list(BAD_CONFIGS))
+def test_bad_config_is_a_one_line_error(bad_config_results, name):
+    result, workdir = bad_config_results[name]
+    assert_one_line_error(result, BAD_CONFIGS[name][1])
+    assert not workdir.exists(), "a bad config must fail before the run directory is created"
