@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from oneflow_jax import checkpointing, config_lib, input_pipeline, sharding
+from oneflow_jax import checkpointing, config_lib, flops, input_pipeline, sharding
 from oneflow_jax import tokenizer as tokenizer_lib
 from oneflow_jax.config_lib import UserError
 from oneflow_jax.metrics_logging import MetricLogger, read_jsonl
@@ -112,6 +112,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         config_lib.say(f"resumed from checkpoint step {int(state['step'])} in {workdir}")
     start = int(state["step"])
     truncate_metrics(workdir, start)
+    flops_per_step = flops.train_flops_per_step(model.cfg, config.data,
+                                                config.get("model_type", "oneflow"))
+    peak, peak_source = flops.resolve_peak_flops(config.get("peak_flops", 0.0))
+    config_lib.say(f"{flops_per_step / 1e12:.3f} TFLOP per step (analytic, device-computed); peak "
+                   f"{peak / 1e12:.3f} TFLOP/s per device ({peak_source})")
 
     train_step = jax.jit(make_train_step(model, tx, schedule, config.objective.image_loss_weight),
                          in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
@@ -141,6 +146,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                 consecutive_nonfinite)
             if step % config.log_every == 0 or step == config.total_steps:
                 last = window.flush(step, n_params, skipped_records=global_skipped_records(data_iter), **counters)
+                last.update(flops.throughput_metrics(flops_per_step, last["steps_per_sec"], jax.device_count(), peak))
                 logger.write_scalars(step, last)
                 logger.progress(step, last)
             if sampler_hook and step % config.sample_every == 0:
