@@ -11,6 +11,25 @@ import dataclasses
 import numpy as np
 
 
+def patchify(x: np.ndarray, patch_size: int) -> np.ndarray:
+    """[..., H, W, C] -> [..., (H/p)*(W/p), p*p*C], patches in row-major order, values (row, col, channel)."""
+    *lead, h, w, c = x.shape
+    p = patch_size
+    x = x.reshape(*lead, h // p, p, w // p, p, c)
+    x = np.moveaxis(x, -4, -3)  # [..., h/p, w/p, p, p, c]
+    return x.reshape(*lead, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(z: np.ndarray, grid: tuple[int, int], patch_size: int) -> np.ndarray:
+    """Inverse of `patchify`: [..., rows*cols, p*p*C] -> [..., rows*p, cols*p, C]."""
+    *lead, _, dim = z.shape
+    (rows, cols), p = grid, patch_size
+    c = dim // (p * p)
+    z = z.reshape(*lead, rows, cols, p, p, c)
+    z = np.moveaxis(z, -3, -4)  # [..., rows, p, cols, p, c]
+    return z.reshape(*lead, rows * p, cols * p, c)
+
+
 @dataclasses.dataclass(frozen=True)
 class PixelPatchCodec:
     """Normalised pixels cut into non-overlapping patches: the identity 'VAE' used for shapes-world.
@@ -47,22 +66,13 @@ class PixelPatchCodec:
         images = np.asarray(images)
         if images.shape[-3:] != self.image_shape:
             raise ValueError(f"expected images of shape [..., {self.image_shape}], got {images.shape}")
-        x = images.astype(np.float32) / 127.5 - 1.0
-        lead = x.shape[:-3]
-        g, p, c = self.grid[0], self.patch_size, self.channels
-        x = x.reshape(*lead, g, p, g, p, c)
-        x = np.moveaxis(x, -4, -3)  # [..., g, g, p, p, c]
-        return x.reshape(*lead, g * g, p * p * c)
+        return patchify(images.astype(np.float32) / 127.5 - 1.0, self.patch_size)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         latents = np.asarray(latents, dtype=np.float32)
         if latents.shape[-2:] != (self.num_patches, self.patch_dim):
             raise ValueError(f"expected latents [..., {self.num_patches}, {self.patch_dim}], got {latents.shape}")
-        lead = latents.shape[:-2]
-        g, p, c = self.grid[0], self.patch_size, self.channels
-        x = latents.reshape(*lead, g, g, p, p, c)
-        x = np.moveaxis(x, -3, -4)  # [..., g, p, g, p, c]
-        x = x.reshape(*lead, g * p, g * p, c)
+        x = unpatchify(latents, self.grid, self.patch_size)
         return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from oneflow_jax import safetensors_io
+from oneflow_jax.codec import patchify, unpatchify
 
 WEIGHTS_NAME, CONFIG_NAME = "diffusion_pytorch_model.safetensors", "config.json"
 
@@ -372,17 +373,14 @@ class VAECodec:
         lead = images.shape[:-3]
         x = images.reshape((-1,) + self.image_shape).astype(np.float32) / 127.5 - 1.0
         z = self._chunked(self._fns[0], x)                                     # [N, h, w, C]
-        g, p, c = self.grid[0], self.patch_size, self.vae_config.latent_channels
-        z = z.reshape(-1, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5)
-        return z.reshape(*lead, g * g, p * p * c)
+        return patchify(z, self.patch_size).reshape(*lead, self.num_patches, self.patch_dim)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         latents = np.asarray(latents, dtype=np.float32)
         if latents.shape[-2:] != (self.num_patches, self.patch_dim):
             raise ValueError(f"expected latents [..., {self.num_patches}, {self.patch_dim}], got {latents.shape}")
         lead = latents.shape[:-2]
-        g, p, c = self.grid[0], self.patch_size, self.vae_config.latent_channels
-        z = latents.reshape(-1, g, g, p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(-1, g * p, g * p, c)
+        z = unpatchify(latents.reshape(-1, self.num_patches, self.patch_dim), self.grid, self.patch_size)
         x = self._chunked(self._fns[1], z)
         x = np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
         return x.reshape(*lead, *self.image_shape)
