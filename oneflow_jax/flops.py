@@ -18,7 +18,8 @@ gradient, 1x. Attention backward = 2x forward (XLA's dense attention; FlashAtten
 
 The train loop logs throughput with `train_flops_per_step(model.cfg, config.data, config.model_type)` once and
 `throughput_metrics(...)` per log window. `model_type="ar"` is the hook for the AR+FM baseline (reference §7):
-causal attention (halved), no insert head, next-token LM over the clean sequence with BOI/EOI around each image.
+causal attention (halved), no insert head, next-token LM over the clean sequence (BOS, text, `<image>` = BOI + patches,
+EOS; ar_objective.py).
 """
 from __future__ import annotations
 
@@ -134,11 +135,13 @@ class DocStats:
 
 def default_doc(seq_len: int, num_patches: int, model_type: str = "oneflow") -> DocStats:
     """One image plus the text that fills the rest of a clean row (what AR at the same seq_len would process):
-    BOS + text + `<image>` + its patches (AR: BOI + patches + EOI) = seq_len. Without room for an image: text only."""
-    img = num_patches + (2 if model_type == "ar" else 1)
-    if seq_len - 1 - img < 1:
-        return DocStats(seq_len - 1, 0)
-    return DocStats(seq_len - 1 - img, 1)
+    BOS + text + `<image>` + its patches (+ EOS for AR, whose `<image>` is its BOI; ar_objective) = seq_len. Without
+    room for an image: text only."""
+    fixed = 1 + (1 if model_type == "ar" else 0)    # BOS (+ EOS)
+    img = num_patches + 1
+    if seq_len - fixed - img < 1:
+        return DocStats(seq_len - fixed, 0)
+    return DocStats(seq_len - fixed - img, 1)
 
 
 def _schedule_grid(noising, n: int = 2000):
@@ -182,8 +185,9 @@ def expected_xt(doc: DocStats, num_patches: int, noising) -> dict[str, float]:
 
 
 def ar_sequence(doc: DocStats, num_patches: int) -> dict[str, float]:
-    """The AR+FM baseline's clean sequence: BOS + text + (BOI + patches + EOI) per image, no noising."""
-    length = 1.0 + doc.text_tokens + doc.images * (num_patches + 2)
+    """The AR+FM baseline's clean sequence (ar_objective): BOS + text + (BOI=`<image>` + patches) per image + EOS;
+    no explicit EOI (fixed-size blocks), no noising."""
+    length = 2.0 + doc.text_tokens + doc.images * (num_patches + 1)
     return dict(length=length, length_sq=length ** 2, text_positions=length - doc.images * num_patches,
                 patch_positions=doc.images * num_patches)
 
@@ -230,7 +234,7 @@ def report(config, doc: DocStats | None = None, packing_fill: float = 1.0) -> di
         seq = expected_xt(doc, cfg.num_patches, NoisingConfig.from_config(config.get("objective", {})))
     useful_doc = useful_train_flops_per_document(cfg, seq, model_type)
     docs_per_step = rows * data.seq_len * packing_fill / seq["length"]
-    clean_len = 1.0 + doc.text_tokens + doc.images * (cfg.num_patches + (2 if model_type == "ar" else 1))
+    clean_len = 1.0 + doc.text_tokens + doc.images * (cfg.num_patches + 1) + (1.0 if model_type == "ar" else 0.0)
     n_ne = params_non_embedding(cfg, model_type)
     return dict(
         model_type=model_type, params=params(cfg, model_type), params_non_embedding=n_ne,

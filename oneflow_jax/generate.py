@@ -10,9 +10,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from oneflow_jax import checkpointing, config_lib, sampler
+from oneflow_jax import checkpointing, sampler
 from oneflow_jax import tokenizer as tokenizer_lib
-from oneflow_jax.codec import make_codec
 from oneflow_jax.config_lib import UserError
 from oneflow_jax.edit_flow import SpecialTokens
 from oneflow_jax.model import OneFlowModel
@@ -26,7 +25,7 @@ def special_tokens(tokenizer) -> SpecialTokens:
 class Run:
     """Everything needed to sample from a trained run."""
     config: ml_collections.ConfigDict
-    model: OneFlowModel
+    model: OneFlowModel           # or ar_model.ARModel
     params: dict
     codec: object
     tokenizer: tokenizer_lib.Tokenizer
@@ -42,10 +41,9 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     if not os.path.exists(tok_path):
         raise UserError(f"{workdir} has no {tokenizer_lib.MODEL_FILENAME}")
     tokenizer = tokenizer_lib.load(tok_path)
-    codec = make_codec(config.codec)
-    model = OneFlowModel(config_lib.model_config(config, tokenizer.vocab_size, codec))
     from oneflow_jax import sharding
-    from oneflow_jax.train_state import abstract_train_state, make_optimizer
+    from oneflow_jax.train_state import abstract_train_state, build_model, make_optimizer
+    model, codec = build_model(config, tokenizer)      # OneFlowModel or, for model_type 'ar', ARModel
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
     tx, _ = make_optimizer(config.optimizer, config.total_steps)
     abstract_state, _ = abstract_train_state(model, tx, mesh)
@@ -82,13 +80,25 @@ def encode_prompt(text: str, images, tokenizer, codec):
 
 
 class Generator:
-    """Jitted sampling in fixed batches (one compile per batch size)."""
+    """Jitted sampling in fixed batches (one compile per batch size): OneFlow's concurrent sampler, or for an AR
+    baseline run (config.model_type 'ar') ar_sampler's KV-cached decoding. `nfe` holds each batch's network
+    evaluations."""
 
     def __init__(self, run: Run, sampler_config: sampler.SamplerConfig, batch_size: int):
         self.run, self.cfg, self.batch_size = run, sampler_config, batch_size
-        self.special = special_tokens(run.tokenizer)
-        banned = (run.tokenizer.eos_id,)
-        self._sample = sampler.make_sampler(run.model, sampler_config, self.special, run.codec.num_patches, banned)
+        self.ar = run.config.get("model_type", "oneflow") == "ar"
+        if self.ar:
+            from oneflow_jax import ar_objective, ar_sampler
+            tok = run.tokenizer
+            self.special = ar_objective.ARSpecial(bos=tok.bos_id, eos=tok.eos_id, pad=tok.pad_id, image=tok.image_id)
+            self._lib = ar_sampler
+            self._sample = ar_sampler.make_sampler(run.model, sampler_config, self.special, run.codec.num_patches)
+        else:
+            self.special = special_tokens(run.tokenizer)
+            banned = (run.tokenizer.eos_id,)
+            self._lib = sampler
+            self._sample = sampler.make_sampler(run.model, sampler_config, self.special, run.codec.num_patches,
+                                                banned)
         self.nfe: list[int] = []
 
     def __call__(self, prompts, seed: int = 0):
@@ -99,11 +109,11 @@ class Generator:
             chunk = list(prompts[start:start + self.batch_size])
             real = len(chunk)
             chunk += [([], [])] * (self.batch_size - real)
-            state = sampler.init_state(chunk, self.cfg.max_len, self.special, codec.num_patches, codec.patch_dim,
+            state = self._lib.init_state(chunk, self.cfg.max_len, self.special, codec.num_patches, codec.patch_dim,
                                        seed=seed + start)
             final, nfe = self._sample(self.run.params, state, jax.random.fold_in(jax.random.key(seed), start))
             self.nfe.append(int(nfe))
-            for tokens, latents in sampler.extract_documents(jax.device_get(final), self.special)[:real]:
+            for tokens, latents in self._lib.extract_documents(jax.device_get(final), self.special)[:real]:
                 images = [codec.decode(lat) for lat in latents]
                 out.append((self.run.tokenizer.decode(tokens), images))
         return out

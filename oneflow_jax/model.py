@@ -140,7 +140,10 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, mask, positions):
+    def __call__(self, x, mask, positions, kv=None, write_pos=None):
+        """kv: optional cache (k, v) [B, S, kv_heads, head_dim]. This chunk's keys/values are written at
+        `write_pos` [B, C] (out-of-range = dropped), queries attend over the whole cache under `mask` [B, 1, C, S],
+        and (out, new kv) is returned (the AR sampler's KV cache, reference §7)."""
         cfg = self.cfg
         hd = cfg.dim_per_head
         q = Dense((cfg.n_heads, hd), ("embed", "heads", "head_dim"), cfg, name="q")(x)
@@ -150,9 +153,15 @@ class Attention(nn.Module):
         k = nn.with_logical_constraint(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
         v = nn.with_logical_constraint(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
         q, k = apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
+        if kv is not None:
+            rows = jnp.arange(x.shape[0])[:, None]
+            k = kv[0].at[rows, write_pos].set(k.astype(kv[0].dtype), mode="drop")
+            v = kv[1].at[rows, write_pos].set(v.astype(kv[1].dtype), mode="drop")
+        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
+                                           implementation=cfg.attention_impl)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
-        return Dense(cfg.d_model, ("heads", "head_dim", "embed"), cfg, contract=2, name="o")(out)
+        out = Dense(cfg.d_model, ("heads", "head_dim", "embed"), cfg, contract=2, name="o")(out)
+        return out if kv is None else (out, (k, v))
 
 
 class MLP(nn.Module):
@@ -173,13 +182,16 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, mask, positions):
+    def __call__(self, x, mask, positions, kv=None, write_pos=None):
+        """Returns (x, None), or (x, new kv) when given a KV cache (see Attention)."""
         cfg = self.cfg
         norm = lambda name: RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=name)
-        x = x + Attention(cfg, name="attn")(norm("attn_norm")(x), mask, positions)
+        attn = Attention(cfg, name="attn")(norm("attn_norm")(x), mask, positions, kv, write_pos)
+        attn, new_kv = attn if kv is not None else (attn, None)
+        x = x + attn
         x = x + MLP(cfg, name="mlp")(norm("mlp_norm")(x))
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-        return x, None
+        return x, new_kv
 
 
 _REMAT_POLICIES = {
@@ -190,12 +202,18 @@ _REMAT_POLICIES = {
 
 
 class Backbone(nn.Module):
-    """n_layers blocks (under nn.scan unless cfg.scan_layers is False) and a final RMSNorm."""
+    """n_layers blocks (under nn.scan unless cfg.scan_layers is False) and a final RMSNorm.
+
+    With `cache` = (k, v), each [n_layers, B, S, kv_heads, head_dim], the chunk x [B, C] is written into it at
+    `write_pos` and (h, new cache) is returned (KV-cached decoding for the AR baseline); otherwise h.
+    """
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, mask, positions):
+    def __call__(self, x, mask, positions, cache=None, write_pos=None):
         cfg = self.cfg
+        if cache is not None:
+            return self._cached(x, mask, positions, cache, write_pos)
         block = Block
         if cfg.remat != "none":
             if cfg.remat not in _REMAT_POLICIES:
@@ -210,6 +228,22 @@ class Backbone(nn.Module):
             for i in range(cfg.n_layers):
                 x, _ = block(cfg, name=f"layers_{i}")(x, mask, positions)
         return RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
+
+    def _cached(self, x, mask, positions, cache, write_pos):
+        cfg = self.cfg  # inference only: no remat; same parameter names as the training path
+        if cfg.scan_layers:
+            stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.n_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x, new_cache = stack(cfg, name="layers")(x, mask, positions, cache, write_pos)
+        else:
+            ks, vs = [], []
+            for i in range(cfg.n_layers):
+                x, (k, v) = Block(cfg, name=f"layers_{i}")(x, mask, positions, (cache[0][i], cache[1][i]), write_pos)
+                ks.append(k)
+                vs.append(v)
+            new_cache = (jnp.stack(ks), jnp.stack(vs))
+        return RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x), new_cache
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):

@@ -22,8 +22,8 @@ from oneflow_jax import checkpointing, config_lib, flops, input_pipeline, shardi
 from oneflow_jax import tokenizer as tokenizer_lib
 from oneflow_jax.config_lib import UserError
 from oneflow_jax.metrics_logging import MetricLogger, read_jsonl
-from oneflow_jax.train_state import (abstract_train_state, build_model, create_sharded_state, make_optimizer,
-                                     make_train_step)
+from oneflow_jax.train_state import (abstract_train_state, build_model, create_sharded_state, loss_function,
+                                     make_optimizer, make_train_step)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:variant]).", lock_config=True)
@@ -101,9 +101,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config_lib.say(f"model: {n_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)}; {jax.process_count()} "
                    f"process(es), {jax.device_count()} device(s)")
 
+    transform = packer = None          # defaults: OneFlow noising and Edit Flow packing
+    if config.get("model_type", "oneflow") == "ar":
+        from oneflow_jax import ar_objective
+        transform, packer = ar_objective.pipeline_pieces(config, tokenizer, codec)
     data_iter = input_pipeline.create_train_iterator(
         config, process_index=jax.process_index(), process_count=jax.process_count(), codec=codec,
-        tokenizer=tokenizer, seed=config.seed)
+        tokenizer=tokenizer, seed=config.seed, transform=transform, packer=packer)
     ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints, save_every=config.ckpt_every)
     counters = dict(nonfinite_steps=0)
     if ckpt.latest_step() is not None:
@@ -118,7 +122,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config_lib.say(f"{flops_per_step / 1e12:.3f} TFLOP per step (analytic, device-computed); peak "
                    f"{peak / 1e12:.3f} TFLOP/s per device ({peak_source})")
 
-    train_step = jax.jit(make_train_step(model, tx, schedule, config.objective.image_loss_weight),
+    train_step = jax.jit(make_train_step(model, tx, schedule, config.objective.image_loss_weight,
+                                         loss_function(config)),
                          in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
                          donate_argnums=(0,))
     logger = MetricLogger(workdir, config.total_steps)

@@ -25,8 +25,21 @@ def make_optimizer(opt, total_steps: int):
 
 
 def build_model(config, tokenizer):
+    """(model, codec) for config.model_type: OneFlowModel, or the AR+FM baseline's ARModel (reference §7)."""
     codec = make_codec(config.codec)
-    return OneFlowModel(config_lib.model_config(config, tokenizer.vocab_size, codec)), codec
+    cfg = config_lib.model_config(config, tokenizer.vocab_size, codec)
+    if config.get("model_type", "oneflow") == "ar":
+        from oneflow_jax.ar_model import ARModel
+        return ARModel(cfg), codec
+    return OneFlowModel(cfg), codec
+
+
+def loss_function(config):
+    """The objective of config.model_type: (model, params, batch, image_loss_weight) -> (loss, metrics)."""
+    if config.get("model_type", "oneflow") == "ar":
+        from oneflow_jax.ar_objective import ar_loss
+        return ar_loss
+    return objective.oneflow_loss
 
 
 def _init_fn(model, tx):
@@ -54,10 +67,10 @@ def create_sharded_state(model, tx, mesh, seed: int):
     return state, shardings
 
 
-def make_train_step(model, tx, schedule, loss_weight: float):
+def make_train_step(model, tx, schedule, loss_weight: float, objective_fn=objective.oneflow_loss):
     """One optimizer step. A non-finite loss or gradient leaves params and optimizer state unchanged."""
     def train_step(state, batch):
-        loss_fn = lambda p: objective.oneflow_loss(model, p, batch, loss_weight)
+        loss_fn = lambda p: objective_fn(model, p, batch, loss_weight)
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
