@@ -23,7 +23,8 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from oneflow_jax import config_lib, flops, input_pipeline, sharding  # noqa: E402
-from oneflow_jax.train_state import build_model, create_sharded_state, make_optimizer, make_train_step  # noqa: E402
+from oneflow_jax.train_state import (build_model, create_sharded_state, loss_function, make_optimizer,  # noqa: E402
+                                     make_train_step)
 
 config_flags.DEFINE_config_file("config", None, "configs/*.py[:variant]", lock_config=True)
 flags.DEFINE_integer("steps", 10, "Timed steps.")
@@ -40,10 +41,14 @@ def run(config, steps: int, warmup: int, peak: float, peak_source: str) -> dict:
     model, codec = build_model(config, tokenizer)
     tx, schedule = make_optimizer(config.optimizer, config.total_steps)
     state, shardings = create_sharded_state(model, tx, mesh, config.seed)
+    transform = packer = None
+    if config.get("model_type", "oneflow") == "ar":
+        from oneflow_jax import ar_objective
+        transform, packer = ar_objective.pipeline_pieces(config, tokenizer, codec)
     it = input_pipeline.create_train_iterator(config, process_index=0, process_count=1, codec=codec,
-                                              tokenizer=tokenizer, seed=config.seed)
+                                              tokenizer=tokenizer, seed=config.seed, transform=transform, packer=packer)
     batches = [input_pipeline.make_global_batch(next(it), mesh, sharding.BATCH_AXES) for _ in range(warmup + steps)]
-    step = jax.jit(make_train_step(model, tx, schedule, config.objective.image_loss_weight),
+    step = jax.jit(make_train_step(model, tx, schedule, config.objective.image_loss_weight, loss_function(config)),
                    in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=(0,))
     import flax.linen as nn
     times = []

@@ -18,12 +18,17 @@ from oneflow_jax import shapes_world as sw
 from oneflow_jax.config_lib import UserError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Training run directory.")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-flags.DEFINE_integer("num_examples", None, "Eval documents (default: config.eval.num_examples).")
-flags.DEFINE_integer("num_free", None, "Documents generated from an empty prompt (default: num_examples // 4).")
-flags.DEFINE_integer("steps", None, "Sampler steps (default: config.sampler.steps).")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+def _define_flags():
+    """CLI flags, defined only when run as a program (compare.py imports `evaluate` next to train.py's flags)."""
+    flags.DEFINE_string("workdir", None, "Training run directory.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+    flags.DEFINE_integer("num_examples", None, "Eval documents (default: config.eval.num_examples).")
+    flags.DEFINE_integer("num_free", None, "Documents generated from an empty prompt (default: num_examples // 4).")
+    flags.DEFINE_integer("steps", None, "Sampler steps (default: config.sampler.steps).")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
 
 ATTRS = ("left_color", "left_shape", "right_color", "right_shape")
 _SIDE = {side: re.compile(rf"a (\w+) (\w+) on the {side}") for side in ("left", "right")}
@@ -155,4 +160,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(config_lib.run_cli(main))

@@ -1,0 +1,44 @@
+"""OneFlow vs AR+FM on shapes-world at equal model size (oneflow_jax/compare.py; reference §7-8).
+
+python -m oneflow_jax.compare --config configs/compare_shapes.py --workdir W [--config.budget=2.0]
+Both runs share everything below (shapes_tiny's model, codec, data, optimizer, sampler); model_type is set per run.
+`budget` scales compare.steps. Variant :tiny is for tests (a few steps of a tiny model).
+"""
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _load(name, arg):
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+    spec = importlib.util.spec_from_file_location(name[:-3] + "_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def get_config(arg: str | None = None):
+    c = _load("ar_shapes_tiny.py", "smoke" if arg == "tiny" else None)  # shapes_tiny + the AR knobs (config.ar)
+    c.model_type = "oneflow"          # set per run by compare.py
+    c.budget = 1.0
+    c.log_every = 25
+    # Smaller than shapes_tiny so that both trainings and all evaluations fit ~45 min on a 2-core CPU (measured:
+    # see compare.py's report): 8x8 latent patches of 32x32 images (16 patches per image), rows of 128 positions.
+    c.codec.patch_size = 8
+    c.data.update(seq_len=128, global_batch_size=16)
+    c.sampler.update(max_len=128)
+    c.compare = ml_collections.ConfigDict(dict(
+        steps=1200,                   # total_steps at budget 1
+        num_checkpoints=4,            # evaluated checkpoints per model (every steps * budget / num_checkpoints)
+        eval_examples=48, eval_batch_size=48, num_free=0,
+        sampler_steps=16,             # OneFlow iterations / AR Euler steps per image
+        latency_prompts=4))           # single-prompt captioning latency (after a warm-up)
+    if arg == "tiny":
+        c.compare.update(steps=4, num_checkpoints=2, eval_examples=4, eval_batch_size=4, latency_prompts=2,
+                         sampler_steps=4)
+        c.data.update(seq_len=64, global_batch_size=4)
+        c.sampler.update(max_len=64)
+    elif arg:
+        raise ValueError(f"unknown variant {arg!r} of compare_shapes (known: tiny)")
+    return c
