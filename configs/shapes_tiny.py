@@ -29,7 +29,7 @@ def get_config(arg: str | None = None):
         attention_impl="xla", scan_layers=True))
 
     c.objective = ml_collections.ConfigDict(dict(
-        kappa_power=1.0, schedule="interleaved", mixed_gen_prob=0.0,
+        kappa_power=1.0, schedule="interleaved", mixed_gen_prob=0.0, clean_images_prob=0.3,
         drop_images_prob=0.05, drop_text_prob=0.05, image_loss_weight=1.0))
 
     c.data = ml_collections.ConfigDict(dict(

@@ -37,6 +37,9 @@ class NoisingConfig:
     kappa_power: float = 1.0        # kappa(t) = t^k; OneFlow uses k = 1, Edit Flows k = 3.
     schedule: str = "interleaved"   # 'interleaved' (App. D.1) or 'independent' (fixed image count only).
     mixed_gen_prob: float = 0.0     # P(tau_text ~ U[1, 2]): clean text, images still noisy.
+    clean_images_prob: float = 0.0  # P(images are clean conditioning, t_img = 1, while t_text ~ U[0, 1]): the
+                                    # image-to-text (captioning) case, which the interleaved schedule never
+                                    # produces (there tau_img <= tau_text, so a clean image implies clean text).
     drop_images_prob: float = 0.0   # condition dropout: remove every image (text learns lambda(X), Q(X) w/o images).
     drop_text_prob: float = 0.0     # condition dropout: remove every text token (images learn v(Y) w/o caption).
 
@@ -68,6 +71,8 @@ def insertion_rate_scale(t, k: float = 1.0):
 
 def sample_times(n_images: int, rng: np.random.Generator, cfg: NoisingConfig):
     """Returns (t_text, t_img[n_images]) with t_img < 0 meaning 'image deleted' (interleaved schedule only)."""
+    if cfg.clean_images_prob and rng.uniform() < cfg.clean_images_prob:
+        return rng.uniform(0.0, 1.0), np.ones(n_images)
     if cfg.schedule == "independent":
         t_text = rng.uniform(0.0, 1.0)
         return t_text, rng.uniform(0.0, 1.0, size=n_images)

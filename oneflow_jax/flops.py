@@ -166,6 +166,14 @@ def expected_xt(doc: DocStats, num_patches: int, noising) -> dict[str, float]:
     t, w = _schedule_grid(noising)
     keep = t ** noising.kappa_power
     img_keep = np.ones_like(t) if noising.schedule == "independent" else keep
+    clean = getattr(noising, "clean_images_prob", 0.0)   # images kept clean, t_text ~ U[0, 1]
+    if clean:
+        n = len(t) - (noising.schedule != "independent")
+        mid = (np.arange(n) + 0.5) / n
+        t = np.concatenate([t, mid])
+        w = np.concatenate([(1.0 - clean) * w, np.full(n, clean / n)])
+        keep = t ** noising.kappa_power
+        img_keep = np.concatenate([img_keep, np.ones(n)])
     d_img = noising.drop_images_prob
     d_txt = (1.0 - d_img) * noising.drop_text_prob if doc.images else 0.0
     cases = ((d_img, doc.text_tokens, 0.0), (d_txt, 0.0, doc.images), (1.0 - d_img - d_txt, doc.text_tokens, doc.images))

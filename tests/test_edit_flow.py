@@ -67,6 +67,20 @@ def test_deleted_image_lands_in_its_gap_as_image_token():
     np.testing.assert_array_equal(x_t["patch_index"][block], np.arange(N))
 
 
+def test_clean_images_prob_gives_clean_images_with_noisy_text():
+    toks = np.asarray([5, 6, SP.image, 7, 8, 9, 10, 11], np.int32)
+    lat = np.random.default_rng(0).standard_normal((1, N, D)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    kept_text = []
+    for _ in range(300):
+        x_t = edit_flow.noise_document(toks, lat, rng, NoisingConfig(clean_images_prob=1.0), SP)
+        patches = x_t["is_patch"]
+        assert patches.sum() == N and (x_t["patch_t"][patches] == 1.0).all() and x_t["patch_weight"].sum() == 0
+        np.testing.assert_array_equal(x_t["patches"][patches], lat[0])      # exactly the clean latents
+        kept_text.append((~patches).sum() - 2)                                # minus BOS and <image>
+    assert abs(np.mean(kept_text) / 7 - 0.5) < 0.05                          # t_text ~ U[0, 1], kappa = t
+
+
 def test_condition_dropout_removes_one_modality():
     toks = np.asarray([5, 6, SP.image, 7], np.int32)
     lat = np.zeros((1, N, D), np.float32)
