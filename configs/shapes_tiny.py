@@ -10,17 +10,17 @@ def get_config(arg: str | None = None):
     c = ml_collections.ConfigDict()
     c.model_type = "oneflow"          # 'oneflow' | 'ar' (the AR+FM baseline)
     c.seed = 0
-    c.total_steps = 3000
+    c.total_steps = 700
     c.log_every = 50
-    c.ckpt_every = 500
+    c.ckpt_every = 100
     c.keep_checkpoints = 3
-    c.sample_every = 1000             # periodic sample grid + texts into workdir/samples (0 = off)
+    c.sample_every = 350              # periodic sample grid + texts into workdir/samples (0 = off)
     c.compile_only = False
     c.peak_flops = 0.0                # per-device peak FLOP/s for MFU; 0 = measure a matmul peak (CPU)
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))   # -1: the remaining devices
 
-    c.codec = ml_collections.ConfigDict(dict(name="pixel_patch", image_size=32, patch_size=4, channels=3))
+    c.codec = ml_collections.ConfigDict(dict(name="pixel_patch", image_size=32, patch_size=8, channels=3))
 
     c.model = ml_collections.ConfigDict(dict(
         vocab_size=0,                 # 0: taken from the tokenizer
@@ -34,7 +34,7 @@ def get_config(arg: str | None = None):
 
     c.data = ml_collections.ConfigDict(dict(
         name="shapes_world", data_dir=ml_collections.FieldReference(None, field_type=str), split="train",
-        seq_len=256, max_deletions=512, global_batch_size=16, shuffle_seed=0, num_workers=0, prefetch=2,
+        seq_len=128, max_deletions=256, global_batch_size=32, shuffle_seed=0, num_workers=0, prefetch=2,
         overlong="drop", tokenizer_path=ml_collections.FieldReference(None, field_type=str), latents=False,
         num_streams=0))               # record streams the global batch is built from (0: one per process)
 
@@ -43,7 +43,7 @@ def get_config(arg: str | None = None):
         max_consecutive_nonfinite=5))
 
     c.sampler = ml_collections.ConfigDict(dict(
-        steps=32, max_len=256, text_cfg=1.0, image_cfg=1.0, temperature=1.0, top_p=1.0))
+        steps=32, max_len=160, text_cfg=1.0, image_cfg=1.0, temperature=1.0, top_p=1.0))
 
     c.eval = ml_collections.ConfigDict(dict(num_examples=200, batch_size=50, split="eval"))
 
