@@ -23,13 +23,14 @@ def get_config(arg: str | None = None):
     c.model_type = "oneflow"          # set per run by compare.py
     c.budget = 1.0
     c.log_every = 25
-    # Smaller than shapes_tiny so that both trainings and all evaluations fit ~45 min on a 2-core CPU (measured:
-    # see compare.py's report): 8x8 latent patches of 32x32 images (16 patches per image), rows of 128 positions.
+    # Smaller than shapes_tiny so that both trainings and all evaluations fit ~45 min on a 2-core CPU: 8x8 pixel
+    # patches of 32x32 images (16 patches per image), rows of 128 positions. Measured (2 cores, load ~6 from another
+    # job): ~1.1 s/step OneFlow, ~1.0 s/step AR -> ~32 min of training at budget 1, plus ~8 evaluations.
     c.codec.patch_size = 8
     c.data.update(seq_len=128, global_batch_size=16)
     c.sampler.update(max_len=128)
     c.compare = ml_collections.ConfigDict(dict(
-        steps=1200,                   # total_steps at budget 1
+        steps=900,                    # total_steps at budget 1 (~1.05 s/step each model measured under load)
         num_checkpoints=4,            # evaluated checkpoints per model (every steps * budget / num_checkpoints)
         eval_examples=48, eval_batch_size=48, num_free=0,
         sampler_steps=16,             # OneFlow iterations / AR Euler steps per image
