@@ -4,30 +4,58 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import jax
 import numpy as np
 from absl import logging
 from clu import metric_writers
+from etils import epath
+
+
+class JsonlLog:
+    """`metrics.jsonl`: one JSON object per logged step, on local disk or any etils.epath filesystem (gs://).
+
+    Object stores cannot append, so a remote file is rewritten whole on each write (it stays small: one line per
+    logged step); a local file is appended to. `resume_step` drops lines logged after a restored checkpoint: the
+    resumed run logs those steps again, so every step appears once.
+    """
+
+    def __init__(self, path, resume_step: int | None = None):
+        self.path = epath.Path(path)
+        self.remote = "://" in str(path)
+        self.rows = read_jsonl(self.path) if self.path.exists() else []
+        if resume_step is not None and any(r.get("step", 0) > resume_step for r in self.rows):
+            self.rows = [r for r in self.rows if r.get("step", 0) <= resume_step]
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        tmp = self.path.parent / f".{self.path.name}.tmp"
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows))
+        tmp.replace(self.path)
+
+    def append(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.remote:
+            self._rewrite()
+        else:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row, sort_keys=True) + "\n")
 
 
 class MetricLogger:
-    def __init__(self, workdir: str, total_steps: int, name: str = "train"):
+    def __init__(self, workdir: str, total_steps: int, name: str = "train", resume_step: int | None = None):
         self.is_main = jax.process_index() == 0
         self.total_steps = total_steps
         self.name = name
         self.writer = metric_writers.create_default_writer(os.path.join(workdir, "tb"), just_logging=not self.is_main,
                                                            asynchronous=False)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.is_main else None
-        self._t0 = time.time()
+        self._jsonl = JsonlLog(epath.Path(workdir) / "metrics.jsonl", resume_step) if self.is_main else None
 
     def write_scalars(self, step: int, scalars: dict) -> None:
         scalars = {k: float(v) for k, v in scalars.items()}
         self.writer.write_scalars(step, scalars)
         if self._jsonl:
-            self._jsonl.write(json.dumps({"step": int(step), **scalars}, sort_keys=True) + "\n")
-            self._jsonl.flush()
+            self._jsonl.append({"step": int(step), **scalars})
 
     def write_images(self, step: int, images: dict) -> None:
         self.writer.write_images(step, {k: np.asarray(v)[None] if np.ndim(v) == 3 else v for k, v in images.items()})
@@ -57,8 +85,6 @@ class MetricLogger:
     def close(self) -> None:
         self.writer.flush()
         self.writer.close()
-        if self._jsonl:
-            self._jsonl.close()
 
 
 def format_seconds(s: float) -> str:
@@ -68,6 +94,5 @@ def format_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in epath.Path(path).read_text().splitlines() if line.strip()]

@@ -16,12 +16,13 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from oneflow_jax import checkpointing, config_lib, flops, input_pipeline, sharding
 from oneflow_jax import tokenizer as tokenizer_lib
 from oneflow_jax.config_lib import UserError
-from oneflow_jax.metrics_logging import MetricLogger, read_jsonl
+from oneflow_jax.metrics_logging import MetricLogger
 from oneflow_jax.train_state import (abstract_train_state, build_model, create_sharded_state, loss_function,
                                      make_optimizer, make_train_step)
 
@@ -48,31 +49,19 @@ def init_distributed() -> None:
 
 def load_run_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
     """The run's tokenizer: the copy in the workdir if resuming, else config.data.tokenizer_path or the dataset's."""
-    saved = os.path.join(workdir, "tokenizer.model")
-    if not config.data.tokenizer_path and os.path.exists(saved):
+    saved = epath.Path(workdir) / tokenizer_lib.MODEL_FILENAME
+    if not config.data.tokenizer_path and saved.exists():
         return tokenizer_lib.load(saved)
     if config.data.tokenizer_path:
         tok = tokenizer_lib.load(config.data.tokenizer_path)
     else:
         tok = input_pipeline.get_tokenizer(config)
-    if os.path.exists(saved) and tokenizer_lib.load(saved).model_proto != tok.model_proto:
+    if saved.exists() and tokenizer_lib.load(saved).model_proto != tok.model_proto:
         raise UserError(f"tokenizer mismatch: {saved} (used by this run's checkpoints) differs from "
                         f"{config.data.tokenizer_path or 'the dataset tokenizer'}; use a new --workdir")
     if jax.process_index() == 0:
         tokenizer_lib.save_to_dir(tok, workdir)
     return tok
-
-
-def truncate_metrics(workdir: str, step: int) -> None:
-    """On resume, drop metrics.jsonl lines logged after the restored step (they will be logged again)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if jax.process_index() != 0 or not os.path.exists(path):
-        return
-    import json
-    rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-    os.replace(path + ".tmp", path)
 
 
 def global_skipped_records(data_iter) -> int:
@@ -90,7 +79,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.compile_only:
         return compile_only(config)
     config_lib.validate(config, jax.device_count())
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh)
     tokenizer = load_run_tokenizer(config, workdir)
     model, codec = build_model(config, tokenizer)
@@ -115,7 +104,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         counters.update({k: v for k, v in meta.get("user", {}).items() if k in counters})
         config_lib.say(f"resumed from checkpoint step {int(state['step'])} in {workdir}")
     start = int(state["step"])
-    truncate_metrics(workdir, start)
     flops_per_step = flops.train_flops_per_step(model.cfg, config.data,
                                                 config.get("model_type", "oneflow"))
     peak, peak_source = flops.resolve_peak_flops(config.get("peak_flops", 0.0))
@@ -126,7 +114,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                          loss_function(config)),
                          in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
                          donate_argnums=(0,))
-    logger = MetricLogger(workdir, config.total_steps)
+    logger = MetricLogger(workdir, config.total_steps, resume_step=start)
     sampler_hook = None
     if config.get("sample_every", 0):
         from oneflow_jax import generate
