@@ -72,7 +72,7 @@ def make_train_step(model, tx, schedule, loss_weight: float, objective_fn=object
     def train_step(state, batch):
         loss_fn = lambda p: objective_fn(model, p, batch, loss_weight)
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
