@@ -45,7 +45,7 @@ def get_config(arg: str | None = None):
     c.sampler = ml_collections.ConfigDict(dict(
         steps=32, max_len=160, text_cfg=1.0, image_cfg=1.0, temperature=1.0, top_p=1.0))
 
-    c.eval = ml_collections.ConfigDict(dict(num_examples=200, batch_size=50, split="eval"))
+    c.eval = ml_collections.ConfigDict(dict(num_examples=100, batch_size=50, split="eval"))
 
     if arg == "smoke":
         c.total_steps, c.log_every, c.ckpt_every, c.sample_every = 6, 2, 3, 0

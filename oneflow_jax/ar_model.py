@@ -7,45 +7,23 @@ chunk of new positions against a KV cache (the sampler's prefill, text steps and
 """
 from __future__ import annotations
 
-import flax.linen as nn
 import jax.numpy as jnp
 
-from oneflow_jax.model import Backbone, Dense, ModelConfig, attention_mask, timestep_embedding
+from oneflow_jax.model import Backbone, Dense, MixedSequenceModel, ModelConfig, attention_mask
 
 MODEL_INPUTS = ("tokens", "is_patch", "patch_index", "patches", "patch_t", "segment_ids", "positions", "block_ids")
 
 
-class ARModel(nn.Module):
+class ARModel(MixedSequenceModel):
     """Inputs as OneFlowModel's plus block_ids [B, L] (0 = text, k > 0 = the k-th image block of the row)."""
-    cfg: ModelConfig
 
     def setup(self):
         cfg = self.cfg
-        self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                              embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                                          ("vocab", "embed")))
-        self.patch_in = Dense(cfg.d_model, ("patch", "embed"), cfg, use_bias=True)
-        self.time_mlp_in = Dense(cfg.d_model, ("time", "embed"), cfg, use_bias=True)
-        self.time_mlp_out = Dense(cfg.d_model, ("embed", "embed_out"), cfg, use_bias=True)
-        init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("patch_grid", "embed"))
-        self.row_embed = self.param("patch_row_embed", init, (cfg.patch_grid[0], cfg.d_model), cfg.param_dtype)
-        self.col_embed = self.param("patch_col_embed", init, (cfg.patch_grid[1], cfg.d_model), cfg.param_dtype)
+        self.setup_inputs()
         self.backbone = Backbone(cfg)
         if not cfg.tie_embeddings:
             self.token_head = Dense(cfg.vocab_size, ("embed", "vocab"), cfg)
         self.patch_out = Dense(cfg.patch_dim, ("embed", "patch"), cfg, use_bias=True, zero_init=True)
-
-    def embed_inputs(self, batch):
-        """Same scheme as OneFlowModel.embed_inputs: tokens; patch-in + t_img embedding + 2-D position on patches."""
-        cfg = self.cfg
-        tok = self.embed(batch["tokens"])
-        t_emb = self.time_mlp_out(nn.silu(self.time_mlp_in(timestep_embedding(batch["patch_t"], cfg.time_embed_dim))))
-        idx = batch["patch_index"]
-        pos2d = (jnp.take(self.row_embed, idx // cfg.patch_grid[1], axis=0)
-                 + jnp.take(self.col_embed, idx % cfg.patch_grid[1], axis=0)).astype(cfg.dtype)
-        img = self.patch_in(batch["patches"].astype(cfg.dtype)) + t_emb + pos2d
-        x = jnp.where(batch["is_patch"][..., None], img, tok)
-        return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
     def __call__(self, batch):
         x = self.embed_inputs(batch)
@@ -61,9 +39,7 @@ class ARModel(nn.Module):
         return self.heads(h), cache
 
     def heads(self, h):
-        q_logits = self.embed.attend(h) if self.cfg.tie_embeddings else self.token_head(h)
-        q_logits = nn.with_logical_constraint(q_logits, ("activation_batch", "activation_length", "activation_vocab"))
-        return dict(q_logits=q_logits, velocity=self.patch_out(h))
+        return dict(q_logits=self.token_logits(h), velocity=self.patch_out(h))
 
 
 def empty_cache(cfg: ModelConfig, batch_size: int, length: int, dtype=jnp.float32):

@@ -254,15 +254,15 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0):
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
-class OneFlowModel(nn.Module):
-    """Embeds text tokens and image patches into one sequence and returns the OneFlow heads.
+class MixedSequenceModel(nn.Module):
+    """The input side shared by OneFlow and the AR baseline: one sequence of text tokens and image patches.
 
-    Inputs (all [B, L] unless noted): tokens, is_patch, patch_index (0..num_patches-1), patches [B, L, D] (noisy
-    latents Y_t), patch_t (t_img of the patch's image), segment_ids (0 = padding), positions (RoPE index).
+    Subclasses call `setup_inputs()` in their `setup` (parameter names stay at the top level: embed, patch_in,
+    time_mlp_in/out, patch_row/col_embed) and embed a batch with `embed_inputs`.
     """
     cfg: ModelConfig
 
-    def setup(self):
+    def setup_inputs(self):
         cfg = self.cfg
         self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                               embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
@@ -273,11 +273,6 @@ class OneFlowModel(nn.Module):
         init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("patch_grid", "embed"))
         self.row_embed = self.param("patch_row_embed", init, (cfg.patch_grid[0], cfg.d_model), cfg.param_dtype)
         self.col_embed = self.param("patch_col_embed", init, (cfg.patch_grid[1], cfg.d_model), cfg.param_dtype)
-        self.backbone = Backbone(cfg)
-        self.insert_head = Dense(2, ("embed", None), cfg, use_bias=True)  # (pi_logit, lambda_raw)
-        if not cfg.tie_embeddings:
-            self.token_head = Dense(cfg.vocab_size, ("embed", "vocab"), cfg)
-        self.patch_out = Dense(cfg.patch_dim, ("embed", "patch"), cfg, use_bias=True, zero_init=True)
 
     def embed_inputs(self, batch):
         """Token embeddings on text positions; patch-in + t_img embedding + 2-D position on patch positions."""
@@ -291,6 +286,28 @@ class OneFlowModel(nn.Module):
         x = jnp.where(batch["is_patch"][..., None], img, tok)
         return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
+    def token_logits(self, h):
+        cfg = self.cfg
+        q_logits = self.embed.attend(h) if cfg.tie_embeddings else self.token_head(h)
+        return nn.with_logical_constraint(q_logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+
+class OneFlowModel(MixedSequenceModel):
+    """Embeds text tokens and image patches into one sequence and returns the OneFlow heads.
+
+    Inputs (all [B, L] unless noted): tokens, is_patch, patch_index (0..num_patches-1), patches [B, L, D] (noisy
+    latents Y_t), patch_t (t_img of the patch's image), segment_ids (0 = padding), positions (RoPE index).
+    """
+
+    def setup(self):
+        cfg = self.cfg
+        self.setup_inputs()
+        self.backbone = Backbone(cfg)
+        self.insert_head = Dense(2, ("embed", None), cfg, use_bias=True)  # (pi_logit, lambda_raw)
+        if not cfg.tie_embeddings:
+            self.token_head = Dense(cfg.vocab_size, ("embed", "vocab"), cfg)
+        self.patch_out = Dense(cfg.patch_dim, ("embed", "patch"), cfg, use_bias=True, zero_init=True)
+
     def __call__(self, batch, attention_segments=None):
         """`attention_segments` overrides segment_ids for the attention mask only (the sampler's CFG uses it to
         hide the prompt from the unconditional pass)."""
@@ -300,14 +317,8 @@ class OneFlowModel(nn.Module):
         return self.heads(h)
 
     def heads(self, h):
-        cfg = self.cfg
         ins = self.insert_head(h).astype(jnp.float32)
-        if cfg.tie_embeddings:
-            q_logits = self.embed.attend(h)
-        else:
-            q_logits = self.token_head(h)
-        q_logits = nn.with_logical_constraint(q_logits, ("activation_batch", "activation_length", "activation_vocab"))
-        return dict(pi_logit=ins[..., 0], lam=jax.nn.softplus(ins[..., 1]), q_logits=q_logits,
+        return dict(pi_logit=ins[..., 0], lam=jax.nn.softplus(ins[..., 1]), q_logits=self.token_logits(h),
                     velocity=self.patch_out(h))
 
 
