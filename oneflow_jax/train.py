@@ -122,6 +122,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config_lib.say(f"training from step {start} to {config.total_steps} in {workdir}")
     last, window = {}, _Window()
     consecutive_nonfinite = 0
+    config_hash = checkpointing.config_hash(config)
     with checkpointing.PreemptionGuard() as guard, jax.set_mesh(mesh), \
             nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
         step = start
@@ -138,14 +139,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 logging.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step,
                                 consecutive_nonfinite)
             if step % config.log_every == 0 or step == config.total_steps:
-                last = window.flush(step, n_params, skipped_records=global_skipped_records(data_iter), **counters)
+                last = window.flush(skipped_records=global_skipped_records(data_iter), **counters)
                 last.update(flops.throughput_metrics(flops_per_step, last["steps_per_sec"], jax.device_count(), peak))
                 logger.write_scalars(step, last)
                 logger.progress(step, last)
             if sampler_hook and step % config.sample_every == 0:
                 sampler_hook(step, state["params"], logger)
-            meta = dict(counters, skipped_records=data_iter.skipped_records,
-                        config_hash=checkpointing.config_hash(config))
+            meta = dict(counters, skipped_records=data_iter.skipped_records, config_hash=config_hash)
             ckpt.save(step, state, data_iter, meta, force=step == config.total_steps)
             if consecutive_nonfinite >= config.optimizer.max_consecutive_nonfinite:
                 ckpt.close()
@@ -169,7 +169,7 @@ class _Window:
     def add(self, metrics):
         self.metrics.append(metrics)
 
-    def flush(self, step: int, n_params: int, **extra) -> dict:
+    def flush(self, **extra) -> dict:
         ms = jax.device_get(self.metrics)
         dt = max(time.time() - self.t0, 1e-9)
         out = {k: float(np.mean([m[k] for m in ms])) for k in ms[0] if k not in ("num_tokens", "num_docs", "finite")}
