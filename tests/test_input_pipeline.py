@@ -21,14 +21,6 @@ BUILDER = {"num_train": NUM_TRAIN, "num_eval": 40}
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tfds"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TFDS_DATA_DIR", path)
-        yield path
-
-
-@pytest.fixture(scope="module")
 def codec():
     return codec_lib.PixelPatchCodec(image_size=32, patch_size=4)
 

@@ -20,14 +20,6 @@ def docs():
     return [sw.generate_document(split, i) for split in ("train", "eval") for i in range(300)]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tfds"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TFDS_DATA_DIR", path)
-        yield path
-
-
 def test_images_obey_spec(docs):
     for doc in docs:
         assert doc.images.dtype == np.uint8 and doc.images.shape[1:] == (32, 32, 3)
