@@ -1,14 +1,16 @@
 """Compile the train step without running it ("fit before you pay"): abstract state and batch, the configured mesh on
 this host's devices or on a named TPU topology (ahead-of-time, from a CPU host, where jaxlib has libtpu).
 
-`train.py --config.compile_only=True` calls `compile_train_step` and prints `memory_lines`. Nothing here reads data,
-tokenizers or VAE weights: the vocabulary comes from config.model.vocab_size (or the dataset's tokenizer when 0) and
-the latent geometry from the codec (shape-only for a `vae` codec without `codec.path`).
+`train.py --config.compile_only=True` calls `compile_train_step` (for config.model_type 'oneflow' or 'ar', the AR+FM
+baseline) and prints `memory_lines`. Nothing here reads data, tokenizers or VAE weights: the vocabulary comes from
+config.model.vocab_size (or the dataset's tokenizer when 0) and the latent geometry from the codec (shape-only for a
+`vae` codec without `codec.path`).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import types
 
 import flax.linen as nn
 import jax
@@ -85,11 +87,26 @@ def batch_structure(model_cfg, seq_len: int, max_deletions: int) -> dict[str, tu
     return {k: (((seq_len if k in per_position else max_deletions),) + v.shape[1:], v.dtype) for k, v in row.items()}
 
 
-def abstract_batch(model_cfg, data_cfg, mesh) -> dict[str, jax.ShapeDtypeStruct]:
-    """ShapeDtypeStructs of one global batch, rows sharded over ('data', 'fsdp') like make_global_batch."""
+def ar_batch_structure(config, model_cfg) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """batch_structure for model_type 'ar': a packed row of the AR+FM baseline, from the transform and packer the
+    train loop uses (ar_objective.pipeline_pieces) on a dummy text-only document. Every field is per position."""
+    from oneflow_jax import ar_objective
+    tokens = types.SimpleNamespace(bos_id=1, eos_id=2, pad_id=0, image_id=4)     # ids: shapes and dtypes only
+    transform, packer = ar_objective.pipeline_pieces(config, tokens, types.SimpleNamespace(
+        num_patches=model_cfg.num_patches))
+    latents = np.zeros((0, model_cfg.num_patches, model_cfg.patch_dim), np.float32)
+    row = packer.pack([transform(np.array([5], np.int32), latents, np.random.default_rng(0))])
+    return {k: (v.shape, v.dtype) for k, v in row.items()}
+
+
+def abstract_batch(model_cfg, data_cfg, mesh, structure=None) -> dict[str, jax.ShapeDtypeStruct]:
+    """ShapeDtypeStructs of one global batch, rows sharded over ('data', 'fsdp') like make_global_batch.
+    `structure`: {key: (per-row shape, dtype)}; default: OneFlow's batch_structure."""
     rows = data_cfg.global_batch_size
+    if structure is None:
+        structure = batch_structure(model_cfg, data_cfg.seq_len, data_cfg.max_deletions)
     return {k: jax.ShapeDtypeStruct((rows,) + shape, dtype, sharding=sharding.batch_sharding(mesh, 1 + len(shape)))
-            for k, (shape, dtype) in batch_structure(model_cfg, data_cfg.seq_len, data_cfg.max_deletions).items()}
+            for k, (shape, dtype) in structure.items()}
 
 
 @dataclasses.dataclass
@@ -99,24 +116,36 @@ class CompileResult:
     where: str
     model_cfg: object
     analytic_flops_per_step: float
+    model_type: str = "oneflow"
+
+
+def _vocab_source(config):
+    """What build_model needs of a tokenizer (its vocab_size): config.model.vocab_size when > 0, without reading
+    anything; else the dataset's tokenizer (as flops.model_config_from)."""
+    vocab = config.model.get("vocab_size", 0)
+    if vocab:
+        return types.SimpleNamespace(vocab_size=vocab)
+    from oneflow_jax import input_pipeline
+    return input_pipeline.get_tokenizer(config)
 
 
 def compile_train_step(config, devices=None) -> CompileResult:
-    """Lowers and compiles the real train step (train_state.make_train_step) for the configured mesh."""
-    from oneflow_jax.model import OneFlowModel
-    from oneflow_jax.train_state import abstract_train_state, make_optimizer, make_train_step
-    if config.get("model_type", "oneflow") != "oneflow":
-        raise UserError("compile_only supports model_type='oneflow' only (the AR baseline is not implemented yet)")
+    """Lowers and compiles the real train step for the configured mesh: the model, objective and step of
+    config.model_type from train_state (build_model, loss_function, make_train_step), as the train loop jits them."""
+    from oneflow_jax.train_state import (abstract_train_state, build_model, loss_function, make_optimizer,
+                                         make_train_step)
+    model_type = config.get("model_type", "oneflow")
     mesh, where = target_mesh(config, devices)
     try:
-        model_cfg = flops.model_config_from(config)
+        model, _ = build_model(config, _vocab_source(config))
     except ValueError as e:
         raise UserError(str(e)) from None
-    model = OneFlowModel(model_cfg)
+    model_cfg = model.cfg
     tx, schedule = make_optimizer(config.optimizer, config.total_steps)
     state, state_shardings = abstract_train_state(model, tx, mesh)
-    batch = abstract_batch(model_cfg, config.data, mesh)
-    step = jax.jit(make_train_step(model, tx, schedule, config.objective.image_loss_weight),
+    structure = ar_batch_structure(config, model_cfg) if model_type == "ar" else None
+    batch = abstract_batch(model_cfg, config.data, mesh, structure)
+    step = jax.jit(make_train_step(model, tx, schedule, config.objective.image_loss_weight, loss_function(config)),
                    in_shardings=(state_shardings, None), out_shardings=(state_shardings, None), donate_argnums=(0,))
     # The executable never runs: on CPU skip LLVM's optimisations (about 2x faster compile). Buffer assignment, and
     # so the memory numbers, happen before the backend and come out identical.
@@ -124,7 +153,7 @@ def compile_train_step(config, devices=None) -> CompileResult:
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
         compiled = step.lower(state, batch).compile(compiler_options=options)
     return CompileResult(compiled, mesh, where, model_cfg,
-                         flops.train_flops_per_step(model_cfg, config.data, config.get("model_type", "oneflow")))
+                         flops.train_flops_per_step(model_cfg, config.data, model_type), model_type)
 
 
 def memory_stats(compiled) -> dict[str, int]:
@@ -147,7 +176,7 @@ def xla_flops(compiled) -> float | None:
 
 def memory_lines(result: CompileResult) -> list[str]:
     stats = memory_stats(result.compiled)
-    lines = [f"compiled train step: mesh {dict(result.mesh.shape)} on {result.where}"]
+    lines = [f"compiled train step ({result.model_type}): mesh {dict(result.mesh.shape)} on {result.where}"]
     lines += [f"{k:>15}: {v / 2**30:8.3f} GiB per device" for k, v in stats.items()]
     n = math.prod(result.mesh.shape.values())
     lines.append(f"{'analytic flops':>15}: {result.analytic_flops_per_step / n:.4g} per device per step "
