@@ -1,5 +1,7 @@
-"""The paper-scale configs (reference §6): they load and validate, their parameter counts are the Llama backbones plus
-the OneFlow heads, and compile_only of the 1B layout runs on 8 fake CPU devices."""
+"""The paper-scale configs (reference §6) and their AR+FM baselines (configs/ar_*.py, reference §7): they load and
+validate, their parameter counts are the Llama backbones plus the OneFlow (or AR) heads, and compile_only of the 1B
+layout runs on 8 fake CPU devices for both model types."""
+import math
 import os
 import re
 import subprocess
@@ -17,11 +19,13 @@ LLAMA = {"1b": (2048, 16, 32, 8, 8192, True), "3b": (3072, 28, 24, 8, 8192, True
          "8b": (4096, 32, 32, 8, 14336, False)}
 VOCAB = 128256
 PUBLISHED = {"1b": 1.24e9, "3b": 3.21e9, "8b": 8.03e9}    # Hugging Face model cards
+MODELS = ("oneflow", "ar")                                  # configs/oneflow_<size>.py, configs/ar_<size>.py
+CONFIGS = [(model, size) for model in MODELS for size in sorted(LLAMA)]
 
 
-def load(size, arg=None):
+def load(size, arg=None, model="oneflow"):
     import importlib.util
-    spec = importlib.util.spec_from_file_location(f"oneflow_{size}", os.path.join(REPO, f"configs/oneflow_{size}.py"))
+    spec = importlib.util.spec_from_file_location(f"{model}_{size}", os.path.join(REPO, f"configs/{model}_{size}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
@@ -34,54 +38,78 @@ def llama_params(d, layers, heads, kv, ffn, tied):
     return VOCAB * d * (1 if tied else 2) + layers * layer + d
 
 
-def oneflow_heads(d, patch_dim=64, grid=16, time_dim=256):
-    """What OneFlow adds: insert head (pi, lambda), patch in/out, the t_img MLP, the patch row/col tables."""
-    return (2 * d + 2) + (patch_dim * d + d) + (d * patch_dim + patch_dim) + (time_dim * d + d + d * d + d) \
-        + 2 * grid * d
+def added_heads(d, model="oneflow", patch_dim=64, grid=16, time_dim=256):
+    """What OneFlow adds: insert head (pi, lambda), patch in/out, the t_img MLP, the patch row/col tables. The AR
+    baseline adds the same minus the insert head."""
+    insert = 0 if model == "ar" else 2 * d + 2
+    return insert + (patch_dim * d + d) + (d * patch_dim + patch_dim) + (time_dim * d + d + d * d + d) + 2 * grid * d
 
 
-@pytest.mark.parametrize("size", sorted(LLAMA))
-def test_configs_load_and_validate(size):
-    config = load(size)
+@pytest.mark.parametrize("model,size", CONFIGS)
+def test_configs_load_and_validate(model, size):
+    config = load(size, model=model)
     config_lib.validate(config, 256)
+    assert config.get("model_type", "oneflow") == model
     assert (config.data.seq_len, config.data.global_batch_size) == (512, 4096)
     assert config.codec.name == "vae" and config.codec.image_size == 256 and config.data.latents
     assert config.model.dtype == "bfloat16" and config.model.param_dtype == "float32" and config.model.scan_layers
     assert config.model.remat != "none" and config.model.vocab_size == VOCAB
-    config_lib.validate(load(size, "tp4"), 256)
-    multi = load(size, "slices2")
+    config_lib.validate(load(size, "tp4", model), 256)
+    multi = load(size, "slices2", model)
     assert (multi.mesh.data, multi.mesh.num_slices) == (2, 2)
     config_lib.validate(multi, 512)
-    config_lib.validate(load(size, "cpu"), 8)
+    config_lib.validate(load(size, "cpu", model), 8)
     with pytest.raises(ValueError, match="unknown variant"):
-        load(size, "tpx")
+        load(size, "tpx", model)
 
 
 @pytest.mark.parametrize("size", sorted(LLAMA))
-def test_param_counts_are_llama_plus_oneflow_heads(size):
+def test_ar_configs_are_the_oneflow_configs_but_model_type(size):
+    """configs/ar_<size>.py loads oneflow_<size>.py: only model_type and the `ar` section differ, variants included."""
+    for arg in (None, "cpu", "slices2,tp2"):
+        oneflow, ar = load(size, arg).to_dict(), load(size, arg, model="ar").to_dict()
+        assert ar.pop("model_type") == "ar" and oneflow.pop("model_type") == "oneflow"
+        assert ar.pop("ar") == {"cond_t_min": 0.5}
+        assert ar == oneflow
+
+
+@pytest.mark.parametrize("model,size", CONFIGS)
+def test_param_counts_are_llama_plus_heads(model, size):
     d, layers, heads, kv, ffn, tied = LLAMA[size]
-    cfg = flops.model_config_from(load(size))
+    config = load(size, model=model)
+    cfg = flops.model_config_from(config)
     backbone = llama_params(d, layers, heads, kv, ffn, tied)
     assert backbone == pytest.approx(PUBLISHED[size], rel=0.005)
     assert (cfg.num_patches, cfg.patch_dim) == (256, 64)
-    assert flops.params(cfg) == backbone + oneflow_heads(d)
-    assert flops.params(cfg) - backbone < 0.01 * backbone
+    assert flops.params(cfg, model) == backbone + added_heads(d, model)
+    assert flops.params(cfg, model) - backbone < 0.01 * backbone
+    report = flops.report(config)                               # what `python -m oneflow_jax.flops --json` prints
+    assert report["model_type"] == model and report["params"] == backbone + added_heads(d, model)
+    # ... and the parameter tree of the model train_state.build_model makes (eval_shape: nothing is allocated)
+    from types import SimpleNamespace
+    from oneflow_jax.model import dummy_batch
+    from oneflow_jax.train_state import build_model
+    net, _ = build_model(config, SimpleNamespace(vocab_size=VOCAB))
+    tree = jax.eval_shape(lambda rng: net.init(rng, dummy_batch(net.cfg)), jax.random.key(0))
+    assert sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)) == backbone + added_heads(d, model)
 
 
-def test_compile_only_of_the_1b_layout_on_8_fake_devices(tmp_path):
+@pytest.mark.parametrize("model", MODELS)
+def test_compile_only_of_the_1b_layout_on_8_fake_devices(model, tmp_path):
     """The real CLI, no data: prints the memory lines; params + Adam state (12 bytes/param) are sharded 8 ways."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "oneflow_jax.train", "--config", "configs/oneflow_1b.py:cpu",
+    proc = subprocess.run([sys.executable, "-m", "oneflow_jax.train", "--config", f"configs/{model}_1b.py:cpu",
                            "--workdir", str(tmp_path / "w"), "--config.compile_only=True", "--config.mesh.fsdp=8"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1} on 8 cpu device(s)" in proc.stdout
+    assert f"compiled train step ({model}): mesh {{'data': 1, 'fsdp': 8, 'tensor': 1}} on 8 cpu device(s)" \
+        in proc.stdout
     gib = {}
     for key in ("argument", "output", "temp", "total"):
         m = re.search(rf"^\s*{key}:\s+(\d+\.\d+) GiB per device$", proc.stdout, re.M)
         assert m, proc.stdout
         gib[key] = float(m.group(1))
-    n_params = flops.params(flops.model_config_from(load("1b", "cpu")))
+    n_params = flops.params(flops.model_config_from(load("1b", "cpu", model=model)), model)
     assert gib["argument"] == pytest.approx(12 * n_params / 8 / 2**30, rel=0.05)
     assert gib["total"] >= gib["argument"] + gib["temp"] - 0.01
     assert not os.path.exists(tmp_path / "w"), "compile_only must not write a run directory"
@@ -107,6 +135,11 @@ def test_abstract_batch_matches_the_packer():
     assert struct["patches"] == ((512, 64), struct["patches"][1])
     assert struct["del_tokens"][0] == (300,)
     assert struct["tokens"][1] == jax.numpy.int32 and struct["is_patch"][1] == bool
+    from oneflow_jax import ar_model, ar_objective
+    ar = aot.ar_batch_structure(load("1b", "cpu", model="ar"), cfg)
+    assert set(ar) == set(ar_objective.POSITION_FIELDS) | {"segment_ids", "positions"} >= set(ar_model.MODEL_INPUTS)
+    assert all(shape[0] == 512 for shape, _ in ar.values())     # every AR field is per position: no deletion bags
+    assert ar["patches"][0] == (512, 64) and ar["targets"][1] == jax.numpy.int32 and ar["block_ids"][1] == "int32"
 
 
 def test_tpu_pod_launcher_dry_run():
