@@ -26,7 +26,7 @@ def get_config(arg: str | None = None):
         vocab_size=0,                 # 0: taken from the tokenizer
         d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, d_ff=512, rope_theta=10000.0, norm_eps=1e-5,
         tie_embeddings=False, time_embed_dim=128, dtype="float32", param_dtype="float32", remat="none",
-        attention_impl="xla", scan_layers=True))
+        attention_impl="xla", scan_layers=True, image_prediction="v"))
 
     c.objective = ml_collections.ConfigDict(dict(
         kappa_power=1.0, schedule="interleaved", mixed_gen_prob=0.0, clean_images_prob=0.3,

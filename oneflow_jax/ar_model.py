@@ -28,7 +28,7 @@ class ARModel(MixedSequenceModel):
     def __call__(self, batch):
         x = self.embed_inputs(batch)
         mask = attention_mask(batch["segment_ids"], causal=True, block_ids=batch.get("block_ids"))
-        return self.heads(self.backbone(x, mask, batch["positions"]))
+        return self.heads(self.backbone(x, mask, batch["positions"]), batch)
 
     def decode(self, batch, cache, write_pos, mask):
         """One chunk [B, C] (tokens, is_patch, patch_index, patches, patch_t, positions) against `cache` = (k, v)
@@ -36,10 +36,10 @@ class ARModel(MixedSequenceModel):
         [B, 1, C, S]. Returns (heads, new cache)."""
         x = self.embed_inputs(batch)
         h, cache = self.backbone(x, mask, batch["positions"], cache=cache, write_pos=write_pos)
-        return self.heads(h), cache
+        return self.heads(h, batch), cache
 
-    def heads(self, h):
-        return dict(q_logits=self.token_logits(h), velocity=self.patch_out(h))
+    def heads(self, h, batch):
+        return dict(q_logits=self.token_logits(h), velocity=self.image_velocity(h, batch))
 
 
 def empty_cache(cfg: ModelConfig, batch_size: int, length: int, dtype=jnp.float32):

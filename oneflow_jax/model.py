@@ -5,7 +5,8 @@ block stack (`Backbone`) -> `OneFlowModel`, which embeds the mixed sequence and 
   pi_logit  [B, L]     logit of P(no insertion in gap j) (reference §2)
   lam       [B, L]     Poisson rate lambda_j > 0 of the insertion count (softplus)
   q_logits  [B, L, V]  Q_j, the distribution of the token to insert (vocabulary incl. `<image>`)
-  velocity  [B, L, D]  flow-matching velocity for every latent patch (reference §3)
+  velocity  [B, L, D]  flow-matching velocity for every latent patch (reference §3); with image_prediction='x' the
+                       head predicts the clean latents Y1 and velocity = (Y1_hat - Y_t) / (1 - t_img)
 Text time is *not* an input (paper ablation); each image's own t_img is, added to each of its patches.
 
 Sharding: every parameter and activation names *logical* axes only ('embed', 'heads', 'activation_batch', ...);
@@ -44,8 +45,11 @@ class ModelConfig:
     remat: str = "none"               # 'none' | 'full' | 'dots' | 'dots_no_batch'
     attention_impl: str = "xla"       # jax.nn.dot_product_attention implementation: 'xla' | 'cudnn'
     scan_layers: bool = True
+    image_prediction: str = "v"       # what patch_out predicts: 'v' the velocity, or 'x' the clean latents (below)
 
     def __post_init__(self):
+        if self.image_prediction not in ("v", "x"):
+            raise ValueError(f"image_prediction must be 'v' or 'x', got {self.image_prediction!r}")
         if self.d_model % self.n_heads and self.head_dim is None:
             raise ValueError(f"d_model {self.d_model} not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -246,6 +250,9 @@ class Backbone(nn.Module):
         return RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x), new_cache
 
 
+X_PREDICTION_MIN_GAP = 0.05
+
+
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
     """Sinusoidal embedding of t in [0, 1] (scaled by 1000, as in DiT / Transfusion). t [...] -> [..., dim]."""
     half = dim // 2
@@ -286,6 +293,19 @@ class MixedSequenceModel(nn.Module):
         x = jnp.where(batch["is_patch"][..., None], img, tok)
         return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
+    def image_velocity(self, h, batch):
+        """The flow-matching velocity v = dY/dt on patch positions (reference §3).
+
+        image_prediction='x' (JiT, arXiv 2511.13720): patch_out predicts the clean latents, which are far simpler than
+        noise-carrying velocities for high-dimensional pixel patches, and v = (Y1_hat - Y_t) / (1 - t_img), the exact
+        velocity of the straight path through Y_t; 1 - t is clipped at X_PREDICTION_MIN_GAP.
+        """
+        out = self.patch_out(h)
+        if self.cfg.image_prediction == "v":
+            return out
+        gap = jnp.maximum(1.0 - batch["patch_t"].astype(jnp.float32), X_PREDICTION_MIN_GAP)[..., None]
+        return ((out.astype(jnp.float32) - batch["patches"].astype(jnp.float32)) / gap).astype(out.dtype)
+
     def token_logits(self, h):
         cfg = self.cfg
         q_logits = self.embed.attend(h) if cfg.tie_embeddings else self.token_head(h)
@@ -314,12 +334,9 @@ class OneFlowModel(MixedSequenceModel):
         x = self.embed_inputs(batch)
         seg = batch["segment_ids"] if attention_segments is None else attention_segments
         h = self.backbone(x, attention_mask(seg), batch["positions"])
-        return self.heads(h)
-
-    def heads(self, h):
         ins = self.insert_head(h).astype(jnp.float32)
         return dict(pi_logit=ins[..., 0], lam=jax.nn.softplus(ins[..., 1]), q_logits=self.token_logits(h),
-                    velocity=self.patch_out(h))
+                    velocity=self.image_velocity(h, batch))
 
 
 def dummy_batch(cfg: ModelConfig, batch_size: int = 1, seq_len: int = 16):

@@ -24,6 +24,7 @@ from torch import nn
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 PARITY_INPUTS_NAME = "parity_inputs.safetensors"
+X_PREDICTION_MIN_GAP = 0.05     # model.X_PREDICTION_MIN_GAP: 1 - t_img is clipped here for image_prediction="x"
 INPUT_NAMES = ("tokens", "is_patch", "patch_index", "patches", "patch_t", "segment_ids", "positions")
 OUTPUT_NAMES = ("pi_logit", "lam", "q_logits", "velocity")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,12 +70,12 @@ class OneFlowConfig:
 
     def __init__(self, vocab_size, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, head_dim=None, d_ff=1024,
                  rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False, num_patches=64, patch_dim=48,
-                 patch_grid=(8, 8), time_embed_dim=256, dtype="float32", **_ignored):
+                 patch_grid=(8, 8), time_embed_dim=256, dtype="float32", image_prediction="v", **_ignored):
         self.vocab_size, self.d_model, self.n_layers = vocab_size, d_model, n_layers
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim or d_model // n_heads
         self.d_ff, self.rope_theta, self.norm_eps, self.tie_embeddings = d_ff, rope_theta, norm_eps, tie_embeddings
         self.num_patches, self.patch_dim, self.patch_grid = num_patches, patch_dim, tuple(patch_grid)
-        self.time_embed_dim, self.dtype = time_embed_dim, dtype
+        self.time_embed_dim, self.dtype, self.image_prediction = time_embed_dim, dtype, image_prediction
 
     @classmethod
     def from_json(cls, path):
@@ -223,7 +224,11 @@ class OneFlowModel(nn.Module):
         h = self.final_norm(x)
         ins = self.insert_head(h).float()
         q_logits = h @ self.embed.weight.T if self.token_head is None else self.token_head(h)
-        return dict(pi_logit=ins[..., 0], lam=F.softplus(ins[..., 1]), q_logits=q_logits, velocity=self.patch_out(h))
+        velocity = self.patch_out(h)
+        if self.cfg.image_prediction == "x":  # the head predicts clean latents: v = (Y1_hat - Y_t) / (1 - t_img)
+            gap = torch.clamp(1.0 - patch_t.float(), min=X_PREDICTION_MIN_GAP)[..., None]
+            velocity = ((velocity.float() - patches.float()) / gap).to(velocity.dtype)
+        return dict(pi_logit=ins[..., 0], lam=F.softplus(ins[..., 1]), q_logits=q_logits, velocity=velocity)
 
     @classmethod
     def from_pretrained(cls, directory, dtype=None):
