@@ -4,10 +4,10 @@
 # Usage: ./launch/local.sh [--config.key=value ...]      (extra flags go to the train command)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source launch/venv.sh
+start=$(date +%s)
+OFJ_EXTRAS="${OFJ_EXTRAS-}" source launch/venv.sh   # the base package only: training needs no torch
 WORKDIR="${WORKDIR:-workdir/shapes_tiny}"
 CONFIG="${CONFIG:-configs/shapes_tiny.py}"
-start=$(date +%s)
 python -m oneflow_jax.train --config "$CONFIG" --workdir "$WORKDIR" "$@"
 python -m oneflow_jax.eval --workdir "$WORKDIR"
-echo "done in $(( $(date +%s) - start )) s (training + eval); run dir: $WORKDIR"
+echo "done in $(( $(date +%s) - start )) s (setup + training + eval); run dir: $WORKDIR"
