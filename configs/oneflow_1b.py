@@ -16,8 +16,11 @@ the Llama embedding imports unchanged (import_llama checks the size).
 """
 import ml_collections
 
-# Llama backbones (reference §6); head_dim = d_model / n_heads = 128 for all three.
-LLAMA_3_2_1B = dict(d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192, tie_embeddings=True)
+# Llama backbones (reference §6); head_dim = d_model / n_heads = 64 (1B), 128 (3B, 8B). RoPE: theta 500000 (below) with
+# the checkpoints' 'llama3' frequency scaling, rope_scaling = (factor, low_freq_factor, high_freq_factor,
+# original_max_position_embeddings): Llama 3.2 (1B, 3B) (32, 1, 4, 8192), Llama 3.1 (8B) (8, 1, 4, 8192).
+LLAMA_3_2_1B = dict(d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192, tie_embeddings=True,
+                    rope_scaling=(32.0, 1.0, 4.0, 8192))
 LLAMA_VOCAB = 128256
 
 

@@ -6,7 +6,8 @@ Variants as in oneflow_1b.py: `cpu`, `tpN` (N must divide 24 heads and 8 KV head
 import importlib.util
 import os
 
-LLAMA_3_2_3B = dict(d_model=3072, n_layers=28, n_heads=24, n_kv_heads=8, d_ff=8192, tie_embeddings=True)
+LLAMA_3_2_3B = dict(d_model=3072, n_layers=28, n_heads=24, n_kv_heads=8, d_ff=8192, tie_embeddings=True,
+                    rope_scaling=(32.0, 1.0, 4.0, 8192))     # Llama 3.2's llama3 RoPE scaling
 
 
 def _base():

@@ -7,7 +7,8 @@ FSDP over >= 64 chips keeps them under 2 GiB per chip; see docs/pod_scale.md for
 import importlib.util
 import os
 
-LLAMA_3_1_8B = dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336, tie_embeddings=False)
+LLAMA_3_1_8B = dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336, tie_embeddings=False,
+                    rope_scaling=(8.0, 1.0, 4.0, 8192))      # Llama 3.1's llama3 RoPE scaling
 
 
 def _base():

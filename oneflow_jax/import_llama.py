@@ -11,7 +11,9 @@ shards listed in model.safetensors.index.json). Mapping (HF -> ours, both [out, 
     lm_head.weight (or the tied embedding)    -> token_head.weight (the Q head), unless config.model.tie_embeddings
 New heads (insert_head, patch_in/out, time_mlp_*, patch row/col embeddings) keep their fresh initialisation.
 No q/k permutation: HF Llama and model.apply_rope both use the 'rotate half' RoPE layout (checked numerically in
-tests/test_import_llama.py against LlamaForCausalLM's hidden states under a causal mask).
+tests/test_import_llama.py against LlamaForCausalLM's hidden states under a causal mask). Llama 3.1 / 3.2's 'llama3'
+RoPE frequency scaling must equal config.model.rope_scaling (model.rope_frequencies computes it as transformers does);
+other RoPE types are refused.
 
 The CLI writes W/config.json and a step-0 checkpoint of the full train state (fresh optimizer state), so
 `python -m oneflow_jax.train --config ... --workdir W` starts training from the imported weights.
@@ -66,11 +68,31 @@ def rope_settings(hf: dict) -> tuple[float, str]:
     return float(theta), rope_type
 
 
+def rope_scaling(hf: dict) -> tuple[float, float, float, int] | None:
+    """The checkpoint's RoPE scaling as ModelConfig.rope_scaling: None for plain RoPE, (factor, low_freq_factor,
+    high_freq_factor, original_max_position_embeddings) for 'llama3' (Llama 3.1 / 3.2); ConfigMismatch otherwise."""
+    _, rope_type = rope_settings(hf)
+    if rope_type == "default":
+        return None
+    if rope_type != "llama3":
+        raise ConfigMismatch(f"the checkpoint uses {rope_type!r} RoPE scaling; model.apply_rope implements plain RoPE "
+                             "and 'llama3' scaling only")
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    params.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [k for k in keys if params.get(k) is None]
+    if missing:
+        raise ConfigMismatch(f"the checkpoint's llama3 RoPE scaling lacks {', '.join(missing)}")
+    return float(params["factor"]), float(params["low_freq_factor"]), float(params["high_freq_factor"]), \
+        int(params["original_max_position_embeddings"])
+
+
 def check_config(hf: dict, cfg: model_lib.ModelConfig) -> None:
     """Raises ConfigMismatch listing every architecture field where the HF config and `cfg` disagree."""
     if hf.get("model_type", "llama") != "llama":
         raise ConfigMismatch(f"expected a Llama checkpoint, got model_type={hf.get('model_type')!r}")
-    theta, rope_type = rope_settings(hf)
+    theta, _ = rope_settings(hf)
+    scaling = rope_scaling(hf)
     head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
     pairs = [("d_model", cfg.d_model, "hidden_size", hf["hidden_size"]),
              ("n_layers", cfg.n_layers, "num_hidden_layers", hf["num_hidden_layers"]),
@@ -88,12 +110,13 @@ def check_config(hf: dict, cfg: model_lib.ModelConfig) -> None:
             problems.append(f"the checkpoint has {flag}=true; model.py has no attention/MLP biases")
     if hf.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={hf['hidden_act']!r}; model.py's MLP is SwiGLU (silu)")
+    ours = cfg.rope_scaling
+    if (ours is None) != (scaling is None) or (ours is not None and not np.allclose(ours, scaling, rtol=1e-6, atol=0)):
+        theirs = "none (plain RoPE)" if scaling is None else f"llama3 {scaling}"
+        problems.append(f"config.model.rope_scaling={ours} but the checkpoint's RoPE scaling (factor, low_freq_factor, "
+                        f"high_freq_factor, original_max_position_embeddings) is {theirs}")
     if problems:
         raise ConfigMismatch("Llama checkpoint does not match the model config:\n  " + "\n  ".join(problems))
-    if rope_type != "default":
-        logging.warning("the checkpoint uses %r RoPE scaling, which model.apply_rope does not implement: the imported "
-                        "backbone runs with plain RoPE (theta=%g). Short sequences are barely affected; fine-tuning "
-                        "adapts. See docs/conversion.md.", rope_type, theta)
 
 
 def llama_tensors(hf_dir: str, n_layers: int) -> dict[str, np.ndarray]:

@@ -15,6 +15,7 @@ Sharding: every parameter and activation names *logical* axes only ('embed', 'he
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -34,6 +35,9 @@ class ModelConfig:
     head_dim: int | None = None       # default d_model // n_heads
     d_ff: int = 1024
     rope_theta: float = 10000.0
+    # Llama 3.1/3.2 'llama3' RoPE frequency scaling: (factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings), e.g. (32.0, 1.0, 4.0, 8192) for Llama 3.2; None = plain RoPE.
+    rope_scaling: tuple[float, float, float, int] | None = None
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     num_patches: int = 64             # latent patches per image (codec)
@@ -56,6 +60,8 @@ class ModelConfig:
             raise ValueError(f"n_heads {self.n_heads} not divisible by n_kv_heads {self.n_kv_heads}")
         if self.patch_grid[0] * self.patch_grid[1] != self.num_patches:
             raise ValueError(f"patch_grid {self.patch_grid} does not hold num_patches {self.num_patches}")
+        if self.rope_scaling is not None:       # a JSON / ConfigDict list becomes the hashable tuple
+            object.__setattr__(self, "rope_scaling", _llama3_scaling(self.rope_scaling))
 
     @property
     def dim_per_head(self) -> int:
@@ -116,10 +122,42 @@ class RMSNorm(nn.Module):
         return (y * scale.astype(jnp.float32)).astype(self.dtype)
 
 
-def apply_rope(x, positions, theta: float):
-    """Rotary embedding, Llama 'rotate half' layout. x [B, L, H, Dh], positions [B, L]."""
-    half = x.shape[-1] // 2
+def _llama3_scaling(scaling) -> tuple[float, float, float, int]:
+    """ModelConfig.rope_scaling validated and normalised to (factor, low_freq_factor, high_freq_factor, original_max)."""
+    try:
+        factor, low, high, original = scaling
+    except (TypeError, ValueError):
+        raise ValueError("rope_scaling must be (factor, low_freq_factor, high_freq_factor, "
+                         f"original_max_position_embeddings) or None, got {scaling!r}") from None
+    factor, low, high, original = float(factor), float(low), float(high), int(original)
+    if not (factor > 0 and 0 < low < high and original > 0):
+        raise ValueError(f"rope_scaling {scaling!r}: need factor > 0, 0 < low_freq_factor < high_freq_factor and "
+                         "original_max_position_embeddings > 0")
+    return factor, low, high, original
+
+
+def rope_frequencies(half: int, theta: float, scaling=None):
+    """[half] float32 inverse frequencies theta^(-i/half); with `scaling` (ModelConfig.rope_scaling) remapped as Llama
+    3.1's 'llama3' RoPE (transformers' _compute_llama3_parameters, same float32 ops in the same order): wavelengths
+    below original/high_freq_factor stay, those above original/low_freq_factor are divided by `factor`, and the band
+    between interpolates smoothly."""
     freq = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
+    if scaling is None:
+        return freq
+    factor, low, high, original = scaling
+    wavelen = 2 * math.pi / freq
+    scaled = jnp.where(wavelen > original / low, freq / factor, freq)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < original / high) & ~(wavelen > original / low)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x, positions, theta: float, scaling=None):
+    """Rotary embedding, Llama 'rotate half' layout. x [B, L, H, Dh], positions [B, L]; `scaling` = ModelConfig's
+    rope_scaling (None: plain RoPE)."""
+    half = x.shape[-1] // 2
+    freq = rope_frequencies(half, theta, scaling)
     angle = positions[..., None].astype(jnp.float32) * freq          # [B, L, half]
     sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -156,7 +194,8 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
         k = nn.with_logical_constraint(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
         v = nn.with_logical_constraint(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
-        q, k = apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta)
+        q = apply_rope(q, positions, cfg.rope_theta, cfg.rope_scaling)
+        k = apply_rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
         if kv is not None:
             rows = jnp.arange(x.shape[0])[:, None]
             k = kv[0].at[rows, write_pos].set(k.astype(kv[0].dtype), mode="drop")

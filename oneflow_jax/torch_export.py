@@ -176,6 +176,8 @@ def export_model_config(model_config: dict, dtype: str) -> model_lib.ModelConfig
 def config_json(cfg: model_lib.ModelConfig, extra: dict | None = None) -> dict:
     out = dict(architecture="OneFlowModel", format_version=FORMAT_VERSION, **dataclasses.asdict(cfg))
     out["patch_grid"] = list(cfg.patch_grid)
+    # llama3 RoPE scaling (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings) or null
+    out["rope_scaling"] = None if cfg.rope_scaling is None else list(cfg.rope_scaling)
     for k in ("remat", "attention_impl", "scan_layers", "param_dtype"):
         out.pop(k)
     out.update(extra or {})

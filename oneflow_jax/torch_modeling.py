@@ -69,11 +69,14 @@ class OneFlowConfig:
     """The model fields of config.json (names as in model.ModelConfig)."""
 
     def __init__(self, vocab_size, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, head_dim=None, d_ff=1024,
-                 rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False, num_patches=64, patch_dim=48,
-                 patch_grid=(8, 8), time_embed_dim=256, dtype="float32", image_prediction="v", **_ignored):
+                 rope_theta=10000.0, rope_scaling=None, norm_eps=1e-5, tie_embeddings=False, num_patches=64,
+                 patch_dim=48, patch_grid=(8, 8), time_embed_dim=256, dtype="float32", image_prediction="v",
+                 **_ignored):
         self.vocab_size, self.d_model, self.n_layers = vocab_size, d_model, n_layers
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim or d_model // n_heads
         self.d_ff, self.rope_theta, self.norm_eps, self.tie_embeddings = d_ff, rope_theta, norm_eps, tie_embeddings
+        # model.ModelConfig.rope_scaling: (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
+        self.rope_scaling = None if rope_scaling is None else tuple(rope_scaling)
         self.num_patches, self.patch_dim, self.patch_grid = num_patches, patch_dim, tuple(patch_grid)
         self.time_embed_dim, self.dtype, self.image_prediction = time_embed_dim, dtype, image_prediction
 
@@ -97,10 +100,24 @@ class RMSNorm(nn.Module):
         return (y * self.weight.float()).to(x.dtype)
 
 
-def apply_rope(x, positions, theta):
+def rope_frequencies(half, theta, scaling=None):
+    """model.rope_frequencies: float32 theta^(-i/half), with `scaling` remapped as Llama 3.1's 'llama3' RoPE."""
+    freq = 1.0 / theta ** (torch.arange(half, dtype=torch.float32) / half)
+    if scaling is None:
+        return freq
+    factor, low, high, original = scaling
+    wavelen = 2 * math.pi / freq
+    scaled = torch.where(wavelen > original / low, freq / factor, freq)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < original / high) & ~(wavelen > original / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def apply_rope(x, positions, theta, scaling=None):
     """model.apply_rope: Llama 'rotate half' rotary embedding in float32. x [B, L, H, Dh], positions [B, L]."""
     half = x.shape[-1] // 2
-    freq = 1.0 / theta ** (torch.arange(half, dtype=torch.float32) / half)
+    freq = rope_frequencies(half, theta, scaling)
     angle = positions[..., None].float() * freq
     sin, cos = torch.sin(angle)[:, :, None, :], torch.cos(angle)[:, :, None, :]
     x1, x2 = x.float().chunk(2, dim=-1)
@@ -133,7 +150,8 @@ class Attention(nn.Module):
         q = self.q(x).view(b, length, cfg.n_heads, cfg.head_dim)
         k = self.k(x).view(b, length, cfg.n_kv_heads, cfg.head_dim)
         v = self.v(x).view(b, length, cfg.n_kv_heads, cfg.head_dim)
-        q, k = apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta)
+        q = apply_rope(q, positions, cfg.rope_theta, cfg.rope_scaling)
+        k = apply_rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
         groups = cfg.n_heads // cfg.n_kv_heads
         k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
         logits = torch.einsum("bthd,bshd->bhts", q.float(), k.float()) * (1.0 / math.sqrt(cfg.head_dim))

@@ -22,6 +22,8 @@ torch = pytest.importorskip("torch")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MODEL_CONFIG = dict(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, num_patches=4,
                     patch_dim=12, patch_grid=(2, 2), time_embed_dim=16)
+# llama3 RoPE scaling at a tiny original context (16): it changes 3 of the 4 frequencies at head_dim 8
+ROPE_SCALING = (8.0, 1.0, 4.0, 16)
 # A sitecustomize that makes every non-torch third-party package unimportable: "only torch installed".
 TORCH_ONLY_SITE = textwrap.dedent("""
     import sys
@@ -125,6 +127,7 @@ def test_export_layout_and_float32_parity(exported):
         assert report["outputs"][name]["rel"] <= 1e-4, (name, report)
     config = json.loads(pathlib.Path(d, "config.json").read_text())
     assert config["dtype"] == "float32" and config["n_layers"] == 2 and config["patch_grid"] == [2, 2]
+    assert config["rope_scaling"] is None
     stored, _ = safetensors_io.load_file(os.path.join(d, "parity_inputs.safetensors"))
     segments = stored["inputs.segment_ids"]
     assert stored["inputs.is_patch"].any() and (segments == 2).any() and (segments == 0).any()   # images, 2 docs, pad
@@ -176,6 +179,55 @@ def test_parity_check_runs_with_only_torch_and_fails_on_wrong_outputs(exported, 
     safetensors_io.save_file(stored, str(bad / "parity_inputs.safetensors"), meta)
     with pytest.raises(torch_export.ParityError, match=r"(?s)\(exit 1\).*lam [^\n]* FAIL"):
         torch_export.run_parity_check(str(bad))
+
+
+def test_rope_scaling_export_parity(tiny, tmp_path):
+    """llama3 RoPE scaling in an export: config.json carries it, load_export reads it back, torch reproduces JAX
+    (float32, the export's own parity batch), and the same export with rope_scaling dropped from config.json fails
+    its parity check (torch really applies the field)."""
+    _, params = tiny
+    d = tmp_path / "scaled"
+    torch_export.export(params, dict(MODEL_CONFIG, rope_scaling=ROPE_SCALING), str(d), check=False)
+    config = json.loads((d / "config.json").read_text())
+    assert config["rope_scaling"] == [8.0, 1.0, 4.0, 16]
+    assert torch_export.load_export(str(d))[1].rope_scaling == ROPE_SCALING
+    module = load_modeling(str(d))
+    passed, report = module.parity_check(str(d))
+    assert passed and all(r["rel"] <= 1e-4 for r in report.values()), report
+    (d / "config.json").write_text(json.dumps(dict(config, rope_scaling=None)))
+    passed, report = module.parity_check(str(d))
+    assert not passed and report["q_logits"]["rel"] > 1e-3, report
+
+
+@pytest.mark.parametrize("scaling", [None, ROPE_SCALING, (32.0, 1.0, 4.0, 8192)])
+def test_rope_matches_torch_modeling(scaling):
+    """model.apply_rope (jitted, as in the model) vs torch_modeling.apply_rope at OneFlow's positions (< 512), plain and
+    with llama3 scaling (the tiny test one and Llama 3.2's at head_dim 64). XLA's jitted pow rounds a few frequencies
+    1 ulp away from torch's (plain RoPE too), hence the float32-noise tolerance. Plain RoPE is bit-identical to the
+    formula before rope_scaling existed."""
+    from oneflow_jax import torch_modeling
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 40, 3, 64)).astype(np.float32)
+    positions = np.stack([np.arange(40), rng.integers(0, 512, 40)]).astype(np.int32)
+    rope = jax.jit(lambda x, positions: model_lib.apply_rope(x, positions, 500000.0, scaling))
+    got = np.asarray(rope(x, positions))
+    want = torch_modeling.apply_rope(torch.from_numpy(x), torch.from_numpy(positions).long(), 500000.0, scaling)
+    np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=2e-4)
+    np.testing.assert_allclose(jax.jit(model_lib.rope_frequencies, static_argnums=(0, 1, 2))(32, 500000.0, scaling),
+                               torch_modeling.rope_frequencies(32, 500000.0, scaling).numpy(), rtol=1e-6, atol=0)
+    if scaling is None:
+        def rope_before(x, positions):                          # model.apply_rope before rope_scaling, verbatim
+            jnp = jax.numpy
+            half = x.shape[-1] // 2
+            freq = 1.0 / 500000.0 ** (jnp.arange(half, dtype=jnp.float32) / half)
+            angle = positions[..., None].astype(jnp.float32) * freq
+            sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+            x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+            return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+        np.testing.assert_array_equal(got, np.asarray(jax.jit(rope_before)(x, positions)))
+    else:
+        plain = np.asarray(model_lib.apply_rope(x, positions, 500000.0))
+        assert np.abs(got - plain).max() > 0.5                 # the remap changes the rotation materially
 
 
 def test_modeling_file_imports_only_torch_and_stdlib():

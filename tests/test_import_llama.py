@@ -2,7 +2,9 @@
 
 Causal vs bidirectional: HF Llama is causal, OneFlow bidirectional. The comparison runs our `Backbone` directly with
 `model.attention_mask(segment_ids, causal=True)` (the model's own mask function with its causal switch), so every
-position must reproduce HF's final hidden state and, through `OneFlowModel.heads`, its logits.
+position must reproduce HF's final hidden state and, through `OneFlowModel.token_logits`, its logits. Llama 3.1 / 3.2's
+'llama3' RoPE scaling is checked the same way, on a tiny model whose original context (16) is short enough for the
+remap to change its frequencies.
 """
 import functools
 import json
@@ -23,6 +25,11 @@ transformers = pytest.importorskip("transformers")
 HF = dict(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
           num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=128)
 THETA = 500000.0
+# llama3 RoPE scaling at a tiny original context: at head_dim 12 every frequency but the highest is divided by 8 and
+# the highest is interpolated (its wavelength 2*pi lies between 16/4 and 16/1).
+SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+               original_max_position_embeddings=16)
+OUR_SCALING = (8.0, 1.0, 4.0, 16)
 
 
 def ours(tie: bool, **overrides) -> model_lib.ModelConfig:
@@ -32,9 +39,10 @@ def ours(tie: bool, **overrides) -> model_lib.ModelConfig:
     return model_lib.ModelConfig(**fields)
 
 
-def hf_model(tmp_path, tie: bool, seed: int = 0, **save_kwargs):
+def hf_model(tmp_path, tie: bool, seed: int = 0, rope_scaling=None, **save_kwargs):
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(**HF, tie_word_embeddings=tie, rope_theta=THETA)   # 4.x and 5.x accept it
+    config = transformers.LlamaConfig(**HF, tie_word_embeddings=tie, rope_theta=THETA,   # 4.x and 5.x accept both
+                                      **({} if rope_scaling is None else dict(rope_scaling=rope_scaling)))
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():                      # non-trivial norms (HF initialises them to 1)
         for name, p in model.named_parameters():
@@ -63,8 +71,8 @@ def _causal_forward(cfg, params, ids, segment_ids, positions):
     x = jnp.take(params["embed"]["embedding"], ids, axis=0)
     mask = model_lib.attention_mask(segment_ids, causal=True)
     h = model_lib.Backbone(cfg).apply({"params": params["backbone"]}, x, mask, positions)
-    heads = model_lib.OneFlowModel(cfg).apply({"params": params}, h, method=model_lib.OneFlowModel.heads)
-    return h, heads["q_logits"]
+    q_logits = model_lib.OneFlowModel(cfg).apply({"params": params}, h, method=model_lib.OneFlowModel.token_logits)
+    return h, q_logits
 
 
 def test_backbone_matches_hf_llama_at_every_position(tmp_path):
@@ -177,19 +185,84 @@ def test_cli_writes_a_step0_checkpoint_train_can_resume(tmp_path):
     assert import_llama.main([f"--hf_dir={hf_dir}", f"--config={config_path}", f"--workdir={workdir}"]) == 2
 
 
-def test_llama_3_2_1b_config_matches_configs_oneflow_1b():
-    """The published Llama 3.2 1B config.json fields (transformers 4.x layout, llama3 RoPE scaling) against
-    configs/oneflow_1b.py: architecture equal; the RoPE scaling is reported as a warning (model.py lacks it)."""
+def test_llama3_rope_scaling_matches_hf_llama(tmp_path):
+    """A Llama 3.1-style checkpoint (llama3 RoPE scaling) imports into a config with the same rope_scaling and matches
+    HF at 48 positions; the same weights under plain RoPE do not, so the remap is what makes them match."""
+    model, path = hf_model(tmp_path, tie=True, seed=3, rope_scaling=SCALING)
+    assert import_llama.rope_scaling(import_llama.read_hf_config(path)) == OUR_SCALING
+    cfg = ours(True, rope_scaling=OUR_SCALING)
+    params = import_llama.import_params(path, cfg)
+    ids = np.random.default_rng(3).integers(0, HF["vocab_size"], (2, 48))
+    want_h, want_logits = hf_outputs(model, ids)
+    got_h, got_logits = our_causal_outputs(params, cfg, ids)
+    np.testing.assert_allclose(got_h, want_h, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+    plain_h, plain_logits = our_causal_outputs(params, ours(True), ids)
+    with pytest.raises(AssertionError):
+        np.testing.assert_allclose(plain_h, want_h, rtol=1e-4, atol=1e-4)
+    pairs = (("hidden scaled", got_h, want_h), ("hidden plain", plain_h, want_h),
+             ("logits scaled", got_logits, want_logits), ("logits plain", plain_logits, want_logits))
+    errors = {name: np.abs(a - b).max() for name, a, b in pairs}
+    print("llama3 RoPE vs HF, max abs diff: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    assert errors["hidden plain"] > 10 * 1e-4 and errors["hidden plain"] > 1000 * errors["hidden scaled"]
+    # a config without the scaling (or with another one) is refused, and so is a checkpoint without it
+    with pytest.raises(import_llama.ConfigMismatch,
+                       match=r"rope_scaling=None but the checkpoint's RoPE scaling .* is llama3 "
+                             r"\(8\.0, 1\.0, 4\.0, 16\)$"):
+        import_llama.import_params(path, ours(True))
+    with pytest.raises(import_llama.ConfigMismatch, match=r"rope_scaling=\(32\.0, 1\.0, 4\.0, 16\)"):
+        import_llama.import_params(path, ours(True, rope_scaling=(32.0, 1.0, 4.0, 16)))
+    plain_hf = {k: v for k, v in import_llama.read_hf_config(path).items()
+                if k not in ("rope_parameters", "rope_scaling")}
+    with pytest.raises(import_llama.ConfigMismatch,
+                       match=r"rope_scaling=\(8\.0, 1\.0, 4\.0, 16\) but .* is none \(plain RoPE\)"):
+        import_llama.check_config(dict(plain_hf, rope_theta=THETA), cfg)
+
+
+def test_rope_frequencies_equal_transformers_llama3(tmp_path):
+    """model.rope_frequencies against transformers' own llama3 inverse frequencies (the Llama 3.2 1B / 3.1 8B
+    shapes and the tiny test one); any RoPE type other than default / llama3 is refused with one line."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    for head_dim, theta, scaling in ((64, 500000.0, (32.0, 1.0, 4.0, 8192)), (128, 500000.0, (8.0, 1.0, 4.0, 8192)),
+                                     (12, THETA, OUR_SCALING)):
+        hf = transformers.LlamaConfig(hidden_size=head_dim * 2, num_attention_heads=2, rope_theta=theta,
+                                      max_position_embeddings=131072,
+                                      rope_scaling=dict(zip(("factor", "low_freq_factor", "high_freq_factor",
+                                                             "original_max_position_embeddings"), scaling),
+                                                        rope_type="llama3"))
+        want = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")[0].numpy()
+        got = np.asarray(model_lib.rope_frequencies(head_dim // 2, theta, scaling))
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+        plain = np.asarray(model_lib.rope_frequencies(head_dim // 2, theta))
+        assert np.sum(~np.isclose(plain, want, rtol=1e-6)) >= head_dim // 8        # the remap changes frequencies
+    _, path = hf_model(tmp_path, tie=True)
+    hf_config = json.loads(open(os.path.join(path, "config.json")).read())
+    hf_config.pop("rope_parameters", None)
+    hf_config["rope_scaling"] = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16)
+    open(os.path.join(path, "config.json"), "w").write(json.dumps(hf_config))
+    with pytest.raises(import_llama.ConfigMismatch, match=r"^the checkpoint uses 'yarn' RoPE scaling; [^\n]*$"):
+        import_llama.import_params(path, ours(True))
+
+
+@pytest.mark.parametrize("size", ["1b", "3b", "8b"])
+def test_published_llama_configs_match_configs_oneflow(size):
+    """The published Llama 3.2 1B / 3B and 3.1 8B config.json fields (transformers 4.x layout, llama3 RoPE scaling)
+    against configs/oneflow_<size>.py: architecture and RoPE scaling equal."""
     from oneflow_jax import config_lib
     from oneflow_jax.codec import make_codec
-    if not os.path.exists("configs/oneflow_1b.py"):
-        pytest.skip("configs/oneflow_1b.py not present")
-    config = import_llama._load_config("configs/oneflow_1b.py")
+    if not os.path.exists(f"configs/oneflow_{size}.py"):
+        pytest.skip(f"configs/oneflow_{size}.py not present")
+    config = import_llama._load_config(f"configs/oneflow_{size}.py")
     cfg = config_lib.model_config(config, config.model.vocab_size, make_codec(config.codec))
-    llama_1b = dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
-                    num_key_value_heads=8, head_dim=64, intermediate_size=8192, vocab_size=128256,
-                    rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True, hidden_act="silu",
-                    rope_scaling=dict(factor=32.0, high_freq_factor=4.0, low_freq_factor=1.0,
-                                      original_max_position_embeddings=8192, rope_type="llama3"))
-    import_llama.check_config(llama_1b, cfg)
-    assert import_llama.rope_settings(llama_1b) == (500000.0, "llama3")
+    d, layers, heads, ffn, tied, factor = {"1b": (2048, 16, 32, 8192, True, 32.0),
+                                           "3b": (3072, 28, 24, 8192, True, 32.0),
+                                           "8b": (4096, 32, 32, 14336, False, 8.0)}[size]
+    published = dict(model_type="llama", hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
+                     num_key_value_heads=8, head_dim=d // heads, intermediate_size=ffn, vocab_size=128256,
+                     rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=tied, hidden_act="silu",
+                     max_position_embeddings=131072,
+                     rope_scaling=dict(factor=factor, high_freq_factor=4.0, low_freq_factor=1.0,
+                                       original_max_position_embeddings=8192, rope_type="llama3"))
+    import_llama.check_config(published, cfg)
+    assert import_llama.rope_settings(published) == (500000.0, "llama3")
+    assert cfg.rope_scaling == import_llama.rope_scaling(published) == (factor, 1.0, 4.0, 8192)
