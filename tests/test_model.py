@@ -98,3 +98,28 @@ def test_fsdp_tensor_sharding_on_8_devices():
         out = jax.jit(model.apply)({"params": p}, batch)
     ref = model.apply({"params": plain}, batch)
     np.testing.assert_allclose(np.asarray(out["q_logits"]), np.asarray(ref["q_logits"]), atol=1e-4)
+
+
+def test_x_prediction_turns_the_clean_latent_estimate_into_the_path_velocity(params):
+    """image_prediction='x': patch_out estimates Y1 and the velocity is (Y1_hat - Y_t) / max(1 - t, 0.05), the
+    straight-path velocity through Y_t; with Y1_hat = Y1 exactly it equals the flow-matching target Y1 - Y0."""
+    import dataclasses
+    cfg = dataclasses.replace(CFG, image_prediction="x")
+    rng = np.random.default_rng(0)
+    y1, y0 = rng.standard_normal((2, 4, 6)).astype(np.float32)
+    t = np.array([0.0, 0.3, 0.9, 0.99], np.float32)          # one image per patch; 0.99 is clipped to 1 - 0.05
+    y_t = t[:, None] * y1 + (1 - t[:, None]) * y0
+    batch = dummy_batch(cfg, 1, 4)
+    batch.update(is_patch=jnp.ones((1, 4), bool), patch_index=jnp.arange(4)[None], patches=jnp.asarray(y_t)[None],
+                 patch_t=jnp.asarray(t)[None])
+    # a head that outputs exactly Y1 at every patch: zero kernel, one bias per call
+    for i in range(4):
+        p = jax.tree_util.tree_map(lambda x: x, nn.meta.unbox(params))
+        p["patch_out"] = dict(kernel=jnp.zeros_like(p["patch_out"]["kernel"]), bias=jnp.asarray(y1[i]))
+        v = np.asarray(OneFlowModel(cfg).apply({"params": p}, batch)["velocity"])[0, i]
+        expected = (y1[i] - y_t[i]) / max(1 - t[i], 0.05)
+        np.testing.assert_allclose(v, expected, rtol=1e-5, atol=1e-5)
+        if t[i] < 0.95:
+            np.testing.assert_allclose(v, y1[i] - y0[i], rtol=1e-4, atol=1e-4)
+    v_pred = OneFlowModel(CFG).apply({"params": p}, batch)["velocity"]       # 'v': the head itself is the velocity
+    np.testing.assert_allclose(np.asarray(v_pred)[0, 3], y1[3], rtol=1e-6)
