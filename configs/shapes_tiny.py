@@ -32,7 +32,8 @@ def get_config(arg: str | None = None):
 
     c.objective = ml_collections.ConfigDict(dict(
         kappa_power=1.0, schedule="interleaved", mixed_gen_prob=0.0, clean_images_prob=0.3,
-        drop_images_prob=0.05, drop_text_prob=0.05, image_loss_weight=1.0))
+        drop_images_prob=0.05, drop_text_prob=0.05, image_loss_weight=1.0,
+        image_loss_space="v"))        # 'x': the flow-matching error in clean-latent units (flow_matching.image_loss)
 
     c.data = ml_collections.ConfigDict(dict(
         name="shapes_world", data_dir=ml_collections.FieldReference(None, field_type=str), split="train",

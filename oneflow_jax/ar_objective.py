@@ -134,7 +134,7 @@ def pipeline_pieces(config, tokenizer, codec):
     return transform, ARPacker(config.data.seq_len, pad_id=tokenizer.pad_id)
 
 
-def ar_loss(model, params, batch, image_loss_weight: float = 1.0):
+def ar_loss(model, params, batch, image_loss_weight: float = 1.0, image_loss_space: str = "v"):
     """(loss, metrics): per-document mean next-token CE (averaged over documents) + w * flow-matching MSE."""
     out = model.apply({"params": params}, ar_model.model_inputs(batch))
     logits = out["q_logits"].astype(jnp.float32)
@@ -142,7 +142,7 @@ def ar_loss(model, params, batch, image_loss_weight: float = 1.0):
     w = batch["target_weight"].astype(jnp.float32)
     num_docs = jnp.sum(w)
     l_text = jnp.sum(w * ce) / jnp.maximum(num_docs, 1e-6)
-    l_image = flow_matching.image_loss(out["velocity"], batch)
+    l_image = flow_matching.image_loss(out["velocity"], batch, image_loss_space)
     loss = l_text + image_loss_weight * l_image
     return loss, dict(loss=loss, text_loss=l_text, image_loss=l_image, num_docs=num_docs,
                       num_tokens=jnp.sum(batch["segment_ids"] > 0))

@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from oneflow_jax import flow_matching
+
 Dtype = Any
 
 
@@ -289,9 +291,6 @@ class Backbone(nn.Module):
         return RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x), new_cache
 
 
-X_PREDICTION_MIN_GAP = 0.05
-
-
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
     """Sinusoidal embedding of t in [0, 1] (scaled by 1000, as in DiT / Transfusion). t [...] -> [..., dim]."""
     half = dim // 2
@@ -337,12 +336,12 @@ class MixedSequenceModel(nn.Module):
 
         image_prediction='x' (JiT, arXiv 2511.13720): patch_out predicts the clean latents, which are far simpler than
         noise-carrying velocities for high-dimensional pixel patches, and v = (Y1_hat - Y_t) / (1 - t_img), the exact
-        velocity of the straight path through Y_t; 1 - t is clipped at X_PREDICTION_MIN_GAP.
+        velocity of the straight path through Y_t; 1 - t is clipped at flow_matching.MIN_GAP.
         """
         out = self.patch_out(h)
         if self.cfg.image_prediction == "v":
             return out
-        gap = jnp.maximum(1.0 - batch["patch_t"].astype(jnp.float32), X_PREDICTION_MIN_GAP)[..., None]
+        gap = jnp.maximum(1.0 - batch["patch_t"].astype(jnp.float32), flow_matching.MIN_GAP)[..., None]
         return ((out.astype(jnp.float32) - batch["patches"].astype(jnp.float32)) / gap).astype(out.dtype)
 
     def token_logits(self, h):

@@ -16,11 +16,11 @@ def model_inputs(batch):
     return {k: batch[k] for k in MODEL_INPUTS}
 
 
-def oneflow_loss(model, params, batch, image_loss_weight: float = 1.0):
-    """Returns (loss, metrics) for one packed batch."""
+def oneflow_loss(model, params, batch, image_loss_weight: float = 1.0, image_loss_space: str = "v"):
+    """Returns (loss, metrics) for one packed batch (image_loss_space: see flow_matching.image_loss)."""
     out = model.apply({"params": params}, model_inputs(batch))
     l_text, parts = edit_flow.text_loss(out["pi_logit"], out["lam"], out["q_logits"], batch)
-    l_image = flow_matching.image_loss(out["velocity"], batch)
+    l_image = flow_matching.image_loss(out["velocity"], batch, image_loss_space)
     loss = l_text + image_loss_weight * l_image
     metrics = dict(loss=loss, text_loss=l_text, image_loss=l_image, **{f"text_{k}": v for k, v in parts.items()},
                    num_docs=jnp.sum(batch["text_weight"]), num_tokens=jnp.sum(batch["segment_ids"] > 0))

@@ -24,7 +24,7 @@ from torch import nn
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 PARITY_INPUTS_NAME = "parity_inputs.safetensors"
-X_PREDICTION_MIN_GAP = 0.05     # model.X_PREDICTION_MIN_GAP: 1 - t_img is clipped here for image_prediction="x"
+X_PREDICTION_MIN_GAP = 0.05     # flow_matching.MIN_GAP: 1 - t_img is clipped here for image_prediction="x"
 INPUT_NAMES = ("tokens", "is_patch", "patch_index", "patches", "patch_t", "segment_ids", "positions")
 OUTPUT_NAMES = ("pi_logit", "lam", "q_logits", "velocity")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

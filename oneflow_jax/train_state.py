@@ -2,6 +2,8 @@
 update that skips non-finite steps. Shared by the train loop and every tool that restores a checkpoint."""
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -36,10 +38,11 @@ def build_model(config, tokenizer):
 
 def loss_function(config):
     """The objective of config.model_type: (model, params, batch, image_loss_weight) -> (loss, metrics)."""
+    space = config.objective.get("image_loss_space", "v")
     if config.get("model_type", "oneflow") == "ar":
         from oneflow_jax.ar_objective import ar_loss
-        return ar_loss
-    return objective.oneflow_loss
+        return functools.partial(ar_loss, image_loss_space=space)
+    return functools.partial(objective.oneflow_loss, image_loss_space=space)
 
 
 def _init_fn(model, tx):

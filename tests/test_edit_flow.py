@@ -141,6 +141,25 @@ def test_image_loss_and_interpolation():
     np.testing.assert_allclose(float(flow_matching.image_loss(pred, batch)), 1.0, rtol=1e-6)
 
 
+def test_image_loss_in_clean_latent_space_is_the_x_error():
+    """space="x": the velocity error times (1 - t)^2 is the squared error of the clean latents implied by v_theta
+    (Y1_hat = Y_t + (1 - t) v_theta), per patch, whatever each patch's t."""
+    rng = np.random.default_rng(1)
+    y1, y0, y1_hat = rng.normal(size=(3, 4, D)).astype(np.float32)
+    t = np.array([0.0, 0.4, 0.8, 0.9], np.float32)[:, None]
+    y_t, v = flow_matching.interpolate(y1, y0, t)
+    v_theta = (y1_hat - y_t) / (1 - t)
+    batch = dict(velocity_target=jnp.asarray(v)[None], patch_weight=jnp.ones((1, 4), jnp.float32),
+                 patch_t=jnp.asarray(t[:, 0])[None])
+    x_err = np.mean(np.square(y1_hat - y1))
+    np.testing.assert_allclose(float(flow_matching.image_loss(jnp.asarray(v_theta)[None], batch, "x")), x_err,
+                               rtol=1e-5)
+    v_err = np.mean(np.mean(np.square(y1_hat - y1), axis=-1) / np.square(1 - t[:, 0]))
+    np.testing.assert_allclose(float(flow_matching.image_loss(jnp.asarray(v_theta)[None], batch)), v_err, rtol=1e-5)
+    with pytest.raises(ValueError, match="loss space"):
+        flow_matching.image_loss(jnp.asarray(v_theta)[None], batch, "eps")
+
+
 def test_pixel_codec_round_trip():
     codec = PixelPatchCodec(image_size=8, patch_size=4)
     img = np.random.default_rng(0).integers(0, 256, size=(2, 8, 8, 3), dtype=np.uint8)
