@@ -162,6 +162,7 @@ BAD_CONFIGS = {   # name: (flags, what the one error line must mention)
     "batch_not_divisible_by_data_parallel": (["--config.data.global_batch_size=12"], "global_batch_size"),
     "unknown_top_level_key": (["--config.nonexistent=1"], "nonexistent"),
     "heads_not_divisible_by_tensor": (["--config.mesh.tensor=8"], "n_heads"),
+    "unknown_image_loss_space": (["--config.objective.image_loss_space=eps"], "image_loss_space"),
 }
 
 
