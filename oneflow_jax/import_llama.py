@@ -1,22 +1,26 @@
-"""Initialise a OneFlow model's backbone from a Hugging Face Llama-3 checkpoint (safetensors only):
+"""Initialise a OneFlow or AR-baseline model's backbone from a Hugging Face Llama-3 checkpoint (safetensors only):
 
     python -m oneflow_jax.import_llama --hf_dir DIR --config configs/oneflow_1b.py --workdir W [--seed S]
+    python -m oneflow_jax.import_llama --hf_dir DIR --config configs/ar_1b.py --workdir W [--seed S]
 
-The paper starts its 1B models from Llama 3.2 1B (reference §6). DIR holds config.json and model.safetensors (or
-shards listed in model.safetensors.index.json). Mapping (HF -> ours, both [out, in] torch layout, see torch_export):
+The paper starts its 1B models, OneFlow and the AR+FM baseline alike, from Llama 3.2 1B (reference §6, §7). The
+model is the one train.py builds for config.model_type (train_state.build_model: OneFlowModel, or ARModel with no
+insert_head). DIR holds config.json and model.safetensors (or shards listed in model.safetensors.index.json).
+Mapping (HF -> ours, both [out, in] torch layout, see torch_export):
     model.embed_tokens.weight                 -> embed.weight
     model.layers.{i}.input_layernorm          -> layers.{i}.attn_norm        self_attn.{q,k,v,o}_proj -> attn.{q,k,v,o}
     model.layers.{i}.post_attention_layernorm -> layers.{i}.mlp_norm         mlp.{gate,up,down}_proj  -> mlp.{gate,up,down}
     model.norm.weight                         -> final_norm.weight
     lm_head.weight (or the tied embedding)    -> token_head.weight (the Q head), unless config.model.tie_embeddings
-New heads (insert_head, patch_in/out, time_mlp_*, patch row/col embeddings) keep their fresh initialisation.
+New heads (insert_head for OneFlow, patch_in/out, time_mlp_*, patch row/col embeddings) keep their fresh
+initialisation.
 No q/k permutation: HF Llama and model.apply_rope both use the 'rotate half' RoPE layout (checked numerically in
 tests/test_import_llama.py against LlamaForCausalLM's hidden states under a causal mask). Llama 3.1 / 3.2's 'llama3'
 RoPE frequency scaling must equal config.model.rope_scaling (model.rope_frequencies computes it as transformers does);
 other RoPE types are refused.
 
-The CLI writes W/config.json and a step-0 checkpoint of the full train state (fresh optimizer state), so
-`python -m oneflow_jax.train --config ... --workdir W` starts training from the imported weights.
+The CLI writes W/config.json and a step-0 checkpoint of the full train state (fresh optimizer state) of that model,
+so `python -m oneflow_jax.train --config ... --workdir W` starts training from the imported weights.
 """
 from __future__ import annotations
 
@@ -25,7 +29,9 @@ import functools
 import json
 import os
 import sys
+import types
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -145,26 +151,47 @@ def llama_tensors(hf_dir: str, n_layers: int) -> dict[str, np.ndarray]:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _init_params(cfg: model_lib.ModelConfig, rng):
-    return model_lib.OneFlowModel(cfg).init(rng, model_lib.dummy_batch(cfg, 1, 4))["params"]
+def _init_params(model, rng):
+    return model.init(rng, model_lib.dummy_batch(model.cfg, 1, 4))["params"]
 
 
-def import_params(hf_dir: str, cfg: model_lib.ModelConfig, seed: int = 0):
-    """A full OneFlow param tree (unboxed, cfg.param_dtype): the backbone, embedding and Q head from `hf_dir`, every
-    other parameter freshly initialised with `seed`."""
+def _tree_from_tensors(tensors: dict[str, np.ndarray], like):
+    """Inverse of torch_export.params_to_torch_tensors onto the structure of `like` (the param tree of whichever
+    model is being imported: OneFlowModel's, or ARModel's without insert_head)."""
+    def convert(path, leaf):
+        spec = torch_export._leaf(tuple(k.key for k in path))
+        if spec.stacked:
+            x = np.stack([torch_export._from_torch_layout(tensors[spec.name.format(i=i)], spec.n_in, leaf.shape[1:])
+                          for i in range(leaf.shape[0])])
+        else:
+            x = torch_export._from_torch_layout(tensors[spec.name], spec.n_in, leaf.shape)
+        return np.array(x, dtype=leaf.dtype)
+    return jax.tree_util.tree_map_with_path(convert, like)
+
+
+def import_params(hf_dir: str, model, seed: int = 0):
+    """`model`'s full param tree (unboxed numpy, cfg.param_dtype): the backbone, embedding and Q head from `hf_dir`,
+    every other parameter freshly initialised with `seed`.
+
+    `model`: the Flax module the run trains, as train_state.build_model returns it for config.model_type
+    (OneFlowModel, or the AR baseline's ARModel, which has no insert_head); a bare ModelConfig means OneFlowModel."""
+    if isinstance(model, model_lib.ModelConfig):
+        model = model_lib.OneFlowModel(model)
+    cfg = model.cfg
     check_config(read_hf_config(hf_dir), cfg)
     loaded = llama_tensors(hf_dir, cfg.n_layers)
     if not cfg.tie_embeddings:
         loaded.setdefault("token_head.weight", loaded["embed.weight"])     # a tied HF model's LM head
     else:
         loaded.pop("token_head.weight", None)
-    safetensors_io.check_names_and_shapes({k: v.shape for k, v in loaded.items()}, torch_export.expected_shapes(cfg),
-                                          hf_dir, allow_missing=True)
-    tensors = torch_export.params_to_torch_tensors(_init_params(cfg, jax.random.key(seed)))
+    fresh = nn.meta.unbox(_init_params(model, jax.random.key(seed)))
+    tensors = torch_export.params_to_torch_tensors(fresh)
+    safetensors_io.check_names_and_shapes({k: v.shape for k, v in loaded.items()},
+                                          {k: v.shape for k, v in tensors.items()}, hf_dir, allow_missing=True)
     param_dtype = np.dtype(jnp.dtype(cfg.param_dtype))
     for name, value in loaded.items():
         tensors[name] = np.asarray(value).astype(param_dtype)
-    return torch_export.torch_tensors_to_params(tensors, cfg, source=hf_dir)
+    return _tree_from_tensors(tensors, jax.device_get(fresh))
 
 
 # ------------------------------------------------------------------------------------------------------------- CLI
@@ -183,16 +210,17 @@ def import_to_workdir(hf_dir: str, config, workdir: str, seed: int | None = None
     import ml_collections
 
     from oneflow_jax import checkpointing, config_lib, sharding
-    from oneflow_jax.codec import make_codec
-    from oneflow_jax.train import abstract_train_state, make_optimizer
+    from oneflow_jax.train_state import abstract_train_state, build_model, make_optimizer
 
     hf = read_hf_config(hf_dir)
     vocab = config.model.get("vocab_size", 0) or hf["vocab_size"]
-    cfg = config_lib.model_config(config, vocab, make_codec(config.codec))
-    params = import_params(hf_dir, cfg, config.seed if seed is None else seed)
+    # The model train.py builds for config.model_type (OneFlowModel or ARModel), so the checkpoint's tree is the one
+    # the training run restores. build_model only needs the tokenizer's vocab_size.
+    model, _ = build_model(config, types.SimpleNamespace(vocab_size=vocab))
+    params = import_params(hf_dir, model, config.seed if seed is None else seed)
     mesh = sharding.make_mesh(config.get("mesh", ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))))
     tx, _ = make_optimizer(config.optimizer, config.total_steps)
-    abstract, shardings = abstract_train_state(model_lib.OneFlowModel(cfg), tx, mesh)
+    abstract, shardings = abstract_train_state(model, tx, mesh)
     params = jax.device_put(params, shardings["params"])
     init = jax.jit(lambda p: dict(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
                    out_shardings=shardings)
@@ -209,7 +237,7 @@ def import_to_workdir(hf_dir: str, config, workdir: str, seed: int | None = None
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m oneflow_jax.import_llama", description=__doc__.split("\n\n")[0])
     parser.add_argument("--hf_dir", required=True, help="Hugging Face Llama directory (config.json + safetensors)")
-    parser.add_argument("--config", required=True, help="configs/*.py[:variant] of the OneFlow run")
+    parser.add_argument("--config", required=True, help="configs/*.py[:variant] of the run (OneFlow or AR)")
     parser.add_argument("--workdir", required=True, help="new run directory to write the step-0 checkpoint into")
     parser.add_argument("--seed", type=int, default=None, help="seed of the fresh heads (default: config.seed)")
     args = parser.parse_args(argv)

@@ -147,42 +147,86 @@ def test_mismatches_are_reported_clearly(tmp_path):
         import_llama.import_params(path, ours(True))
 
 
-def test_cli_writes_a_step0_checkpoint_train_can_resume(tmp_path):
-    model, hf_dir = hf_model(tmp_path, tie=True)
-    config_path = tmp_path / "llama_tiny.py"
-    config_path.write_text(textwrap.dedent(f"""
+def tiny_run_config(tmp_path, base: str = "shapes_tiny.py", tie: bool = True) -> str:
+    """configs/<base>:smoke (shapes_tiny, or ar_shapes_tiny = shapes_tiny + model_type 'ar' + its `ar` section) at
+    the tiny Llama's architecture, written as a config file for the CLI."""
+    path = tmp_path / f"llama_tiny_{base}"
+    path.write_text(textwrap.dedent(f"""
         import importlib.util
-        spec = importlib.util.spec_from_file_location("shapes_tiny", {os.path.abspath("configs/shapes_tiny.py")!r})
+        spec = importlib.util.spec_from_file_location("base_config", {os.path.abspath("configs/" + base)!r})
         base = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(base)
 
         def get_config(arg=None):
             c = base.get_config("smoke")
-            c.codec.update(image_size=8, patch_size=4)       # 2x2 patches of 48 values, as ours(True) above
+            c.codec.update(image_size=8, patch_size=4)       # 2x2 patches of 48 values, as ours() above
             c.model.update(vocab_size=96, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=80,
-                           rope_theta={THETA}, norm_eps=1e-5, tie_embeddings=True)
+                           rope_theta={THETA}, norm_eps=1e-5, tie_embeddings={tie})
             return c
     """))
+    return str(path)
+
+
+def restore_like_train(workdir):
+    """(config, model, state, metadata) restored as `python -m oneflow_jax.train` resumes: the saved config, the
+    model train_state.build_model picks for its model_type, and that model's abstract train state."""
+    import types
+
+    import ml_collections
+
+    from oneflow_jax import checkpointing, sharding, train_state
+    config = checkpointing.load_config(str(workdir))
+    run_model, _ = train_state.build_model(config, types.SimpleNamespace(vocab_size=96))
+    tx, _ = train_state.make_optimizer(config.optimizer, config.total_steps)
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+    with checkpointing.Checkpointer(str(workdir), keep=1, async_save=False) as ckpt:
+        state, meta, step = ckpt.restore(train_state.abstract_train_state(run_model, tx, mesh)[0])
+    assert step == 0 and int(state["step"]) == 0
+    return config, run_model, state, meta
+
+
+def test_cli_writes_a_step0_checkpoint_train_can_resume(tmp_path):
+    model, hf_dir = hf_model(tmp_path, tie=True)
+    config_path = tiny_run_config(tmp_path)
     workdir = tmp_path / "run"
     assert import_llama.main([f"--hf_dir={hf_dir}", f"--config={config_path}", f"--workdir={workdir}"]) == 0
     assert json.loads((workdir / "config.json").read_text())["model"]["d_ff"] == 80
 
-    import ml_collections
-
-    from oneflow_jax import checkpointing, config_lib, sharding
-    from oneflow_jax.codec import make_codec
-    from oneflow_jax.train import abstract_train_state, make_optimizer
-    config = checkpointing.load_config(str(workdir))
-    run_model = model_lib.OneFlowModel(config_lib.model_config(config, 96, make_codec(config.codec)))
-    tx, _ = make_optimizer(config.optimizer, config.total_steps)
-    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
-    with checkpointing.Checkpointer(str(workdir), keep=1, async_save=False) as ckpt:
-        state, meta, step = ckpt.restore(abstract_train_state(run_model, tx, mesh)[0])
-    assert step == 0 and int(state["step"]) == 0 and meta["imported_from"] == os.path.abspath(hf_dir)
+    _, run_model, state, meta = restore_like_train(workdir)
+    assert isinstance(run_model, model_lib.OneFlowModel) and "insert_head" in state["params"]
+    assert meta["imported_from"] == os.path.abspath(hf_dir)
     np.testing.assert_array_equal(np.asarray(state["params"]["backbone"]["final_norm"]["scale"]),
                                   model.state_dict()["model.norm.weight"].numpy())
     # a second import into the same workdir is refused
     assert import_llama.main([f"--hf_dir={hf_dir}", f"--config={config_path}", f"--workdir={workdir}"]) == 2
+
+
+def test_cli_imports_the_ar_baseline_for_its_training_run(tmp_path):
+    """An AR+FM baseline config (ar_shapes_tiny: model_type 'ar' + its `ar` section) imports into ARModel's tree, no
+    insert_head, restorable as the AR training run resumes. The AR model is causal over text, so its own forward on a
+    text-only row (mask from segment_ids + block_ids, as in training) matches HF directly: backbone hidden states and
+    next-token logits, here through an untied Q head (token_head = lm_head)."""
+    from oneflow_jax.ar_model import ARModel
+    model, hf_dir = hf_model(tmp_path, tie=False, seed=4)
+    workdir = tmp_path / "run"
+    argv = [f"--hf_dir={hf_dir}", f"--config={tiny_run_config(tmp_path, 'ar_shapes_tiny.py', tie=False)}",
+            f"--workdir={workdir}"]
+    assert import_llama.main(argv) == 0
+    config, run_model, state, _ = restore_like_train(workdir)
+    assert config.model_type == "ar" and config.ar.cond_t_min == 0.5 and isinstance(run_model, ARModel)
+    params = state["params"]
+    assert "insert_head" not in params and "token_head" in params
+    assert not np.any(np.asarray(params["patch_out"]["kernel"]))           # a fresh (zero-initialised) head
+
+    ids = np.random.default_rng(4).integers(0, HF["vocab_size"], (2, 24))
+    batch = dict(model_lib.dummy_batch(run_model.cfg, *ids.shape), tokens=jnp.asarray(ids, jnp.int32),
+                 block_ids=jnp.zeros(ids.shape, jnp.int32))
+    forward = jax.jit(functools.partial(run_model.apply, mutable="intermediates",
+                                       capture_intermediates=lambda m, _: isinstance(m, model_lib.Backbone)))
+    out, captured = forward({"params": params}, batch)
+    want_h, want_logits = hf_outputs(model, ids)
+    np.testing.assert_allclose(captured["intermediates"]["backbone"]["__call__"][0], want_h, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out["q_logits"], want_logits, rtol=1e-4, atol=1e-4)
 
 
 def test_llama3_rope_scaling_matches_hf_llama(tmp_path):
