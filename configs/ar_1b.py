@@ -18,23 +18,14 @@ Unused by AR and left as they are: OneFlow's noising and condition-dropout knobs
 data.max_deletions (AR rows have no deletion bags) and sampler.text_cfg / image_cfg (the AR sampler has no CFG).
 configs/ar_3b.py and ar_8b.py call `ar_config` with their oneflow_* file.
 """
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _load(name: str, arg: str | None):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-    spec = importlib.util.spec_from_file_location(name[:-3] + "_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+from oneflow_jax.config_lib import sibling_config
 
 
 def ar_config(oneflow_file: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """The AR+FM baseline of configs/<oneflow_file> with its variants `arg` (see the module docstring)."""
-    c = _load(oneflow_file, arg)
+    c = sibling_config(__file__, oneflow_file).get_config(arg)
     c.model_type = "ar"
     c.ar = ml_collections.ConfigDict(dict(cond_t_min=0.5))
     return c

@@ -6,17 +6,8 @@ model_type 'ar' and the `ar` section. What differs from OneFlow and why: configs
 
 Variants as in oneflow_8b.py: `cpu`, `tpN`, `slicesN`.
 """
-import importlib.util
-import os
-
-
-def _base():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ar_1b.py")
-    spec = importlib.util.spec_from_file_location("ar_1b_base", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from oneflow_jax.config_lib import sibling_config
 
 
 def get_config(arg: str | None = None):
-    return _base().ar_config("oneflow_8b.py", arg)
+    return sibling_config(__file__, "ar_1b.py").ar_config("oneflow_8b.py", arg)

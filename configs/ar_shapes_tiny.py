@@ -4,22 +4,13 @@ as configs/shapes_tiny.py, model_type 'ar' (oneflow_jax/ar_model.py, ar_objectiv
 python -m oneflow_jax.train --config configs/ar_shapes_tiny.py --workdir workdir/ar_shapes_tiny
 Variants: --config configs/ar_shapes_tiny.py:smoke (a few steps, for tests).
 """
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _shapes_tiny(arg):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes_tiny.py")
-    spec = importlib.util.spec_from_file_location("shapes_tiny_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+from oneflow_jax.config_lib import sibling_config
 
 
 def get_config(arg: str | None = None):
-    c = _shapes_tiny(arg)
+    c = sibling_config(__file__, "shapes_tiny.py").get_config(arg)
     c.model_type = "ar"
     # AR-only knobs. cond_t_min: an image followed by text draws t_img ~ U(cond_t_min, 1) (Transfusion's noise cap on
     # conditioning images); others U(0, 1).

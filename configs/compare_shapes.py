@@ -4,22 +4,13 @@ python -m oneflow_jax.compare --config configs/compare_shapes.py --workdir W [--
 Both runs share everything below (shapes_tiny's model, codec, data, optimizer, sampler); model_type is set per run.
 `budget` scales compare.steps. Variant :tiny is for tests (a few steps of a tiny model).
 """
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _load(name, arg):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-    spec = importlib.util.spec_from_file_location(name[:-3] + "_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+from oneflow_jax.config_lib import sibling_config
 
 
 def get_config(arg: str | None = None):
-    c = _load("ar_shapes_tiny.py", "smoke" if arg == "tiny" else None)  # shapes_tiny + the AR knobs (config.ar)
+    c = sibling_config(__file__, "ar_shapes_tiny.py").get_config("smoke" if arg == "tiny" else None)  # shapes_tiny + the AR knobs (config.ar)
     c.model_type = "oneflow"          # set per run by compare.py
     c.budget = 1.0
     c.log_every = 25

@@ -3,20 +3,11 @@ embeddings); everything else as configs/oneflow_1b.py (sequence 512, batch 4096,
 
 Variants as in oneflow_1b.py: `cpu`, `tpN` (N must divide 24 heads and 8 KV heads: 2, 4 or 8), `slicesN`.
 """
-import importlib.util
-import os
+from oneflow_jax.config_lib import sibling_config
 
 LLAMA_3_2_3B = dict(d_model=3072, n_layers=28, n_heads=24, n_kv_heads=8, d_ff=8192, tie_embeddings=True,
                     rope_scaling=(32.0, 1.0, 4.0, 8192))     # Llama 3.2's llama3 RoPE scaling
 
 
-def _base():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "oneflow_1b.py")
-    spec = importlib.util.spec_from_file_location("oneflow_1b_base", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def get_config(arg: str | None = None):
-    return _base().pod_config(LLAMA_3_2_3B, arg)
+    return sibling_config(__file__, "oneflow_1b.py").pod_config(LLAMA_3_2_3B, arg)

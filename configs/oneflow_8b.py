@@ -4,20 +4,11 @@ Q head); everything else as configs/oneflow_1b.py (sequence 512, batch 4096, 256
 Variants as in oneflow_1b.py: `cpu`, `tpN` (2, 4 or 8), `slicesN`. At 8B the fp32 params + Adam state are 128 GB:
 FSDP over >= 64 chips keeps them under 2 GiB per chip; see docs/pod_scale.md for when tensor parallelism pays.
 """
-import importlib.util
-import os
+from oneflow_jax.config_lib import sibling_config
 
 LLAMA_3_1_8B = dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336, tie_embeddings=False,
                     rope_scaling=(8.0, 1.0, 4.0, 8192))      # Llama 3.1's llama3 RoPE scaling
 
 
-def _base():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "oneflow_1b.py")
-    spec = importlib.util.spec_from_file_location("oneflow_1b_base", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def get_config(arg: str | None = None):
-    return _base().pod_config(LLAMA_3_1_8B, arg)
+    return sibling_config(__file__, "oneflow_1b.py").pod_config(LLAMA_3_1_8B, arg)

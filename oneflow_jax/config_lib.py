@@ -5,13 +5,25 @@ A bad config must fail before anything compiles, with one line that says what is
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import sys
 from typing import Callable
 
 import ml_collections
 
 from oneflow_jax.model import ModelConfig
+
+
+def sibling_config(config_file: str, name: str):
+    """The python config module `name` in the folder of `config_file` (pass `__file__`): configs build on one another
+    (ar_1b on oneflow_1b, compare_shapes on ar_shapes_tiny on shapes_tiny) instead of copying, so they cannot drift."""
+    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
+    spec = importlib.util.spec_from_file_location(f"oneflow_jax_configs_{os.path.splitext(name)[0]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class UserError(Exception):
