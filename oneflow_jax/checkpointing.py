@@ -29,6 +29,7 @@ import base64
 import dataclasses
 import hashlib
 import json
+import os
 import signal
 import threading
 import time
@@ -138,6 +139,12 @@ def _sync(name: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ checkpointer
 
+def absolute(path) -> epath.Path:
+    """`path` as an epath.Path; a local path made absolute (URLs such as gs://... are left as they are)."""
+    path = epath.Path(path)
+    return path if "://" in str(path) else epath.Path(os.path.abspath(str(path)))
+
+
 class Checkpointer:
     """Orbax CheckpointManager over `workdir/checkpoints` that keeps the latest `keep` steps.
 
@@ -152,7 +159,7 @@ class Checkpointer:
     def __init__(self, workdir, keep: int, async_save: bool = True, save_every: int = 1):
         if int(keep) < 1 or int(save_every) < 1:
             raise ValueError(f"keep and save_every must be >= 1, got keep={keep}, save_every={save_every}")
-        self.directory = epath.Path(workdir) / "checkpoints"
+        self.directory = absolute(workdir) / "checkpoints"     # Orbax refuses relative paths
         self._warn_uncommitted()
         policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(

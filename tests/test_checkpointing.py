@@ -98,6 +98,20 @@ def test_round_trip_with_metadata(tmp_path, mesh8):
     ckpt.close()
 
 
+def test_relative_workdir(tmp_path, mesh8, monkeypatch):
+    """`--workdir workdir/x` (README's default run) works: Orbax itself refuses relative checkpoint paths."""
+    monkeypatch.chdir(tmp_path)
+    state = make_state(mesh8)
+    with Checkpointer("runs/rel", keep=1) as ckpt:
+        assert ckpt.save(3, state)
+        ckpt.wait()
+    monkeypatch.chdir("runs")
+    with Checkpointer("rel", keep=1) as ckpt:
+        restored, _, step = ckpt.restore(target_abstract(state, mesh8))
+    assert step == 3
+    assert_bitwise_equal(restored, state)
+
+
 def test_keep_n_save_every_and_force(tmp_path, mesh8):
     state = make_state(mesh8)
     with Checkpointer(tmp_path, keep=2, save_every=3) as ckpt:
