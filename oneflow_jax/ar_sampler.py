@@ -99,10 +99,12 @@ def extract_documents(state, special: ARSpecial):
     return docs
 
 
-def make_sampler(model: ar_model.ARModel, cfg: SamplerConfig, special: ARSpecial, num_patches: int):
-    """(params, state, rng) -> (final state with `length`, nfe); jitted once per batch shape and prefill length."""
+def make_sampler(model: ar_model.ARModel, cfg: SamplerConfig, special: ARSpecial, num_patches: int,
+                 banned_tokens=()):
+    """(params, state, rng) -> (final state with `length`, nfe); jitted once per batch shape and prefill length.
+    `banned_tokens` are never sampled (besides BOS and PAD)."""
     n, steps, h = num_patches, cfg.steps, 1.0 / cfg.steps
-    banned = jnp.asarray([special.bos, special.pad], jnp.int32)
+    banned = jnp.asarray([special.bos, special.pad, *banned_tokens], jnp.int32)
 
     def run(params, st, rng, prefill_len):
         st = {k: jnp.asarray(v) for k, v in st.items()}

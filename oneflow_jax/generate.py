@@ -92,10 +92,11 @@ class Generator:
             tok = run.tokenizer
             self.special = ar_objective.ARSpecial(bos=tok.bos_id, eos=tok.eos_id, pad=tok.pad_id, image=tok.image_id)
             self._lib = ar_sampler
-            self._sample = ar_sampler.make_sampler(run.model, sampler_config, self.special, run.codec.num_patches)
+            self._sample = ar_sampler.make_sampler(run.model, sampler_config, self.special, run.codec.num_patches,
+                                                   tok.unused_ids)
         else:
             self.special = special_tokens(run.tokenizer)
-            banned = (run.tokenizer.eos_id,)
+            banned = (run.tokenizer.eos_id, *run.tokenizer.unused_ids)
             self._lib = sampler
             self._sample = sampler.make_sampler(run.model, sampler_config, self.special, run.codec.num_patches,
                                                 banned)

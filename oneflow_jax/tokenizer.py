@@ -40,6 +40,11 @@ class Tokenizer:
             is_word_start[i] = self._sp.id_to_piece(i).startswith("\u2581")
         is_word_start[self.image_id] = True
         self._word_start = is_word_start
+        # Pieces other than image_id that spell `<image>` (sentencepiece's word model adds '\u2581<image>' next to the
+        # user-defined symbol). `encode` never emits them; a model can still sample them, so samplers ban them and
+        # `decode` shows them as unknown instead of a marker without an image.
+        self.unused_ids = tuple(i for i in range(self.vocab_size)
+                                if i != self.image_id and IMAGE_TOKEN in self._sp.id_to_piece(i))
 
     # -- ids
     @property
@@ -102,6 +107,8 @@ class Tokenizer:
                 segment.clear()
 
         for i in np.asarray(ids, np.int64).reshape(-1).tolist():
+            if i in self.unused_ids:
+                i = self.unk_id
             if i == self.image_id:
                 flush()
                 parts.append(IMAGE_TOKEN)

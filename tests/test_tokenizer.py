@@ -103,3 +103,14 @@ def test_bad_input(word_tok):
         word_tok.decode([10_000])
     with pytest.raises(ValueError):
         tokenizer_lib.train_tokenizer([], 64)
+
+
+def test_only_image_id_decodes_to_a_marker(word_tok, corpus):
+    """sentencepiece's word model adds a '\u2581<image>' piece beside the user-defined `<image>`: encode never emits it,
+    and a sampled one must not decode to a marker that has no image (the sample CLI writes one PNG per marker)."""
+    t = word_tok
+    assert t.unused_ids, "expected the word model's extra <image> piece (if sentencepiece stops adding it, drop this)"
+    encoded = {i for doc in corpus[:50] for i in t.encode(doc)}
+    assert not encoded & set(t.unused_ids)
+    for i in range(t.vocab_size):
+        assert (tokenizer_lib.IMAGE_TOKEN in t.decode([i])) == (i == t.image_id), (i, t.id_to_piece(i))
