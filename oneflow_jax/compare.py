@@ -117,13 +117,19 @@ def parity_ratio(oneflow_curve, ar_final_score: float, ar_final_flops: float):
     return None
 
 
-def compare(config, workdir: str) -> dict:
+def compare(config, workdir: str) -> dict | None:
+    """Trains what is missing, evaluates every checkpoint, writes the results; None if a training was preempted."""
     runs = run_configs(config)
     for name, run in runs.items():
         wd = os.path.join(workdir, name)
         if (checkpoint_steps(wd) or [0])[-1] < run.total_steps:
             config_lib.say(f"compare: training {name} to step {run.total_steps} in {wd}")
             train_lib.train(run, wd)
+            reached = (checkpoint_steps(wd) or [0])[-1]
+            if reached < run.total_steps:   # preempted (SIGTERM: train saved and returned): stop, rerun resumes
+                config_lib.say(f"compare: {name} stopped at step {reached} of {run.total_steps} (preempted); "
+                               "rerun the same command to resume")
+                return None
     result = {"budget": config.budget, "models": {}, "parity_flop_ratio": {},
               "paper_parity_flop_ratio": {"cider": 0.32, "dpg": 0.49}}
     for name, run in runs.items():
