@@ -29,7 +29,6 @@ import functools
 import json
 import os
 import sys
-import types
 
 import flax.linen as nn
 import jax
@@ -155,20 +154,6 @@ def _init_params(model, rng):
     return model.init(rng, model_lib.dummy_batch(model.cfg, 1, 4))["params"]
 
 
-def _tree_from_tensors(tensors: dict[str, np.ndarray], like):
-    """Inverse of torch_export.params_to_torch_tensors onto the structure of `like` (the param tree of whichever
-    model is being imported: OneFlowModel's, or ARModel's without insert_head)."""
-    def convert(path, leaf):
-        spec = torch_export._leaf(tuple(k.key for k in path))
-        if spec.stacked:
-            x = np.stack([torch_export._from_torch_layout(tensors[spec.name.format(i=i)], spec.n_in, leaf.shape[1:])
-                          for i in range(leaf.shape[0])])
-        else:
-            x = torch_export._from_torch_layout(tensors[spec.name], spec.n_in, leaf.shape)
-        return np.array(x, dtype=leaf.dtype)
-    return jax.tree_util.tree_map_with_path(convert, like)
-
-
 def import_params(hf_dir: str, model, seed: int = 0):
     """`model`'s full param tree (unboxed numpy, cfg.param_dtype): the backbone, embedding and Q head from `hf_dir`,
     every other parameter freshly initialised with `seed`.
@@ -191,7 +176,7 @@ def import_params(hf_dir: str, model, seed: int = 0):
     param_dtype = np.dtype(jnp.dtype(cfg.param_dtype))
     for name, value in loaded.items():
         tensors[name] = np.asarray(value).astype(param_dtype)
-    return _tree_from_tensors(tensors, jax.device_get(fresh))
+    return torch_export.tensors_to_tree(tensors, fresh, jnp.dtype(cfg.param_dtype))
 
 
 # ------------------------------------------------------------------------------------------------------------- CLI
@@ -215,8 +200,8 @@ def import_to_workdir(hf_dir: str, config, workdir: str, seed: int | None = None
     hf = read_hf_config(hf_dir)
     vocab = config.model.get("vocab_size", 0) or hf["vocab_size"]
     # The model train.py builds for config.model_type (OneFlowModel or ARModel), so the checkpoint's tree is the one
-    # the training run restores. build_model only needs the tokenizer's vocab_size.
-    model, _ = build_model(config, types.SimpleNamespace(vocab_size=vocab))
+    # the training run restores.
+    model, _ = build_model(config, vocab)
     params = import_params(hf_dir, model, config.seed if seed is None else seed)
     mesh = sharding.make_mesh(config.get("mesh", ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))))
     tx, _ = make_optimizer(config.optimizer, config.total_steps)

@@ -145,10 +145,14 @@ def params_to_torch_tensors(params, dtype: str | None = None) -> dict[str, np.nd
 def torch_tensors_to_params(tensors, cfg: model_lib.ModelConfig, source: str = "tensors", dtype=None):
     """Inverse of params_to_torch_tensors for the param tree of `cfg`; names and shapes are checked first and every
     mismatch is reported by tensor name. Arrays keep the stored dtype unless `dtype` is given."""
-    abstract = abstract_params(cfg)
     found = {k: tuple(np.shape(v)) for k, v in tensors.items()}
     safetensors_io.check_names_and_shapes(found, expected_shapes(cfg), source)
+    return tensors_to_tree(tensors, abstract_params(cfg), dtype)
 
+
+def tensors_to_tree(tensors, like, dtype=None):
+    """{torch name: array} -> a param tree shaped like `like` (any model's unboxed tree or its ShapeDtypeStructs:
+    OneFlowModel's, or ARModel's without insert_head). Names and shapes are not checked here."""
     def convert(path, leaf):
         spec = _leaf(tuple(k.key for k in path))
         shape = leaf.shape[1:] if spec.stacked else leaf.shape
@@ -159,7 +163,7 @@ def torch_tensors_to_params(tensors, cfg: model_lib.ModelConfig, source: str = "
             x = _from_torch_layout(tensors[spec.name], spec.n_in, shape)
         return np.array(x, dtype=dtype or x.dtype)
 
-    return jax.tree_util.tree_map_with_path(convert, abstract)
+    return jax.tree_util.tree_map_with_path(convert, like)
 
 
 # ------------------------------------------------------------------------------------------------- export config
