@@ -119,14 +119,14 @@ class CompileResult:
     model_type: str = "oneflow"
 
 
-def _vocab_source(config):
-    """What build_model needs of a tokenizer (its vocab_size): config.model.vocab_size when > 0, without reading
-    anything; else the dataset's tokenizer (as flops.model_config_from)."""
+def _vocab_size(config) -> int:
+    """config.model.vocab_size when > 0, without reading anything; else the dataset tokenizer's (as
+    flops.model_config_from)."""
     vocab = config.model.get("vocab_size", 0)
     if vocab:
-        return types.SimpleNamespace(vocab_size=vocab)
+        return vocab
     from oneflow_jax import input_pipeline
-    return input_pipeline.get_tokenizer(config)
+    return input_pipeline.get_tokenizer(config).vocab_size
 
 
 def compile_train_step(config, devices=None) -> CompileResult:
@@ -137,7 +137,7 @@ def compile_train_step(config, devices=None) -> CompileResult:
     model_type = config.get("model_type", "oneflow")
     mesh, where = target_mesh(config, devices)
     try:
-        model, _ = build_model(config, _vocab_source(config))
+        model, _ = build_model(config, _vocab_size(config))
     except ValueError as e:
         raise UserError(str(e)) from None
     model_cfg = model.cfg

@@ -136,7 +136,7 @@ def compare(config, workdir: str) -> dict | None:
         wd = os.path.join(workdir, name)
         from oneflow_jax.train_state import build_model
         tok = train_lib.load_run_tokenizer(run, wd)
-        model, _ = build_model(run, tok)
+        model, _ = build_model(run, tok.vocab_size)
         per_step = flops.train_flops_per_step(model.cfg, run.data, name)
         useful = flops.report(run)["train_flops_per_step_useful"]
         points = []

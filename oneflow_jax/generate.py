@@ -43,7 +43,7 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     tokenizer = tokenizer_lib.load(tok_path)
     from oneflow_jax import sharding
     from oneflow_jax.train_state import abstract_train_state, build_model, make_optimizer
-    model, codec = build_model(config, tokenizer)      # OneFlowModel or, for model_type 'ar', ARModel
+    model, codec = build_model(config, tokenizer.vocab_size)      # OneFlowModel or, for model_type 'ar', ARModel
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
     tx, _ = make_optimizer(config.optimizer, config.total_steps)
     abstract_state, _ = abstract_train_state(model, tx, mesh)

@@ -82,7 +82,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh)
     tokenizer = load_run_tokenizer(config, workdir)
-    model, codec = build_model(config, tokenizer)
+    model, codec = build_model(config, tokenizer.vocab_size)
     checkpointing.save_config(workdir, config)
     tx, schedule = make_optimizer(config.optimizer, config.total_steps)
     state, state_shardings = create_sharded_state(model, tx, mesh, config.seed)

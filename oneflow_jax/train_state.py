@@ -26,10 +26,10 @@ def make_optimizer(opt, total_steps: int):
     return tx, schedule
 
 
-def build_model(config, tokenizer):
+def build_model(config, vocab_size: int):
     """(model, codec) for config.model_type: OneFlowModel, or the AR+FM baseline's ARModel (reference §7)."""
     codec = make_codec(config.codec)
-    cfg = config_lib.model_config(config, tokenizer.vocab_size, codec)
+    cfg = config_lib.model_config(config, vocab_size, codec)
     if config.get("model_type", "oneflow") == "ar":
         from oneflow_jax.ar_model import ARModel
         return ARModel(cfg), codec

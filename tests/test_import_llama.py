@@ -170,13 +170,11 @@ def tiny_run_config(tmp_path, base: str = "shapes_tiny.py", tie: bool = True) ->
 def restore_like_train(workdir):
     """(config, model, state, metadata) restored as `python -m oneflow_jax.train` resumes: the saved config, the
     model train_state.build_model picks for its model_type, and that model's abstract train state."""
-    import types
-
     import ml_collections
 
     from oneflow_jax import checkpointing, sharding, train_state
     config = checkpointing.load_config(str(workdir))
-    run_model, _ = train_state.build_model(config, types.SimpleNamespace(vocab_size=96))
+    run_model, _ = train_state.build_model(config, 96)
     tx, _ = train_state.make_optimizer(config.optimizer, config.total_steps)
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
     with checkpointing.Checkpointer(str(workdir), keep=1, async_save=False) as ckpt:

@@ -86,10 +86,9 @@ def test_param_counts_are_llama_plus_heads(model, size):
     report = flops.report(config)                               # what `python -m oneflow_jax.flops --json` prints
     assert report["model_type"] == model and report["params"] == backbone + added_heads(d, model)
     # ... and the parameter tree of the model train_state.build_model makes (eval_shape: nothing is allocated)
-    from types import SimpleNamespace
     from oneflow_jax.model import dummy_batch
     from oneflow_jax.train_state import build_model
-    net, _ = build_model(config, SimpleNamespace(vocab_size=VOCAB))
+    net, _ = build_model(config, VOCAB)
     tree = jax.eval_shape(lambda rng: net.init(rng, dummy_batch(net.cfg)), jax.random.key(0))
     assert sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)) == backbone + added_heads(d, model)
 
