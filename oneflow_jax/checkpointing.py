@@ -2,7 +2,7 @@
 
 Layout of a run's workdir W:
   W/config.json                              the train config (`save_config` / `load_config`), JSON only
-  W/checkpoints/<step>/state/                the train-state pytree (Orbax StandardSave: OCDBT + zarr)
+  W/checkpoints/<step>/state/                the train-state pytree (Orbax PyTreeSave: OCDBT + zarr)
   W/checkpoints/<step>/meta/metadata.json    JSON {"user": <metadata dict>, "has_data_iter": bool, "step", "time"}
   W/checkpoints/<step>/data_iter/process_<i>-of-<n>.json   each process's data-iterator state (JSON)
   W/checkpoints.corrupt/<step>-<unix time>/  unreadable steps moved aside by `Checkpointer.restore`
@@ -167,7 +167,7 @@ class Checkpointer:
                                                          policies.PreemptionCheckpointingPolicy()]),
             preservation_policy=policies.LatestN(n=int(keep)),
             enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
-        handlers = dict(state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler(_META_FILE),
+        handlers = dict(state=ocp.PyTreeCheckpointHandler(), meta=ocp.JsonCheckpointHandler(_META_FILE),
                         data_iter=_IterStateHandler())
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._closed = False
@@ -204,7 +204,7 @@ class Checkpointer:
             return False
         meta = {"user": json.loads(json.dumps(metadata or {}, default=_json_default)),
                 "has_data_iter": data_iter is not None, "step": step, "time": time.time()}
-        items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        items = dict(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta))
         if data_iter is not None:
             items["data_iter"] = _IterStateSave(_encode_iter_state(data_iter.get_state()))
         saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -212,8 +212,12 @@ class Checkpointer:
             logging.info("saving checkpoint step %d to %s", step, self.directory)
         return saved
 
-    def restore(self, abstract_state, data_iter=None, step: int | None = None) -> tuple[Any, dict, int]:
+    def restore(self, abstract_state, data_iter=None, step: int | None = None,
+                partial: bool = False) -> tuple[Any, dict, int]:
         """Restores `(state, metadata, step)`; with `data_iter`, also calls `data_iter.set_state(saved state)`.
+
+        `partial=True` reads only the top-level entries `abstract_state` names (e.g. `{"params": ...}` for sampling,
+        leaving the optimizer moments on disk); otherwise its structure must match the saved state exactly.
 
         `abstract_state`: the state's pytree structure with `jax.ShapeDtypeStruct(shape, dtype, sharding=...)`
         (or jax.Array) leaves; arrays are read straight into those shardings, so the mesh / device count may
@@ -226,7 +230,7 @@ class Checkpointer:
         abstract_state = _as_abstract(abstract_state)
         if step is not None:
             try:
-                state, meta, iter_text = self._restore_step(int(step), abstract_state, data_iter)
+                state, meta, iter_text = self._restore_step(int(step), abstract_state, data_iter, partial)
             except Exception as e:
                 raise RuntimeError(f"cannot restore checkpoint step {step} from {self.directory}: {e}") from e
             return self._finish_restore(state, meta, int(step), data_iter, iter_text)
@@ -237,7 +241,7 @@ class Checkpointer:
         failed = []
         for s in steps:
             try:
-                state, meta, iter_text = self._restore_step(s, abstract_state, data_iter)
+                state, meta, iter_text = self._restore_step(s, abstract_state, data_iter, partial)
             except Exception as e:  # any unreadable checkpoint is skipped, whatever the reason
                 logging.warning("checkpoint step %d in %s is unreadable or incomplete, falling back to an older "
                                 "one: %s: %s", s, self.directory, type(e).__name__, str(e)[:500])
@@ -249,7 +253,7 @@ class Checkpointer:
         raise RuntimeError(f"none of the checkpoints {steps} in {self.directory} could be restored; step {s} "
                            f"failed with {type(error).__name__}: {error}") from error
 
-    def _restore_step(self, step: int, abstract_state, data_iter):
+    def _restore_step(self, step: int, abstract_state, data_iter, partial: bool = False):
         """Reads one step; raises on every process alike if any process cannot read its part."""
         try:    # JSON side items: read directly (no Orbax barriers), then agree across processes
             step_dir = self.directory / str(step)
@@ -263,8 +267,10 @@ class Checkpointer:
             error = e
         if not _all_processes(error is None):
             raise error or RuntimeError("another process could not read its part of this checkpoint")
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-        return self._manager.restore(step, args=args).state, meta, iter_text
+        restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype),
+                                    abstract_state)
+        args = ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args, partial_restore=partial)
+        return self._manager.restore(step, args=ocp.args.Composite(state=args)).state, meta, iter_text
 
     def _finish_restore(self, state, meta, step, data_iter, iter_text):
         if iter_text is not None:

@@ -15,15 +15,15 @@ import json
 import os
 import sys
 
-import ml_collections
 from absl import logging
 from etils import epath
 
-from oneflow_jax import checkpointing, config_lib, sharding, torch_export
+from oneflow_jax import checkpointing, config_lib, torch_export
 from oneflow_jax import tokenizer as tokenizer_lib
 from oneflow_jax.codec import make_codec
 from oneflow_jax.config_lib import UserError
 from oneflow_jax.model import OneFlowModel
+from oneflow_jax.train_state import restore_params
 
 
 def load_params(workdir: str, step: int | None = None, tokenizer_path: str | None = None):
@@ -40,18 +40,8 @@ def load_params(workdir: str, step: int | None = None, tokenizer_path: str | Non
         tok_path = tokenizer_path
     tokenizer = tokenizer_lib.load(tok_path)
     model = OneFlowModel(config_lib.model_config(config, tokenizer.vocab_size, make_codec(config.codec)))
-    from oneflow_jax.train import abstract_train_state, make_optimizer    # the train state's exact structure
-    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
-    tx, _ = make_optimizer(config.optimizer, config.total_steps)
-    abstract_state, _ = abstract_train_state(model, tx, mesh)
-    ckpt = checkpointing.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3), async_save=False)
-    try:
-        if ckpt.latest_step() is None:
-            raise UserError(f"{workdir} has no checkpoint")
-        state, _, restored = ckpt.restore(abstract_state, step=step)
-    finally:
-        ckpt.close()
-    return config, model.cfg, state["params"], tokenizer, tok_path, restored
+    params, restored = restore_params(workdir, config, model, step)
+    return config, model.cfg, params, tokenizer, tok_path, restored
 
 
 def export_run(workdir: str, out_dir: str, step: int | None = None, dtype: str = "float32",

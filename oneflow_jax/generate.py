@@ -41,18 +41,10 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     if not os.path.exists(tok_path):
         raise UserError(f"{workdir} has no {tokenizer_lib.MODEL_FILENAME}")
     tokenizer = tokenizer_lib.load(tok_path)
-    from oneflow_jax import sharding
-    from oneflow_jax.train_state import abstract_train_state, build_model, make_optimizer
+    from oneflow_jax.train_state import build_model, restore_params
     model, codec = build_model(config, tokenizer.vocab_size)      # OneFlowModel or, for model_type 'ar', ARModel
-    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
-    tx, _ = make_optimizer(config.optimizer, config.total_steps)
-    abstract_state, _ = abstract_train_state(model, tx, mesh)
-    ckpt = checkpointing.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3), async_save=False)
-    if ckpt.latest_step() is None:
-        raise UserError(f"{workdir} has no checkpoint yet")
-    state, _, restored_step = ckpt.restore(abstract_state, step=step)
-    ckpt.close()
-    return Run(config, model, state["params"], codec, tokenizer, restored_step)
+    params, restored_step = restore_params(workdir, config, model, step)
+    return Run(config, model, params, codec, tokenizer, restored_step)
 
 
 def load_png(path: str, codec) -> np.ndarray:

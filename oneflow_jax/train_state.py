@@ -7,9 +7,10 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
-from oneflow_jax import config_lib, objective, sharding
+from oneflow_jax import checkpointing, config_lib, objective, sharding
 from oneflow_jax.codec import make_codec
 from oneflow_jax.model import OneFlowModel, dummy_batch
 
@@ -59,6 +60,21 @@ def abstract_train_state(model, tx, mesh):
     abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                       nn.meta.unbox(abstract), shardings)
     return abstract, shardings
+
+
+def restore_params(workdir: str, config, model, step: int | None = None):
+    """(params, step) of checkpoint `step` (default: the newest readable) of run `workdir`, replicated on the local
+    devices; only the params are read (the optimizer moments stay on disk). For sampling, eval and export."""
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+    abstract = {"params": abstract_train_state(model, optax.identity(), mesh)[0]["params"]}
+    ckpt = checkpointing.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3), async_save=False)
+    try:
+        if ckpt.latest_step() is None:
+            raise config_lib.UserError(f"{workdir} has no checkpoint yet")
+        state, _, restored = ckpt.restore(abstract, step=step, partial=True)
+    finally:
+        ckpt.close()
+    return state["params"], restored
 
 
 def create_sharded_state(model, tx, mesh, seed: int):

@@ -141,6 +141,20 @@ def test_resharding_restore(tmp_path, mesh8, layout):
         assert set(got.sharding.device_set) <= set(CPUS[:n_devices])
 
 
+def test_partial_restore_reads_params_only(tmp_path, mesh8):
+    state = make_state(mesh8)
+    with Checkpointer(tmp_path, keep=1) as ckpt:
+        ckpt.save(3, state)
+    mesh = make_mesh(1, 2, 2, n_devices=4)
+    abstract = {"params": target_abstract(state, mesh)["params"]}
+    with Checkpointer(tmp_path, keep=1) as ckpt:
+        restored, _, step = ckpt.restore(abstract, partial=True)
+        assert step == 3 and set(restored) == {"params"}
+        assert_bitwise_equal(restored["params"], state["params"])
+        with pytest.raises(RuntimeError):          # without partial=True the structure must match exactly
+            ckpt.restore(abstract, step=3)
+
+
 def _array_files(step_dir):
     files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
     assert files
