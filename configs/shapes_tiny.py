@@ -31,9 +31,9 @@ def get_config(arg: str | None = None):
                                       # than "v" on raw pixel patches (clean backgrounds by step 350 instead of noise)
 
     c.objective = ml_collections.ConfigDict(dict(
-        kappa_power=1.0, schedule="interleaved", mixed_gen_prob=0.0, clean_images_prob=0.6,
+        kappa_power=1.0, schedule="interleaved", mixed_gen_prob=0.0, clean_images_prob=0.6, clean_text_prob=0.0,
         drop_images_prob=0.05, drop_text_prob=0.05, image_loss_weight=1.0,
-        image_loss_space="x"))        # the flow-matching error in clean-latent units (flow_matching.image_loss):
+        image_loss_space="x", image_time_shift=1.0))        # the flow-matching error in clean-latent units (flow_matching.image_loss):
     # measured on 100 eval docs: image_loss_space 'x' vs 'v' (1400 steps): caption 0.15 vs 0.05, generation colours
     # 0.50-0.56 vs 0.39-0.46; clean_images_prob 0.6 vs 0.3 (1000 steps): caption 0.24 vs 0.08, generation alike.
 

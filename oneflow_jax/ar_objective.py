@@ -7,8 +7,9 @@ patches, then EOS. There is no explicit EOI token: blocks have a fixed length N,
 information (Transfusion has BOI/EOI; with a fixed vocabulary and fixed-size blocks we keep BOI = `<image>` only).
 EOS ends the document, so the sampler knows when to stop.
 
-Each image gets its own t_img ~ U(0, 1) and noisy latents Y_t (Transfusion). An image followed by more text
-(e.g. an image-then-caption document) draws t_img ~ U(ar.cond_t_min, 1) instead, Transfusion's cap on the noise of
+Each image gets its own t_img ~ U(0, 1) and noisy latents Y_t (Transfusion), warped by the objective's
+`image_time_shift` exactly as OneFlow's images (flow_matching.shift_time). An image followed by more text
+(e.g. an image-then-caption document) keeps its t_img in [ar.cond_t_min, 1] instead, Transfusion's cap on the noise of
 images that condition text (they cap at t=500/1000), so that captioning learns from mostly-clean images as it sees
 them at sampling time (t_img = 1).
 
@@ -46,6 +47,7 @@ class ARTransform:
     special: ARSpecial
     num_patches: int
     cond_t_min: float = 0.5
+    image_time_shift: float = 1.0     # schedule time u -> noise level flow_matching.shift_time(u, s), as OneFlow
 
     def cost(self, num_tokens: int, num_images: int) -> tuple[int]:
         return (2 + num_tokens + num_images * self.num_patches,)
@@ -71,7 +73,8 @@ class ARTransform:
             if tok != self.special.image:
                 continue
             t_min = self.cond_t_min if i < len(tokens) - 1 else 0.0       # followed by text: conditioning image
-            t = np.float32(rng.uniform(t_min, 1.0))
+            u_min = flow_matching.unshift_time(t_min, self.image_time_shift)   # cond_t_min bounds the noise level
+            t = np.float32(flow_matching.shift_time(rng.uniform(u_min, 1.0), self.image_time_shift))
             noise = rng.standard_normal((n, dim), dtype=np.float32)
             block = slice(pos, pos + n)
             out["patches"][block], out["velocity_target"][block] = flow_matching.interpolate(latents[img], noise, t)
@@ -130,7 +133,8 @@ def pipeline_pieces(config, tokenizer, codec):
     """(ARTransform, ARPacker) for input_pipeline.create_train_iterator."""
     ar = config.get("ar", {})
     special = ARSpecial(bos=tokenizer.bos_id, eos=tokenizer.eos_id, pad=tokenizer.pad_id, image=tokenizer.image_id)
-    transform = ARTransform(special, codec.num_patches, float(ar.get("cond_t_min", 0.5)))
+    transform = ARTransform(special, codec.num_patches, float(ar.get("cond_t_min", 0.5)),
+                            float(config.objective.get("image_time_shift", 1.0)))
     return transform, ARPacker(config.data.seq_len, pad_id=tokenizer.pad_id)
 
 

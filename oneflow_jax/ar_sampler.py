@@ -8,9 +8,9 @@ One jitted `lax.while_loop` over a batch of prompts in fixed [B, max_len] buffer
     against the cache (writing its K/V) and gets the next logits; EOS or a full buffer finishes the row;
     `<image>` (the BOI) opens a block of N fresh N(0, I) latents at t_img = 0;
   * image step (some row is inside an image): those rows run their N-patch block against the cache (bidirectional in
-    the block), `steps` times an Euler step Y += h v(Y, t), then once more with the clean latents at t_img = 1, which
-    writes the block's final K/V into the cache and gives the logits after the block (last patch position). Other
-    rows wait. An image costs steps + 1 network evaluations.
+    the block), `steps` Euler steps Y += dt v(Y, t) (dt = h, uneven under an image time shift), then once more
+    with the clean latents at t_img = 1, which writes the block's final K/V into the cache and gives the logits
+    after the block (last patch position). Other rows wait. An image costs steps + 1 network evaluations.
 `nfe` counts batched forward passes (prefill included). No classifier-free guidance (config text_cfg / image_cfg are
 ignored). A prompt may end with an `<image>` whose latents are None: that image is generated first.
 """
@@ -166,7 +166,8 @@ def make_sampler(model: ar_model.ARModel, cfg: SamplerConfig, special: ARSpecial
             start = c["length"]
             idx = jnp.minimum(start[:, None] + jnp.arange(n)[None], length - 1)
             y = c["patches"][rows, idx]
-            t = jnp.where(final, 1.0, c["img_step"].astype(jnp.float32) * h)
+            noise_level = lambda k: flow_matching.shift_time(k.astype(jnp.float32) * h, cfg.image_time_shift)
+            t = jnp.where(final, 1.0, noise_level(c["img_step"]))
             chunk = dict(tokens=jnp.full((b, n), special.pad, jnp.int32), is_patch=jnp.ones((b, n), bool),
                          patch_index=jnp.broadcast_to(jnp.arange(n), (b, n)), patches=y,
                          patch_t=jnp.broadcast_to(t[:, None], (b, n)), positions=idx)
@@ -174,10 +175,10 @@ def make_sampler(model: ar_model.ARModel, cfg: SamplerConfig, special: ARSpecial
             write = jnp.where(active[:, None], idx, length)
             out, c["cache"] = decode(chunk, c["cache"], write, mask)
             moving = active & ~final
-            y_new = flow_matching.euler_step(y, out["velocity"].astype(jnp.float32), h)
+            t_new = jnp.where(final | (c["img_step"] + 1 >= steps), 1.0, noise_level(c["img_step"] + 1))
+            y_new = flow_matching.euler_step(y, out["velocity"].astype(jnp.float32), (t_new - t)[:, None, None])
             c["patches"] = c["patches"].at[rows, jnp.where(moving[:, None], idx, length)].set(
                 y_new.astype(c["patches"].dtype), mode="drop")
-            t_new = jnp.where(final | (c["img_step"] + 1 >= steps), 1.0, (c["img_step"] + 1).astype(jnp.float32) * h)
             c["patch_t"] = c["patch_t"].at[rows, jnp.where(active[:, None], idx, length)].set(
                 jnp.broadcast_to(t_new[:, None], (b, n)), mode="drop")
             ends = active & final

@@ -85,8 +85,7 @@ def evaluate_checkpoint(workdir: str, step: int, config) -> dict:
     from oneflow_jax import datasets, eval as eval_lib
     c = config.compare
     run = generate.load_run(workdir, step)
-    scfg = sampler.SamplerConfig.from_config(run.config.sampler, kappa_power=run.config.objective.kappa_power,
-                                             steps=c.sampler_steps)
+    scfg = sampler.SamplerConfig.for_run(run.config, steps=c.sampler_steps)
     scores = eval_lib.evaluate(run, c.eval_examples, c.num_free, scfg, c.eval_batch_size, seed=0)
     records = datasets.load_records(run.config.data.name, run.config.eval.get("split", "eval"),
                                     run.config.data.data_dir, limit=c.latency_prompts)

@@ -40,8 +40,13 @@ class NoisingConfig:
     clean_images_prob: float = 0.0  # P(images are clean conditioning, t_img = 1, while t_text ~ U[0, 1]): the
                                     # image-to-text (captioning) case, which the interleaved schedule never
                                     # produces (there tau_img <= tau_text, so a clean image implies clean text).
+    clean_text_prob: float = 0.0    # P(text is clean conditioning, t_text = 1, while every image draws its own
+                                    # t_img ~ U[0, 1]): the text-to-image case. The interleaved schedule gives it
+                                    # only when tau_text >= 1 > tau_img (1/4 of its draws; mixed_gen_prob raises
+                                    # that to 1/2 of its own share), so a caption rarely conditions a noisy image.
     drop_images_prob: float = 0.0   # condition dropout: remove every image (text learns lambda(X), Q(X) w/o images).
     drop_text_prob: float = 0.0     # condition dropout: remove every text token (images learn v(Y) w/o caption).
+    image_time_shift: float = 1.0   # an image at schedule time u is noised to t = flow_matching.shift_time(u, s).
 
     @classmethod
     def from_config(cls, config) -> "NoisingConfig":
@@ -53,6 +58,11 @@ class NoisingConfig:
             raise ValueError(f"objective.schedule must be 'interleaved' or 'independent', got {self.schedule!r}")
         if self.kappa_power <= 0:
             raise ValueError(f"objective.kappa_power must be > 0, got {self.kappa_power}")
+        if min(self.clean_images_prob, self.clean_text_prob) < 0 or self.clean_images_prob + self.clean_text_prob > 1:
+            raise ValueError("objective.clean_images_prob and clean_text_prob must be >= 0 and sum to <= 1, got "
+                             f"{self.clean_images_prob} and {self.clean_text_prob}")
+        if self.image_time_shift <= 0:
+            raise ValueError(f"objective.image_time_shift must be > 0, got {self.image_time_shift}")
 
 
 def kappa(t, k: float = 1.0):
@@ -71,8 +81,12 @@ def insertion_rate_scale(t, k: float = 1.0):
 
 def sample_times(n_images: int, rng: np.random.Generator, cfg: NoisingConfig):
     """Returns (t_text, t_img[n_images]) with t_img < 0 meaning 'image deleted' (interleaved schedule only)."""
-    if cfg.clean_images_prob and rng.uniform() < cfg.clean_images_prob:
-        return rng.uniform(0.0, 1.0), np.ones(n_images)
+    if cfg.clean_images_prob or cfg.clean_text_prob:
+        r = rng.uniform()
+        if r < cfg.clean_images_prob:
+            return rng.uniform(0.0, 1.0), np.ones(n_images)
+        if r < cfg.clean_images_prob + cfg.clean_text_prob:
+            return 1.0, rng.uniform(0.0, 1.0, size=n_images)
     if cfg.schedule == "independent":
         t_text = rng.uniform(0.0, 1.0)
         return t_text, rng.uniform(0.0, 1.0, size=n_images)
@@ -144,7 +158,8 @@ def noise_document(tokens: np.ndarray, latents: np.ndarray, rng: np.random.Gener
     target = np.zeros((m, dim), np.float32)
     patch_t_arr = np.zeros(m, np.float32)
     patch_weight = np.zeros(m, np.float32)
-    for start, img, t in patch_rows:
+    for start, img, u in patch_rows:
+        t = flow_matching.shift_time(u, cfg.image_time_shift)      # the schedule's time -> the noise level
         noise = rng.standard_normal((num_patches, dim), dtype=np.float32)
         y_t, v = flow_matching.interpolate(latents[img], noise, np.float32(t))
         sl = slice(start, start + num_patches)

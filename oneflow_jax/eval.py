@@ -147,8 +147,7 @@ def main(argv):
         raise UserError(f"eval scores shapes-world runs; this run trained on {run.config.data.name!r}")
     n = FLAGS.num_examples or run.config.eval.num_examples
     overrides = {"steps": FLAGS.steps} if FLAGS.steps else {}
-    scfg = sampler.SamplerConfig.from_config(run.config.sampler, kappa_power=run.config.objective.kappa_power,
-                                             **overrides)
+    scfg = sampler.SamplerConfig.for_run(run.config, **overrides)
     scores = evaluate(run, n, n // 4 if FLAGS.num_free is None else FLAGS.num_free, scfg,
                       run.config.eval.batch_size, FLAGS.seed)
     out = os.path.join(FLAGS.workdir, "eval")

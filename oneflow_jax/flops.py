@@ -164,16 +164,18 @@ def expected_xt(doc: DocStats, num_patches: int, noising) -> dict[str, float]:
     expected kept text tokens and images.
     """
     t, w = _schedule_grid(noising)
-    keep = t ** noising.kappa_power
-    img_keep = np.ones_like(t) if noising.schedule == "independent" else keep
-    clean = getattr(noising, "clean_images_prob", 0.0)   # images kept clean, t_text ~ U[0, 1]
+    img_keep = np.ones_like(t) if noising.schedule == "independent" else t ** noising.kappa_power
+    clean = getattr(noising, "clean_images_prob", 0.0)       # images kept clean, t_text ~ U[0, 1]
+    clean_text = getattr(noising, "clean_text_prob", 0.0)    # text kept whole (t_text = 1), every image present
+    w = (1.0 - clean - clean_text) * w
     if clean:
         n = len(t) - (noising.schedule != "independent")
-        mid = (np.arange(n) + 0.5) / n
-        t = np.concatenate([t, mid])
-        w = np.concatenate([(1.0 - clean) * w, np.full(n, clean / n)])
-        keep = t ** noising.kappa_power
+        t = np.concatenate([t, (np.arange(n) + 0.5) / n])
+        w = np.concatenate([w, np.full(n, clean / n)])
         img_keep = np.concatenate([img_keep, np.ones(n)])
+    if clean_text:
+        t, w, img_keep = np.append(t, 1.0), np.append(w, clean_text), np.append(img_keep, 1.0)
+    keep = t ** noising.kappa_power
     d_img = noising.drop_images_prob
     d_txt = (1.0 - d_img) * noising.drop_text_prob if doc.images else 0.0
     cases = ((d_img, doc.text_tokens, 0.0), (d_txt, 0.0, doc.images), (1.0 - d_img - d_txt, doc.text_tokens, doc.images))

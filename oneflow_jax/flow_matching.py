@@ -7,6 +7,12 @@ Loss space. With uniform t the velocity error ||v_theta - v||^2 = ||Y1_hat - Y1|
 weight on nearly clean images (t > 0.8 carries ~85% of it): fine detail. `space="x"` measures the same error in
 clean-latent units, ||v_theta - v||^2 (1 - t)^2 = ||Y1_hat - Y1||^2, weighting every noise level alike, which is
 where layout and colour (decided at small t) are learnt. (1 - t) is clipped at MIN_GAP in both directions.
+
+Time shift. Latents that are very redundant (flat-coloured 8x8 pixel patches, high-resolution VAE latents) are
+decided almost entirely at small t: averaging a patch's 192 values beats the noise long before t is large. SD3's
+timestep shift (Esser et al. 2024; also "simple diffusion") moves both training and sampling time there:
+the schedule's time u in [0, 1] becomes the noise level t = u / (u + s (1 - u)) (s = 1: identity; s = 4: u = 1/2 ->
+t = 1/5), so training draws and sampler steps concentrate at the noisy end. The network is always told t.
 """
 from __future__ import annotations
 
@@ -19,6 +25,20 @@ LOSS_SPACES = ("v", "x")
 def interpolate(clean, noise, t):
     """(Y_t, v) for clean latents Y1, noise Y0 ~ N(0, I), time t (broadcastable). Works on numpy and jax arrays."""
     return t * clean + (1.0 - t) * noise, clean - noise
+
+
+def shift_time(u, shift: float):
+    """Schedule time u -> noise-level time t = u / (u + s (1 - u)); u = 0 and 1 are fixed points."""
+    if shift == 1.0:
+        return u
+    return u / (u + shift * (1.0 - u))
+
+
+def unshift_time(t, shift: float):
+    """Inverse of `shift_time`: u = s t / (1 + (s - 1) t)."""
+    if shift == 1.0:
+        return t
+    return shift * t / (1.0 + (shift - 1.0) * t)
 
 
 def euler_step(y, velocity, h):

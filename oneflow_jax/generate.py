@@ -142,8 +142,7 @@ class TrainSampler:
         prompts += [([], [])] * 2
         self.prompts = prompts
         self.model, self.codec, self.tokenizer = model, codec, tokenizer
-        self.sampler_config = sampler.SamplerConfig.from_config(config.sampler,
-                                                                kappa_power=config.objective.kappa_power)
+        self.sampler_config = sampler.SamplerConfig.for_run(config)
 
     def __call__(self, step: int, params, logger) -> None:
         run = Run(self.config, self.model, params, self.codec, self.tokenizer, step)

@@ -76,8 +76,7 @@ def main(argv):
         given_images.append(images)
     overrides = {k: getattr(FLAGS, k) for k in ("steps", "text_cfg", "image_cfg", "temperature")
                  if getattr(FLAGS, k) is not None}
-    cfg = sampler.SamplerConfig.from_config(run.config.sampler, kappa_power=run.config.objective.kappa_power,
-                                            **overrides)
+    cfg = sampler.SamplerConfig.for_run(run.config, **overrides)
     gen = generate.Generator(run, cfg, FLAGS.batch_size)
     jobs = [(line, s) for line in range(len(encoded)) for s in range(FLAGS.num_samples)]
     docs = gen([encoded[line] for line, _ in jobs], seed=FLAGS.seed)

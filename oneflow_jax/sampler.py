@@ -1,7 +1,8 @@
 """The concurrent sampler (paper Alg. 1-2, reference §5): text grows by insertions while images denoise.
 
 One iteration, with h = 1 / steps and one network evaluation on the current state:
-  1. every image with t_img < 1 takes an Euler step Y += h v(Y, t_img), t_img += h;
+  1. every image with t_img < 1 takes an Euler step Y += h v(Y, t_img), t_img += h (with an image time shift s,
+     the step runs in schedule time: t_img goes from shift_time(u) to shift_time(u + h), flow_matching);
   2. while t < 1, every gap i inserts at most one atom: iff Bernoulli(1 - pi_i) and
      Bernoulli(min(1, h * kappa_dot(t) / (1 - kappa(t)) * lambda_i)); the atom a ~ Q_i, and a = `<image>` splices in
      a block of fresh N(0, I) latents with t_img = 0;
@@ -36,7 +37,8 @@ class SamplerConfig:
     image_cfg: float = 1.0      # v = v_u + w (v_c - v_u)
     temperature: float = 1.0    # for Q
     top_p: float = 1.0          # nucleus sampling for Q
-    kappa_power: float = 1.0
+    kappa_power: float = 1.0        # the training objective's schedules (config.objective), not sampler knobs
+    image_time_shift: float = 1.0
 
     @classmethod
     def from_config(cls, config, **overrides) -> "SamplerConfig":
@@ -44,6 +46,14 @@ class SamplerConfig:
         kwargs = {k: v for k, v in dict(config).items() if k in names}
         kwargs.update(overrides)
         return cls(**kwargs)
+
+    @classmethod
+    def for_run(cls, config, **overrides) -> "SamplerConfig":
+        """`config.sampler` of a training config plus the schedules its objective trained with."""
+        objective = config.get("objective", {})
+        return cls.from_config(config.sampler, **{
+            "kappa_power": objective.get("kappa_power", 1.0),
+            "image_time_shift": objective.get("image_time_shift", 1.0), **overrides})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,14 +227,16 @@ def sample_loop(apply_fn: Callable, state, rng, cfg: SamplerConfig, special: Spe
         st, i, rng, nfe = carry
         rng, r_gate, r_rate, r_tok, r_noise = jax.random.split(rng, 5)
         pi_logit, lam, log_q, velocity = _guided_heads(apply_fn, st, cfg)
-        # 1. Euler step on every noisy image.
+        # 1. Euler step on every noisy image: schedule time u += h, noise level t = shift_time(u).
         valid = pos < st["length"][:, None]
         moving = st["is_patch"] & valid & (st["patch_t"] < 1.0)
         st = dict(st)
-        st["patches"] = jnp.where(moving[..., None], flow_matching.euler_step(st["patches"], velocity, h),
+        u_next = flow_matching.unshift_time(st["patch_t"], cfg.image_time_shift) + h
+        t_next = jnp.where(u_next > 1.0 - 1e-4, 1.0, flow_matching.shift_time(u_next, cfg.image_time_shift))
+        step = (t_next - st["patch_t"])[..., None]
+        st["patches"] = jnp.where(moving[..., None], flow_matching.euler_step(st["patches"], velocity, step),
                                   st["patches"])
-        t_img = st["patch_t"] + h
-        st["patch_t"] = jnp.where(moving, jnp.where(t_img > 1.0 - 1e-4, 1.0, t_img), st["patch_t"])
+        st["patch_t"] = jnp.where(moving, t_next, st["patch_t"])
         # 2. Insertions, at text time t = i h < 1, in gaps from the prompt's last atom on.
         t = i.astype(jnp.float32) * h
         scale = edit_flow.insertion_rate_scale(t, cfg.kappa_power)

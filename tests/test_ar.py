@@ -48,6 +48,16 @@ def test_sequence_targets_at_block_boundaries():
     assert (d["patch_t"][4:8] >= 0.5).all()                               # followed by text: conditioning image
 
 
+def test_image_time_shift_moves_noise_levels_but_keeps_the_conditioning_cap():
+    tr = ar_objective.ARTransform(SP, N, cond_t_min=0.5, image_time_shift=4.0)
+    rng = np.random.default_rng(0)
+    lat = rng.standard_normal((1, N, 3)).astype(np.float32)
+    last = [tr([5, 4], lat, rng)["patch_t"][3] for _ in range(400)]         # the image ends the document
+    cond = [tr([4, 5], lat, rng)["patch_t"][2] for _ in range(400)]         # an image followed by text
+    assert abs(np.median(last) - 0.2) < 0.05                                # shift_time(1/2, 4) = 1/5
+    assert min(cond) >= 0.5 and np.median(cond) < 0.75                      # warped inside [cond_t_min, 1]
+
+
 def test_packed_mask_no_cross_document_and_bidirectional_blocks():
     row = ar_objective.ARPacker(40).pack(_docs())
     seg, blk = row["segment_ids"], row["block_ids"]

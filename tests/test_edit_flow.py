@@ -1,5 +1,4 @@
 """Host noising (X1 -> X_t, bags) and the Eq. 7 loss against a brute-force reference."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -81,6 +80,24 @@ def test_clean_images_prob_gives_clean_images_with_noisy_text():
     assert abs(np.mean(kept_text) / 7 - 0.5) < 0.05                          # t_text ~ U[0, 1], kappa = t
 
 
+def test_clean_text_prob_gives_whole_text_with_noisy_images():
+    toks = np.asarray([5, 6, SP.image, 7, 8, SP.image, 9], np.int32)
+    lat = np.random.default_rng(0).standard_normal((2, N, D)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    cfg = NoisingConfig(clean_images_prob=0.5, clean_text_prob=0.5)
+    kinds = []
+    for _ in range(400):
+        x_t = edit_flow.noise_document(toks, lat, rng, cfg, SP)
+        t = x_t["patch_t"][x_t["is_patch"]].reshape(-1, N)[:, 0]
+        if len(x_t["del_tokens"]) == 0 and len(t) == 2 and (t < 1).all():
+            kinds.append("text")                # caption conditions both images, each at its own noise level
+        elif len(t) == 2 and (t == 1).all():
+            kinds.append("images")
+    assert 0.4 < kinds.count("text") / 400 < 0.6 and 0.4 < kinds.count("images") / 400 < 0.6
+    with pytest.raises(ValueError, match="sum to <= 1"):
+        NoisingConfig(clean_images_prob=0.6, clean_text_prob=0.5)
+
+
 def test_condition_dropout_removes_one_modality():
     toks = np.asarray([5, 6, SP.image, 7], np.int32)
     lat = np.zeros((1, N, D), np.float32)
@@ -158,6 +175,29 @@ def test_image_loss_in_clean_latent_space_is_the_x_error():
     np.testing.assert_allclose(float(flow_matching.image_loss(jnp.asarray(v_theta)[None], batch)), v_err, rtol=1e-5)
     with pytest.raises(ValueError, match="loss space"):
         flow_matching.image_loss(jnp.asarray(v_theta)[None], batch, "eps")
+
+
+def test_time_shift_is_a_monotone_warp_with_an_inverse():
+    u = np.linspace(0.0, 1.0, 101)
+    for s in (1.0, 0.5, 4.0):
+        t = flow_matching.shift_time(u, s)
+        assert t[0] == 0.0 and t[-1] == 1.0 and np.all(np.diff(t) > 0)
+        np.testing.assert_allclose(flow_matching.unshift_time(t, s), u, atol=1e-12)
+    assert flow_matching.shift_time(0.5, 4.0) == pytest.approx(0.2)       # s = 4 spends half the time below t = 0.2
+
+
+def test_noising_puts_images_at_the_shifted_noise_level():
+    rng = np.random.default_rng(3)
+    tokens, latents = random_doc(rng, n_text=6, n_img=2)
+    cfg = NoisingConfig(image_time_shift=4.0)
+    out = edit_flow.noise_document(tokens, latents, np.random.default_rng(0), cfg, SP, times=(1.0, [0.5, 1.0]))
+    t = out["patch_t"][out["is_patch"]].reshape(2, N)
+    np.testing.assert_allclose(t[0], 0.2, rtol=1e-6)
+    np.testing.assert_array_equal(t[1], 1.0)                       # a clean image stays clean conditioning
+    y_t, v = (out[k][out["is_patch"]].reshape(2, N, D)[0] for k in ("patches", "velocity_target"))
+    np.testing.assert_allclose(y_t + 0.8 * v, latents[0], atol=1e-5)   # Y_t on the straight path at t = 0.2
+    with pytest.raises(ValueError, match="image_time_shift"):
+        NoisingConfig(image_time_shift=0.0)
 
 
 def test_pixel_codec_round_trip():

@@ -74,6 +74,7 @@ def test_attention_and_heads_are_counted_at_every_position():
     dict(schedule="interleaved", kappa_power=1.0),
     dict(schedule="interleaved", kappa_power=2.0, mixed_gen_prob=0.2, drop_images_prob=0.1, drop_text_prob=0.1),
     dict(schedule="interleaved", kappa_power=1.0, clean_images_prob=0.3),
+    dict(schedule="interleaved", kappa_power=1.0, clean_images_prob=0.4, clean_text_prob=0.3, mixed_gen_prob=0.2),
     dict(schedule="independent", kappa_power=1.0)])
 def test_expected_xt_matches_the_noising(objective):
     noising = edit_flow.NoisingConfig(**objective)

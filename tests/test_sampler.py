@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from oneflow_jax import flow_matching
 from oneflow_jax import sampler as S
 from oneflow_jax.edit_flow import SpecialTokens
 from oneflow_jax.model import ModelConfig, OneFlowModel, dummy_batch
@@ -49,6 +50,36 @@ def test_oracle_with_fixed_prompt_only_appends_after_it():
     prompts = [([3], img), ([5, 6, 7], None)]
     docs, _ = run_oracle(prompts, targets, latents, steps=30, seed=0)
     assert_rebuilt(docs, targets, latents)
+
+
+def test_oracle_rebuilds_images_under_an_image_time_shift():
+    rng = np.random.default_rng(2)
+    targets = [[5, 3, 6, 3]]
+    latents = [rng.standard_normal((2, N, D)).astype(np.float32)]
+    docs, _ = run_oracle([([], None)], targets, latents, steps=24, seed=0, image_time_shift=4.0)
+    assert_rebuilt(docs, targets, latents)
+
+
+@pytest.mark.parametrize("shift", [1.0, 4.0])
+def test_image_steps_follow_the_shifted_time_grid(shift):
+    """A 'model' whose velocity is the patch's own t: Euler integration gives Y0 + sum_k (t_k+1 - t_k) t_k over the
+    grid t_k = shift_time(k / steps), so both the times fed to the network and the step sizes are checked."""
+    steps = 8
+
+    def apply_fn(inputs, _segments):
+        b, length = inputs["tokens"].shape
+        return dict(pi_logit=jnp.full((b, length), 20.0), lam=jnp.full((b, length), 1e-3),
+                    q_logits=jnp.zeros((b, length, V)), velocity=jnp.broadcast_to(
+                        inputs["patch_t"][..., None], inputs["patches"].shape))
+
+    cfg = S.SamplerConfig(steps=steps, max_len=16, image_time_shift=shift)
+    state = S.init_state([([5, 3], [None])], 16, SP, N, D, seed=0)
+    out, nfe = jax.jit(lambda st, r: S.sample_loop(apply_fn, st, r, cfg, SP, N))(state, jax.random.key(0))
+    grid = flow_matching.shift_time(np.arange(steps + 1) / steps, shift)
+    expected = state["patches"][0, 3:3 + N] + np.sum(np.diff(grid) * grid[:-1])
+    np.testing.assert_allclose(np.asarray(out["patches"])[0, 3:3 + N], expected, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(out["patch_t"])[0, 3:3 + N], 1.0)
+    assert int(nfe) == steps
 
 
 def test_buffer_overflow_drops_insertions_cleanly():
