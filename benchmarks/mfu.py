@@ -38,7 +38,7 @@ def run(config, steps: int, warmup: int, peak: float, peak_source: str) -> dict:
     config_lib.validate(config, jax.device_count())
     mesh = sharding.make_mesh(config.mesh)
     tokenizer = input_pipeline.get_tokenizer(config)
-    model, codec = build_model(config, tokenizer)
+    model, codec = build_model(config, tokenizer.vocab_size)
     tx, schedule = make_optimizer(config.optimizer, config.total_steps)
     state, shardings = create_sharded_state(model, tx, mesh, config.seed)
     transform = packer = None
@@ -47,7 +47,7 @@ def run(config, steps: int, warmup: int, peak: float, peak_source: str) -> dict:
         transform, packer = ar_objective.pipeline_pieces(config, tokenizer, codec)
     it = input_pipeline.create_train_iterator(config, process_index=0, process_count=1, codec=codec,
                                               tokenizer=tokenizer, seed=config.seed, transform=transform, packer=packer)
-    batches = [input_pipeline.make_global_batch(next(it), mesh, sharding.BATCH_AXES) for _ in range(warmup + steps)]
+    batches = [input_pipeline.make_global_batch(next(it), mesh, sharding.BATCH_AXES) for _ in range(1 + warmup + steps)]
     step = jax.jit(make_train_step(model, tx, schedule, config.objective.image_loss_weight, loss_function(config)),
                    in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=(0,))
     import flax.linen as nn
@@ -61,7 +61,7 @@ def run(config, steps: int, warmup: int, peak: float, peak_source: str) -> dict:
             t0 = time.perf_counter()
             state, metrics = step(state, batch)
             jax.block_until_ready((state, metrics))
-            if i + 1 >= warmup:
+            if i >= warmup:
                 times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
     model_type = config.get("model_type", "oneflow")

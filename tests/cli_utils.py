@@ -120,6 +120,10 @@ class Cli:
         started = [self.start(module, *args, devices=devices) for module, args in commands]
         return [s.wait(timeout) for s in started]
 
+    def run_script(self, script: str, *args, devices: int = 1, timeout: float = 300) -> Result:
+        """Runs `python <script> ...` (a path relative to the repository root, e.g. a benchmark) to completion."""
+        return self._start([sys.executable, str(REPO / script), *map(str, args)], self.env(devices)).wait(timeout)
+
     def start(self, module: str, *args, devices: int = 1) -> Started:
         return self._start(self._module_args(module, args), self.env(devices))
 

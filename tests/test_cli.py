@@ -98,3 +98,15 @@ def test_eval_prints_the_table_and_writes_scores(cli, trained_run, tmp_path):
     assert {"caption", "generation", "interleaved_consistency"} <= set(scores)
     assert scores["step"] == 12 and scores["caption"]["all"]["n"] == 8
     assert 0.0 <= scores["caption"]["all"]["accuracy"] <= 1.0
+
+
+def test_benchmark_scripts_run(cli):
+    """The benchmarks are user-facing commands too: each prints its JSON result (tiny settings)."""
+    mfu = cli.run_script("benchmarks/mfu.py", "--config=configs/shapes_tiny.py:smoke", "--steps=1", "--warmup=0",
+                         "--peak_n=128", "--peak_repeats=1").check()
+    report = json.loads(mfu.stdout.strip().splitlines()[-1])
+    assert report["steps_per_sec"] > 0 and 0 < report["mfu"] and report["params"] > 0
+    pipe = cli.run_script("benchmarks/input_pipeline.py", "--num_workers=0", "--seq_len=128", "--batch=4",
+                          "--batches=2", "--warmup=1").check()
+    rows = [json.loads(line) for line in pipe.stdout.strip().splitlines() if line.startswith("{")]
+    assert rows and all(r["rows_per_s"] > 0 for r in rows), str(pipe)
