@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/venv.sh
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
-python -m pytest -q tests "$@"
+python -m pytest -q --durations=25 tests "$@"    # the 25 slowest tests are listed: keep the suite < 15 min
