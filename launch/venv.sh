@@ -4,6 +4,7 @@
 # Installs go through uv when it can be installed (measured on a 2-core machine with cold caches: ~2 min for the
 # torch+test set, where pip took 5-9 min), else through pip. torch is pinned to 2.13.0 (a CPU wheel) so the `torch`
 # extra never pulls a multi-GB CUDA build; $PIP_FIND_LINKS is passed on to uv, which does not read pip's config.
+# --compile-bytecode: uv writes no .pyc by default, and the tests import torch/TF/JAX in dozens of subprocesses.
 extras="${OFJ_EXTRAS-torch,test}"
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
@@ -17,7 +18,7 @@ if [ ! -f "$stamp" ]; then
   [[ ",$extras," == *",torch,"* ]] && pins=("torch==2.13.0")
   echo "installing oneflow_jax${extras:+[$extras]} into .venv (first run only)" >&2
   if python -m pip install -q uv >/dev/null 2>&1; then
-    python -m uv pip install -q ${PIP_FIND_LINKS:+--find-links "$PIP_FIND_LINKS"} "${pins[@]}" -e "$target"
+    python -m uv pip install -q --compile-bytecode ${PIP_FIND_LINKS:+--find-links "$PIP_FIND_LINKS"} "${pins[@]}" -e "$target"
   else
     python -m pip install -q --upgrade pip setuptools wheel
     if [ ${#pins[@]} -gt 0 ]; then python -m pip install -q "${pins[@]}"; fi
