@@ -98,10 +98,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         config, process_index=jax.process_index(), process_count=jax.process_count(), codec=codec,
         tokenizer=tokenizer, seed=config.seed, transform=transform, packer=packer)
     ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints, save_every=config.ckpt_every)
-    counters = dict(nonfinite_steps=0)
+    nonfinite = NonfiniteSteps(config.optimizer.max_consecutive_nonfinite)
     if ckpt.latest_step() is not None:
         state, meta, _ = ckpt.restore(abstract_train_state(model, tx, mesh)[0], data_iter)
-        counters.update({k: v for k, v in meta.get("user", {}).items() if k in counters})
+        nonfinite.total = int(meta.get("user", {}).get("nonfinite_steps", 0))
         config_lib.say(f"resumed from checkpoint step {int(state['step'])} in {workdir}")
     start = int(state["step"])
     flops_per_step = flops.train_flops_per_step(model.cfg, config.data,
@@ -121,7 +121,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         sampler_hook = generate.TrainSampler(config, model, codec, tokenizer, workdir)
     config_lib.say(f"training from step {start} to {config.total_steps} in {workdir}")
     last, window = {}, _Window()
-    consecutive_nonfinite = 0
     config_hash = checkpointing.config_hash(config)
     with checkpointing.PreemptionGuard() as guard, jax.set_mesh(mesh), \
             nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
@@ -132,32 +131,65 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             state, metrics = train_step(state, batch)
             step += 1
             window.add(metrics)
-            finite = bool(metrics["finite"])
-            consecutive_nonfinite = 0 if finite else consecutive_nonfinite + 1
-            counters["nonfinite_steps"] += int(not finite)
-            if not finite:
-                logging.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step,
-                                consecutive_nonfinite)
-            if step % config.log_every == 0 or step == config.total_steps:
-                last = window.flush(skipped_records=global_skipped_records(data_iter), **counters)
+            nonfinite.push(step, metrics["finite"])     # reads the previous step's flag: this one stays queued
+            stop = guard.should_stop(step)
+            log_now = step % config.log_every == 0 or step == config.total_steps
+            save_now = step % config.ckpt_every == 0 or step == config.total_steps or stop
+            if log_now or save_now:
+                nonfinite.flush()                       # logged and saved counts are exact
+            if log_now:
+                last = window.flush(skipped_records=global_skipped_records(data_iter),
+                                    nonfinite_steps=nonfinite.total)
                 last.update(flops.throughput_metrics(flops_per_step, last["steps_per_sec"], jax.device_count(), peak))
                 logger.write_scalars(step, last)
                 logger.progress(step, last)
             if sampler_hook and step % config.sample_every == 0:
                 sampler_hook(step, state["params"], logger)
-            meta = dict(counters, skipped_records=data_iter.skipped_records, config_hash=config_hash)
-            ckpt.save(step, state, data_iter, meta, force=step == config.total_steps)
-            if consecutive_nonfinite >= config.optimizer.max_consecutive_nonfinite:
+            meta = dict(nonfinite_steps=nonfinite.total, skipped_records=data_iter.skipped_records,
+                        config_hash=config_hash)
+            ckpt.save(step, state, data_iter, meta, force=step == config.total_steps or stop)
+            if nonfinite.too_many:
                 ckpt.close()
-                raise UserError(f"stopping: {consecutive_nonfinite} non-finite losses in a row at step {step} "
-                                f"(lower optimizer.lr or check the data); the last good checkpoint is kept")
-            if guard.should_stop(step):
-                ckpt.save(step, state, data_iter, meta, force=True)
+                raise UserError(f"stopping: {nonfinite.in_a_row} non-finite losses in a row at step "
+                                f"{nonfinite.last_step} (lower optimizer.lr or check the data); the last good "
+                                f"checkpoint is kept")
+            if stop:
                 logging.warning("stopped by signal at step %d; checkpoint saved, rerun the command to resume", step)
                 break
     ckpt.close()
     logger.close()
     return last
+
+
+class NonfiniteSteps:
+    """Counts the steps whose update was skipped (non-finite loss or gradient, see make_train_step) without a host
+    sync per step: a step's flag is read once the next step is queued (`push`), or at once by `flush`."""
+
+    def __init__(self, max_in_a_row: int):
+        self.max_in_a_row, self.total, self.in_a_row, self.last_step = max_in_a_row, 0, 0, 0
+        self._pending = []
+
+    @property
+    def too_many(self) -> bool:
+        return self.in_a_row >= self.max_in_a_row
+
+    def push(self, step: int, finite) -> None:
+        self._pending.append((step, finite))
+        while len(self._pending) > 1:
+            self._read(*self._pending.pop(0))
+
+    def flush(self) -> None:
+        while self._pending:
+            self._read(*self._pending.pop(0))
+
+    def _read(self, step: int, finite) -> None:
+        self.last_step = step
+        if bool(finite):
+            self.in_a_row = 0
+            return
+        self.total += 1
+        self.in_a_row += 1
+        logging.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step, self.in_a_row)
 
 
 class _Window:

@@ -181,3 +181,26 @@ def test_bad_config_is_a_one_line_error(bad_config_results, name):
     result, workdir = bad_config_results[name]
     assert_one_line_error(result, BAD_CONFIGS[name][1])
     assert not workdir.exists(), "a bad config must fail before the run directory is created"
+
+
+def test_nonfinite_updates_are_skipped_counted_and_stop_the_run(cli, tmp_path):
+    """A learning rate that blows the params up: every later loss is NaN, each update is skipped (params unchanged),
+    counted in metrics.jsonl, and after optimizer.max_consecutive_nonfinite (5) in a row the run stops cleanly."""
+    import jax
+    from oneflow_jax import generate
+    workdir = tmp_path / "diverging"
+    result = cli.run("train", f"--config={SMOKE_CONFIG}", f"--workdir={workdir}", "--config.optimizer.lr=1e30",
+                     "--config.total_steps=30", "--config.log_every=1", "--config.ckpt_every=3", devices=1)
+    error = assert_one_line_error(result, "5 non-finite losses in a row", "lower optimizer.lr")
+    rows = metrics_by_step(workdir)
+    nan_steps = [s for s in sorted(rows) if not all_finite([rows[s]["loss"]])]
+    assert len(nan_steps) == 5 and nan_steps == list(range(nan_steps[0], nan_steps[0] + 5)), nan_steps
+    assert f"at step {nan_steps[-1]}" in error
+    assert [rows[s]["nonfinite_steps"] for s in sorted(rows)] == [float(sum(n <= s for n in nan_steps))
+                                                                   for s in sorted(rows)]
+    kept = [s for s in checkpoint_steps(workdir) if s >= nan_steps[0] - 1]   # saved after the last good update
+    assert len(kept) >= 2, checkpoint_steps(workdir)
+    params = [jax.tree_util.tree_leaves(generate.load_run(str(workdir), s).params) for s in kept]
+    assert all(np.isfinite(np.asarray(p)).all() for p in params[-1])
+    for earlier in params[:-1]:
+        assert all(np.array_equal(a, b) for a, b in zip(earlier, params[-1])), "a skipped update changed the params"
