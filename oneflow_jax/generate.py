@@ -94,8 +94,10 @@ class Generator:
                                                 banned)
         self.nfe: list[int] = []
 
-    def __call__(self, prompts, seed: int = 0):
-        """prompts: [(token ids, latents-or-None per marker)] -> [(text, [uint8 images])] in the same order."""
+    def __call__(self, prompts, seed: int = 0, params=None):
+        """prompts: [(token ids, latents-or-None per marker)] -> [(text, [uint8 images])] in the same order.
+        `params` replaces the run's (the train loop samples its current state with one compiled sampler)."""
+        params = self.run.params if params is None else params
         out = []
         codec = self.run.codec
         for start in range(0, len(prompts), self.batch_size):
@@ -104,7 +106,7 @@ class Generator:
             chunk += [([], [])] * (self.batch_size - real)
             state = self._lib.init_state(chunk, self.cfg.max_len, self.special, codec.num_patches, codec.patch_dim,
                                        seed=seed + start)
-            final, nfe = self._sample(self.run.params, state, jax.random.fold_in(jax.random.key(seed), start))
+            final, nfe = self._sample(params, state, jax.random.fold_in(jax.random.key(seed), start))
             self.nfe.append(int(nfe))
             for tokens, latents in self._lib.extract_documents(jax.device_get(final), self.special)[:real]:
                 images = [codec.decode(lat) for lat in latents]
@@ -130,7 +132,7 @@ class TrainSampler:
 
     def __init__(self, config, model, codec, tokenizer, workdir: str, num_each: int = 4):
         from oneflow_jax import datasets
-        self.config, self.workdir = config, workdir
+        self.workdir = workdir
         records = datasets.load_records(config.data.name, config.eval.get("split", "eval"), config.data.data_dir,
                                         limit=num_each) if config.data.name == "shapes_world" else []
         prompts = []
@@ -141,12 +143,11 @@ class TrainSampler:
             prompts.append(encode_prompt(caption + " <image>", [None], tokenizer, codec))
         prompts += [([], [])] * 2
         self.prompts = prompts
-        self.model, self.codec, self.tokenizer = model, codec, tokenizer
-        self.sampler_config = sampler.SamplerConfig.for_run(config)
+        self.generator = Generator(Run(config, model, None, codec, tokenizer, 0), sampler.SamplerConfig.for_run(config),
+                                   len(prompts))          # compiled once, on the first call
 
     def __call__(self, step: int, params, logger) -> None:
-        run = Run(self.config, self.model, params, self.codec, self.tokenizer, step)
-        docs = Generator(run, self.sampler_config, len(self.prompts))(self.prompts, seed=step)
+        docs = self.generator(self.prompts, seed=step, params=params)
         out = os.path.join(self.workdir, "samples", f"step_{step:07d}")
         images = [im for _, ims in docs for im in ims]
         texts = "\n".join(f"{i:02d}: {text}" for i, (text, _) in enumerate(docs))

@@ -134,9 +134,13 @@ def test_sampler_documents_end_with_eos_and_whole_blocks(params):
 def test_train_sample_eval_on_ar_workdir(cli, tmp_path, png_path):
     wd = tmp_path / "ar"
     res = cli.run("train", "--config=configs/ar_shapes_tiny.py:smoke", f"--workdir={wd}",
-                  "--config.total_steps=4", "--config.ckpt_every=2", "--config.log_every=1").check()
+                  "--config.total_steps=4", "--config.ckpt_every=2", "--config.log_every=1",
+                  "--config.sample_every=2").check()
     rows = read_metrics(wd)
     assert [r["step"] for r in rows] == [1, 2, 3, 4], res
+    for step in (2, 4):       # the train loop's periodic samples: 4 captions, 4 generations, 2 free documents
+        assert (wd / "samples" / f"step_{step:07d}" / "grid.png").exists()
+        assert len((wd / "samples" / f"step_{step:07d}" / "texts.txt").read_text().splitlines()) == 10
     assert all(np.isfinite(r["loss"]) and "text_loss" in r and "image_loss" in r for r in rows)
     assert json.loads((wd / "config.json").read_text())["model_type"] == "ar"
     out = tmp_path / "samples"
