@@ -1,7 +1,7 @@
 """shapes-world scores (spec: caption accuracy, generation accuracy, interleaved consistency), seen vs held-out.
 
 `python -m oneflow_jax.eval --workdir W [--step K] [--num_examples N] [--steps S]` prints a table and writes
-W/eval/step_{K}.json.
+W/eval/step_{K}.json (the scores, a few sampled documents and up to MAX_FAILURES wrong captions with their truth).
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def _define_flags():
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
+MAX_FAILURES = 20          # wrong captions kept in W/eval/step_K.json (examples.caption_failures)
 ATTRS = ("left_color", "left_shape", "right_color", "right_shape")
 _SIDE = {side: re.compile(rf"a (\w+) (\w+) on the {side}") for side in ("left", "right")}
 
@@ -75,6 +76,7 @@ def evaluate(run: generate.Run, num_examples: int, num_free: int, sampler_config
     gen = generate.Generator(run, sampler_config, batch_size)
     tok, codec = run.tokenizer, run.codec
     truths = [(tuple(r["attributes"][0]), bool(r["image_held_out"][0])) for r in records]
+    caption_texts = [sw.caption(sw.ImageSpec(*_objects(t))) for t, _ in truths]
 
     t0 = time.time()
     cap_docs = gen([generate.encode_prompt("<image>", [r["images"][0]], tok, codec) for r in records], seed)
@@ -88,7 +90,6 @@ def evaluate(run: generate.Run, num_examples: int, num_free: int, sampler_config
                              text=doc))
 
     gen.nfe.clear()
-    caption_texts = [sw.caption(sw.ImageSpec(*_objects(t))) for t, _ in truths]
     gen_docs = gen([generate.encode_prompt(c + " <image>", [None], tok, codec) for c in caption_texts], seed + 1)
     images = []
     for (doc, ims), (truth, held) in zip(gen_docs, truths):
@@ -111,7 +112,9 @@ def evaluate(run: generate.Run, num_examples: int, num_free: int, sampler_config
                     "latency_s_per_example": caption_latency, "nfe": caption_nfe},
         "generation": {"all": _score(images), "seen": _score(images, False), "held_out": _score(images, True)},
         "interleaved_consistency": {"n_pairs": total, "accuracy": agree / total if total else None},
-        "examples": {"captions": [c["text"] for c in captions[:5]], "free": [d for d, _ in free_docs[:3]]},
+        "examples": {"captions": [c["text"] for c in captions[:5]], "free": [d for d, _ in free_docs[:3]],
+                     "caption_failures": [{"truth": truth, "document": c["text"]} for c, truth
+                                          in zip(captions, caption_texts) if not c["correct"]][:MAX_FAILURES]},
     }
 
 

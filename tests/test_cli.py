@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from oneflow_jax import shapes_world as sw
+
 pytest.register_assert_rewrite("cli_utils")
 from cli_utils import assert_one_line_error, copy_workdir  # noqa: E402
 
@@ -98,6 +100,11 @@ def test_eval_prints_the_table_and_writes_scores(cli, trained_run, tmp_path):
     assert {"caption", "generation", "interleaved_consistency"} <= set(scores)
     assert scores["step"] == 12 and scores["caption"]["all"]["n"] == 8
     assert 0.0 <= scores["caption"]["all"]["accuracy"] <= 1.0
+    wrong = round((1 - scores["caption"]["all"]["accuracy"]) * 8)
+    failures = scores["examples"]["caption_failures"]
+    assert len(failures) == wrong, failures
+    for f in failures:   # each truth is a well-formed caption the document did not reproduce
+        assert sw.parse_caption(f["truth"]) is not None and f["document"].count("<image>") >= 1
 
 
 def test_benchmark_scripts_run(cli):
