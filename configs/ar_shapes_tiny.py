@@ -15,6 +15,7 @@ def get_config(arg: str | None = None):
     # AR-only knobs. cond_t_min: an image followed by text draws t_img ~ U(cond_t_min, 1) (Transfusion's noise cap on
     # conditioning images); others U(0, 1).
     c.ar = ml_collections.ConfigDict(dict(cond_t_min=0.5))
-    # objective.image_loss_weight stays shapes_tiny's (4, as OneFlow) for an equal-weight comparison; Transfusion
-    # used 5 with its VAE latents. OneFlow's noising and condition-dropout knobs are unused by the AR objective.
+    # objective.image_loss_weight stays shapes_tiny's (4, the OneFlow run's) for an equal-weight comparison;
+    # Transfusion used 5 with its VAE latents. OneFlow's noising and condition-dropout knobs are unused by the AR
+    # objective.
     return c

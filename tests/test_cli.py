@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from oneflow_jax import shapes_world as sw
+from oneflow_jax.eval import first_caption
 
 pytest.register_assert_rewrite("cli_utils")
 from cli_utils import assert_one_line_error, copy_workdir  # noqa: E402
@@ -104,7 +105,9 @@ def test_eval_prints_the_table_and_writes_scores(cli, trained_run, tmp_path):
     failures = scores["examples"]["caption_failures"]
     assert len(failures) == wrong, failures
     for f in failures:   # each truth is a well-formed caption the document did not reproduce
-        assert sw.parse_caption(f["truth"]) is not None and f["document"].count("<image>") >= 1
+        truth = sw.parse_caption(f["truth"])
+        assert truth is not None and f["document"].count("<image>") >= 1
+        assert sw.parse_caption(first_caption(f["document"]) or "") != truth, f
 
 
 def test_benchmark_scripts_run(cli):
