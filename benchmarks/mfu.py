@@ -1,10 +1,13 @@
 """MFU of the real train step: analytic FLOPs (oneflow_jax.flops, reference §8) / step time / per-device peak.
 
     python benchmarks/mfu.py --config configs/shapes_tiny.py [--config.key=value ...] [--steps 10] [--warmup 2]
+    python benchmarks/mfu.py --config configs/oneflow_1b.py --synthetic --config.data.global_batch_size=32
 
 Builds the model, sharded state and jitted step exactly as train.py does, pulls `steps` real batches from the Grain
 pipeline *before* timing (input time is not measured), runs `warmup` untimed steps, then times `steps` steps each
-ended by block_until_ready. The peak is config.peak_flops if set, else the device's spec sheet, else (CPU) the best
+ended by block_until_ready. `--synthetic` packs the batches from random documents instead (the real noising and
+packing, `--synthetic_text_tokens` random token ids and one random-latent image each): no dataset, tokenizer, VAE,
+Grain or tfds is needed, so a paper-size config runs anywhere. The step's cost does not depend on the values. The peak is config.peak_flops if set, else the device's spec sheet, else (CPU) the best
 of `--peak_repeats` jitted f32 matmuls of `--peak_n`^3. Prints one JSON object.
 """
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import statistics
 import sys
 import time
+import types
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -22,32 +26,88 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from oneflow_jax import config_lib, flops, input_pipeline, sharding  # noqa: E402
+from oneflow_jax import aot, config_lib, edit_flow, flops, packing, sharding  # noqa: E402
 from oneflow_jax.train_state import (build_model, create_sharded_state, loss_function, make_optimizer,  # noqa: E402
                                      make_train_step)
 
 config_flags.DEFINE_config_file("config", None, "configs/*.py[:variant]", lock_config=True)
 flags.DEFINE_integer("steps", 10, "Timed steps.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+flags.DEFINE_bool("synthetic", False, "Batches packed from random documents (no dataset or tokenizer).")
+flags.DEFINE_integer("synthetic_text_tokens", 48, "Mean text length of a synthetic document (uniform +-50%).")
 flags.DEFINE_integer("peak_n", 2048, "Matmul size of the CPU peak measurement.")
 flags.DEFINE_integer("peak_repeats", 10, "Best of this many peak matmuls.")
 FLAGS = flags.FLAGS
 
 
-def run(config, steps: int, warmup: int, peak: float, peak_source: str) -> dict:
-    config_lib.validate(config, jax.device_count())
-    mesh = sharding.make_mesh(config.mesh)
-    tokenizer = input_pipeline.get_tokenizer(config)
-    model, codec = build_model(config, tokenizer.vocab_size)
-    tx, schedule = make_optimizer(config.optimizer, config.total_steps)
-    state, shardings = create_sharded_state(model, tx, mesh, config.seed)
-    transform = packer = None
+def pipeline_pieces(config, tokenizer, codec):
+    """(transform, packer) of the train loop for config.model_type; None, None = the input pipeline's defaults."""
     if config.get("model_type", "oneflow") == "ar":
         from oneflow_jax import ar_objective
-        transform, packer = ar_objective.pipeline_pieces(config, tokenizer, codec)
+        return ar_objective.pipeline_pieces(config, tokenizer, codec)
+    return None, None
+
+
+def real_batches(config, tokenizer, codec, n: int) -> list[dict[str, np.ndarray]]:
+    from oneflow_jax import input_pipeline
+    transform, packer = pipeline_pieces(config, tokenizer, codec)
     it = input_pipeline.create_train_iterator(config, process_index=0, process_count=1, codec=codec,
                                               tokenizer=tokenizer, seed=config.seed, transform=transform, packer=packer)
-    batches = [input_pipeline.make_global_batch(next(it), mesh, sharding.BATCH_AXES) for _ in range(1 + warmup + steps)]
+    return [next(it) for _ in range(n)]
+
+
+def synthetic_batches(config, codec, n: int, text_tokens: int) -> list[dict[str, np.ndarray]]:
+    """`n` batches greedily packed (as the pipeline's packer) from random documents: ~`text_tokens` random ids
+    around one image of N(0, 1) latents, noised by the config's own transform."""
+    vocab = aot._vocab_size(config)
+    tokenizer = types.SimpleNamespace(bos_id=1, eos_id=2, pad_id=0, image_id=4, vocab_size=vocab)
+    transform, packer = pipeline_pieces(config, tokenizer, codec)
+    if transform is None:
+        transform = edit_flow.EditFlowTransform(
+            edit_flow.NoisingConfig.from_config(config.objective), edit_flow.SpecialTokens(bos=1, pad=0, image=4),
+            codec.num_patches)
+        packer = packing.EditFlowPacker(config.data.seq_len, config.data.max_deletions)
+    rng = np.random.default_rng(config.seed)
+    budget = packer.limits[0] - 2 - codec.num_patches       # text that still fits a row next to its image
+    batches, pending = [], None
+    for _ in range(n):
+        rows = []
+        while len(rows) < config.data.global_batch_size:
+            docs, used = [], [0] * len(packer.limits)
+            while True:
+                if pending is None:
+                    length = int(np.clip(rng.integers(text_tokens // 2, text_tokens * 3 // 2 + 1), 1, budget))
+                    text = rng.integers(5, vocab, length).astype(np.int32)
+                    text[rng.integers(length)] = 4                       # the image's <image> marker
+                    latents = rng.standard_normal((1, codec.num_patches, codec.patch_dim)).astype(np.float32)
+                    pending = transform(text, latents, rng)
+                need = packer.usage(pending)
+                if docs and any(u + k > lim for u, k, lim in zip(used, need, packer.limits)):
+                    break
+                docs.append(pending)
+                used = [u + k for u, k in zip(used, need)]
+                pending = None
+            rows.append(packer.pack(docs))
+        batches.append({k: np.stack([r[k] for r in rows]) for k in rows[0]})
+    return batches
+
+
+def run(config, steps: int, warmup: int, peak: float, peak_source: str, synthetic_text_tokens: int = 0) -> dict:
+    """`synthetic_text_tokens` > 0: synthetic batches of that mean text length; 0: the config's dataset."""
+    config_lib.validate(config, jax.device_count())
+    mesh = sharding.make_mesh(config.mesh)
+    if synthetic_text_tokens:
+        model, codec = build_model(config, aot._vocab_size(config))
+        host_batches = synthetic_batches(config, codec, 1 + warmup + steps, synthetic_text_tokens)
+    else:
+        from oneflow_jax import input_pipeline
+        tokenizer = input_pipeline.get_tokenizer(config)
+        model, codec = build_model(config, tokenizer.vocab_size)
+        host_batches = real_batches(config, tokenizer, codec, 1 + warmup + steps)
+    tx, schedule = make_optimizer(config.optimizer, config.total_steps)
+    state, shardings = create_sharded_state(model, tx, mesh, config.seed)
+    batches = [{k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v)
+                for k, v in b.items()} for b in host_batches]
     step = jax.jit(make_train_step(model, tx, schedule, config.objective.image_loss_weight, loss_function(config)),
                    in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=(0,))
     import flax.linen as nn
@@ -74,7 +134,8 @@ def run(config, steps: int, warmup: int, peak: float, peak_source: str) -> dict:
                steps_per_sec=1.0 / step_s, tokens_per_sec=positions / step_s,
                useful_tokens_per_sec=filled * positions / step_s, packing_fill=filled,
                params=flops.params(model.cfg, model_type), train_flops_per_step=flops_step,
-               peak_flops_per_device=peak, peak_source=peak_source)
+               peak_flops_per_device=peak, peak_source=peak_source,
+               data="synthetic" if synthetic_text_tokens else config.data.name)
     out.update(flops.throughput_metrics(flops_step, 1.0 / step_s, jax.device_count(), peak))
     return out
 
@@ -84,7 +145,8 @@ def main(argv):
     if FLAGS.config is None:
         raise config_lib.UserError("--config is required")
     peak, source = flops.resolve_peak_flops(FLAGS.config.get("peak_flops", 0.0), FLAGS.peak_n, FLAGS.peak_repeats)
-    print(json.dumps(run(FLAGS.config, FLAGS.steps, FLAGS.warmup, peak, source), sort_keys=True))
+    text_tokens = FLAGS.synthetic_text_tokens if FLAGS.synthetic else 0
+    print(json.dumps(run(FLAGS.config, FLAGS.steps, FLAGS.warmup, peak, source, text_tokens), sort_keys=True))
 
 
 if __name__ == "__main__":

@@ -181,6 +181,23 @@ def noise_document(tokens: np.ndarray, latents: np.ndarray, rng: np.random.Gener
         del_tokens=np.asarray(del_tokens, np.int32).reshape(-1), del_gap=np.asarray(del_gap, np.int32).reshape(-1))
 
 
+@dataclasses.dataclass(frozen=True)
+class EditFlowTransform:
+    """The input pipeline's DocumentTransform for OneFlow (`noise_document`): X_t is BOS + kept atoms, each kept
+    image brings its patches."""
+
+    cfg: NoisingConfig
+    special: SpecialTokens
+    num_patches: int
+
+    def cost(self, num_tokens: int, num_images: int) -> tuple[int, int]:
+        # Nothing deleted: 1 + n positions + N per image; everything deleted: n bag entries.
+        return (1 + num_tokens + num_images * self.num_patches, num_tokens)
+
+    def __call__(self, tokens, latents, rng):
+        return noise_document(tokens, latents, rng, self.cfg, self.special)
+
+
 def merge_bags(noised: dict[str, np.ndarray], special: SpecialTokens) -> np.ndarray:
     """Inverse of the text part of `noise_document`: X_t's atoms with every bag spliced back, BOS dropped.
 

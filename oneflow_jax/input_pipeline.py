@@ -99,41 +99,6 @@ class RowPacker(Protocol):
         ...
 
 
-@dataclasses.dataclass(frozen=True)
-class EditFlowTransform:
-    """OneFlow noising (`edit_flow.noise_document`): X_t is BOS + kept atoms, each kept image brings its patches."""
-
-    cfg: edit_flow.NoisingConfig
-    special: edit_flow.SpecialTokens
-    num_patches: int
-
-    def cost(self, num_tokens: int, num_images: int) -> tuple[int, int]:
-        # Nothing deleted: 1 + n positions + N per image; everything deleted: n bag entries.
-        return (1 + num_tokens + num_images * self.num_patches, num_tokens)
-
-    def __call__(self, tokens, latents, rng):
-        return edit_flow.noise_document(tokens, latents, rng, self.cfg, self.special)
-
-
-@dataclasses.dataclass(frozen=True)
-class EditFlowPacker:
-    """Rows of `seq_len` positions and `max_deletions` bag slots (`packing.pack_rows`)."""
-
-    seq_len: int
-    max_deletions: int
-    pad_id: int = 0
-
-    @property
-    def limits(self) -> tuple[int, int]:
-        return (self.seq_len, self.max_deletions)
-
-    def usage(self, doc):
-        return (packing.doc_length(doc), packing.doc_deletions(doc))
-
-    def pack(self, docs):
-        return packing.pack_rows(docs, self.seq_len, self.max_deletions, pad_id=self.pad_id)
-
-
 def _fits(used: Sequence[int], extra: Sequence[int], limits: Sequence[int]) -> bool:
     return all(u + e <= lim for u, e, lim in zip(used, extra, limits))
 
@@ -572,12 +537,12 @@ def create_train_iterator(config, *, process_index: int, process_count: int, cod
     builder = prepare_dataset(config)
     if transform is None:
         objective = config.objective if "objective" in config else {}
-        transform = EditFlowTransform(
+        transform = edit_flow.EditFlowTransform(
             edit_flow.NoisingConfig.from_config(objective),
             edit_flow.SpecialTokens(bos=tokenizer.bos_id, pad=tokenizer.pad_id, image=tokenizer.image_id),
             codec.num_patches)
     if packer is None:
-        packer = EditFlowPacker(data.seq_len, data.max_deletions, pad_id=tokenizer.pad_id)
+        packer = packing.EditFlowPacker(data.seq_len, data.max_deletions, pad_id=tokenizer.pad_id)
     return build_pipeline(
         datasets.split_filepaths(builder, data.split), builder.info.features, tokenizer=tokenizer, codec=codec,
         transform=transform, packer=packer, global_batch_size=data.global_batch_size,

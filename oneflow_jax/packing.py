@@ -7,6 +7,8 @@ short X_t rather than the clean documents (reference §4).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 # Per-position fields of a noised document and their padding values.
@@ -66,3 +68,22 @@ def pack_rows(docs, seq_len: int, max_deletions: int, pad_id: int = 0) -> dict[s
         pos += n
         ndel += k
     return row
+
+
+@dataclasses.dataclass(frozen=True)
+class EditFlowPacker:
+    """The input pipeline's RowPacker: rows of `seq_len` positions and `max_deletions` bag slots (`pack_rows`)."""
+
+    seq_len: int
+    max_deletions: int
+    pad_id: int = 0
+
+    @property
+    def limits(self) -> tuple[int, int]:
+        return (self.seq_len, self.max_deletions)
+
+    def usage(self, doc):
+        return (doc_length(doc), doc_deletions(doc))
+
+    def pack(self, docs):
+        return pack_rows(docs, self.seq_len, self.max_deletions, pad_id=self.pad_id)

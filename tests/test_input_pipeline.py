@@ -14,6 +14,7 @@ from oneflow_jax import codec as codec_lib
 from oneflow_jax import datasets
 from oneflow_jax import edit_flow
 from oneflow_jax import input_pipeline as ip
+from oneflow_jax import packing
 from oneflow_jax import shapes_world as sw
 
 NUM_TRAIN = 400
@@ -186,11 +187,11 @@ def _write_array_record(path, records):
 
 
 def _pipeline(files, features, tok, codec, latents=False, **kw):
-    transform = ip.EditFlowTransform(edit_flow.NoisingConfig(),
-                                     edit_flow.SpecialTokens(tok.bos_id, tok.pad_id, tok.image_id), codec.num_patches)
+    transform = edit_flow.EditFlowTransform(edit_flow.NoisingConfig(),
+                                            edit_flow.SpecialTokens(tok.bos_id, tok.pad_id, tok.image_id), codec.num_patches)
     opts = dict(global_batch_size=2, shuffle_seed=0, seed=0, num_epochs=1, prefetch=0, latents=latents)
     opts.update(kw)
-    packer = ip.EditFlowPacker(opts.pop("seq_len", 256), opts.pop("max_deletions", 128), tok.pad_id)
+    packer = packing.EditFlowPacker(opts.pop("seq_len", 256), opts.pop("max_deletions", 128), tok.pad_id)
     return ip.build_pipeline(files, features, tokenizer=tok, codec=codec, transform=transform, packer=packer, **opts)
 
 
