@@ -1,10 +1,12 @@
 """shapes-world scores (spec: caption accuracy, generation accuracy, interleaved consistency), seen vs held-out.
 
-`python -m oneflow_jax.eval --workdir W [--step K] [--num_examples N] [--steps S]` prints a table and writes
+`python -m oneflow_jax.eval --workdir W [--step K] [--num_examples N] [--steps S] [--sampler '{"key": value}']` prints
+a table and writes
 W/eval/step_{K}.json (the scores, a few sampled documents and up to MAX_FAILURES wrong captions with their truth).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -28,6 +30,25 @@ def _define_flags():
     flags.DEFINE_integer("num_free", None, "Documents generated from an empty prompt (default: num_examples // 4).")
     flags.DEFINE_integer("steps", None, "Sampler steps (default: config.sampler.steps).")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_string("sampler", None, "JSON object of sampler.SamplerConfig overrides of the run's config.sampler, "
+                        "e.g. '{\"temperature\": 0.3, \"max_insertions_per_step\": 1}'.")
+
+
+def sampler_overrides(text: str | None) -> dict:
+    """--sampler's JSON object, checked against SamplerConfig's fields."""
+    if not text:
+        return {}
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"--sampler is not JSON: {e}") from None
+    if not isinstance(overrides, dict):
+        raise UserError(f"--sampler must be a JSON object, got {text!r}")
+    known = {f.name for f in dataclasses.fields(sampler.SamplerConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise UserError(f"--sampler: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return overrides
 
 
 MAX_FAILURES = 20          # wrong captions kept in W/eval/step_K.json (examples.caption_failures)
@@ -149,7 +170,9 @@ def main(argv):
     if run.config.data.name != "shapes_world":
         raise UserError(f"eval scores shapes-world runs; this run trained on {run.config.data.name!r}")
     n = FLAGS.num_examples or run.config.eval.num_examples
-    overrides = {"steps": FLAGS.steps} if FLAGS.steps else {}
+    overrides = sampler_overrides(FLAGS.sampler)
+    if FLAGS.steps:
+        overrides["steps"] = FLAGS.steps
     scfg = sampler.SamplerConfig.for_run(run.config, **overrides)
     scores = evaluate(run, n, n // 4 if FLAGS.num_free is None else FLAGS.num_free, scfg,
                       run.config.eval.batch_size, FLAGS.seed)

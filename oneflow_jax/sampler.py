@@ -7,6 +7,14 @@ One iteration, with h = 1 / steps and one network evaluation on the current stat
      Bernoulli(min(1, h * kappa_dot(t) / (1 - kappa(t)) * lambda_i)); the atom a ~ Q_i, and a = `<image>` splices in
      a block of fresh N(0, I) latents with t_img = 0;
   3. t += h; repeat while t < 1 or any t_img < 1.
+Two optional departures from Alg. 1 (both off by default), measured on shapes-world captioning (docs/objective.md):
+  * `max_insertions_per_step` = k caps the insertions of one sequence in one step at k; a step's excess, picked
+    uniformly at random, is postponed. Atoms inserted in the same step are drawn independently from their gaps' bag
+    marginals, so two gaps can both take the same clause's words; one at a time (k = 1) each insertion sees the
+    previous ones, like the continuous-time chain's own jumps.
+  * `finish_threshold` = p: once t reaches 1, sequences in which some gap still has 1 - pi > p take more steps.
+    Alg. 1 gives each gap one last chance at t = 1 - h, so a gap the model is sure is unfinished can end empty.
+  After the last step (t = 1) the rate factor is 1: a postponed or unfinished gap inserts iff Bernoulli(1 - pi).
 Text CFG is Eq. 12 (geometric mixing of lambda and Q between the conditional and the prompt-hidden pass), image CFG
 mixes velocities. Everything lives in fixed [B, max_len] buffers so the loop is one jitted `lax.while_loop` that
 compiles once per shape and runs a batch of prompts at once.
@@ -37,6 +45,8 @@ class SamplerConfig:
     image_cfg: float = 1.0      # v = v_u + w (v_c - v_u)
     temperature: float = 1.0    # for Q
     top_p: float = 1.0          # nucleus sampling for Q
+    max_insertions_per_step: int = 0   # per sequence and step; 0 = no limit (Alg. 1). See the module docstring
+    finish_threshold: float = 0.0      # after t = 1, keep stepping while some gap has 1 - pi above this; 0 = off
     kappa_power: float = 1.0        # the training objective's schedules (config.objective), not sampler knobs
     image_time_shift: float = 1.0
 
@@ -219,13 +229,17 @@ def sample_loop(apply_fn: Callable, state, rng, cfg: SamplerConfig, special: Spe
         valid = pos < st["length"][:, None]
         return jnp.any(st["is_patch"] & valid & (st["patch_t"] < 1.0))
 
+    cap = cfg.max_insertions_per_step
+    # Postponed insertions need up to one step per buffer position; unfinished gaps up to `steps` more.
+    max_iterations = 2 * cfg.steps + 1 + (length if cap else 0)
+
     def cond(carry):
-        st, i, _, _ = carry
-        return ((i < cfg.steps) | pending_images(st)) & (i < 2 * cfg.steps + 1)
+        st, i, _, _, pending_text = carry
+        return ((i < cfg.steps) | pending_images(st) | jnp.any(pending_text)) & (i < max_iterations)
 
     def body(carry):
-        st, i, rng, nfe = carry
-        rng, r_gate, r_rate, r_tok, r_noise = jax.random.split(rng, 5)
+        st, i, rng, nfe, pending_text = carry
+        rng, r_gate, r_rate, r_tok, r_noise, r_pick = jax.random.split(rng, 6)
         pi_logit, lam, log_q, velocity = _guided_heads(apply_fn, st, cfg)
         # 1. Euler step on every noisy image: schedule time u += h, noise level t = shift_time(u).
         valid = pos < st["length"][:, None]
@@ -237,22 +251,32 @@ def sample_loop(apply_fn: Callable, state, rng, cfg: SamplerConfig, special: Spe
         st["patches"] = jnp.where(moving[..., None], flow_matching.euler_step(st["patches"], velocity, step),
                                   st["patches"])
         st["patch_t"] = jnp.where(moving, t_next, st["patch_t"])
-        # 2. Insertions, at text time t = i h < 1, in gaps from the prompt's last atom on.
+        # 2. Insertions, at text time t = i h < 1 (then t = 1: rate factor 1 for postponed / unfinished gaps), in
+        #    gaps from the prompt's last atom on.
         t = i.astype(jnp.float32) * h
-        scale = edit_flow.insertion_rate_scale(t, cfg.kappa_power)
+        scale = edit_flow.insertion_rate_scale(jnp.minimum(t, 1.0 - h), cfg.kappa_power)
         gate = jax.random.uniform(r_gate, pi_logit.shape) < jax.nn.sigmoid(-pi_logit)      # 1 - pi
-        rate = jax.random.uniform(r_rate, lam.shape) < jnp.minimum(1.0, h * scale * lam)
+        rate = (jax.random.uniform(r_rate, lam.shape) < jnp.minimum(1.0, h * scale * lam)) | (i >= cfg.steps)
         text_pos = valid & ~st["is_patch"] & (pos >= st["prompt_len"][:, None] - 1)
         # If the prompt ends in an image block, its gap belongs to that image's <image> token position.
         owner = text_pos | _block_owner_of_prompt_end(st, special, num_patches, pos)
-        insert = gate & rate & owner & (i < cfg.steps)
+        unfinished = jnp.zeros_like(pending_text)
+        if cfg.finish_threshold > 0:
+            unfinished = jnp.any(owner & (jax.nn.sigmoid(-pi_logit) > cfg.finish_threshold), axis=1)
+        insert = gate & rate & owner & ((i < cfg.steps) | pending_text | unfinished)[:, None]
+        pending_text = unfinished
+        if cap:   # keep `cap` of the chosen gaps, uniformly at random; the rest wait for the next step
+            rank = jnp.argsort(jnp.argsort(jnp.where(insert, jax.random.uniform(r_pick, insert.shape), 2.0)))
+            pending_text = pending_text | (jnp.sum(insert, axis=1) > cap)
+            insert = insert & (rank < cap)
         log_q = log_q.at[..., banned].set(NEG)
         new_tok = _sample_tokens(r_tok, log_q, cfg.temperature, cfg.top_p).astype(jnp.int32)
         st = _insert(st, insert, new_tok, r_noise, special, num_patches)
-        return st, i + 1, rng, nfe + 1
+        return st, i + 1, rng, nfe + 1, pending_text
 
     state = {k: jnp.asarray(v) for k, v in state.items()}
-    state, _, _, nfe = jax.lax.while_loop(cond, body, (state, jnp.int32(0), rng, jnp.int32(0)))
+    carry = (state, jnp.int32(0), rng, jnp.int32(0), jnp.zeros(state["length"].shape, bool))
+    state, _, _, nfe, _ = jax.lax.while_loop(cond, body, carry)
     return state, nfe
 
 

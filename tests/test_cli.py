@@ -93,7 +93,8 @@ def test_sample_bad_input_is_a_one_line_error(sample_error_results, name):
 
 def test_eval_prints_the_table_and_writes_scores(cli, trained_run, tmp_path):
     workdir = copy_workdir(trained_run.workdir, tmp_path / "run")
-    result = cli.run("eval", f"--workdir={workdir}", "--num_examples=8").check()
+    result = cli.run("eval", f"--workdir={workdir}", "--num_examples=8",
+                     '--sampler={"max_insertions_per_step": 1, "finish_threshold": 0.5}').check()
     assert "shapes-world eval @ step 12" in result.stdout, str(result)
     for row in ("caption", "generation", "interleaved consistency"):
         assert row in result.stdout, str(result)
@@ -108,6 +109,8 @@ def test_eval_prints_the_table_and_writes_scores(cli, trained_run, tmp_path):
         truth = sw.parse_caption(f["truth"])
         assert truth is not None and f["document"].count("<image>") >= 1
         assert sw.parse_caption(first_caption(f["document"]) or "") != truth, f
+    bad = cli.run("eval", f"--workdir={workdir}", '--sampler={"temprature": 0.3}')
+    assert_one_line_error(bad, "unknown key(s) temprature")
 
 
 def test_benchmark_scripts_run(cli):

@@ -122,3 +122,58 @@ def test_init_state_rejects_mismatched_images():
         S.init_state([([3, 3], np.zeros((1, N, D)))], 32, SP, N, D)
     with pytest.raises(ValueError, match="max_len"):
         S.init_state([([5] * 40, None)], 32, SP, N, D)
+
+
+def recording_oracle(targets, latents, scale_lam=1.0):
+    """make_oracle_apply whose lambda is multiplied by `scale_lam`, recording each call's state lengths."""
+    from oracle import oracle_heads
+    lengths = []
+
+    def heads(tokens, is_patch, patch_t, patches, length):
+        lengths.append(np.asarray(length).copy())
+        pi, lam, q, vel = oracle_heads(tokens, is_patch, patch_t, patches, length, targets, latents, V, SP.image)
+        return pi, lam * np.float32(scale_lam), q, vel
+
+    def apply_fn(inputs, _segments):
+        b, L = inputs["tokens"].shape
+        shapes = (jax.ShapeDtypeStruct((b, L), jnp.float32), jax.ShapeDtypeStruct((b, L), jnp.float32),
+                  jax.ShapeDtypeStruct((b, L, V), jnp.float32), jax.ShapeDtypeStruct((b, L, D), jnp.float32))
+        length = jnp.sum(inputs["segment_ids"] > 0, axis=1)
+        pi, lam, q, vel = jax.pure_callback(lambda *a: heads(*(np.asarray(x) for x in a)), shapes, inputs["tokens"],
+                                            inputs["is_patch"], inputs["patch_t"], inputs["patches"], length)
+        return dict(pi_logit=pi, lam=lam, q_logits=q, velocity=vel)
+    return apply_fn, lengths
+
+
+def run_recorded(targets, latents, steps, scale_lam=1.0, **kw):
+    apply_fn, lengths = recording_oracle(targets, latents, scale_lam)
+    cfg = S.SamplerConfig(steps=steps, max_len=64, **kw)
+    state = S.init_state([([], None)] * len(targets), 64, SP, N, D)
+    out, nfe = jax.jit(lambda st, r: S.sample_loop(apply_fn, st, r, cfg, SP, N))(state, jax.random.key(0))
+    return S.extract_documents(jax.device_get(out), SP), int(nfe), np.stack(lengths)
+
+
+def test_one_insertion_per_step_rebuilds_documents_past_the_last_step():
+    rng = np.random.default_rng(3)
+    targets = [[5, 6, 3, 7, 8, 9, 5, 6, 7, 8, 9, 5], [7, 3, 8]]
+    latents = [rng.standard_normal((t.count(3), N, D)).astype(np.float32) for t in targets]
+    docs, nfe, lengths = run_recorded(targets, latents, steps=6, max_insertions_per_step=1)
+    assert_rebuilt(docs, targets, latents)
+    growth = np.diff(np.concatenate([lengths, [[1 + len(t) + N * t.count(3) for t in targets]]]), axis=0)
+    assert set(np.unique(growth)) <= {0, 1, 1 + N}            # one atom (a token, or <image> + its block) per step
+    assert nfe >= len(targets[0]) > 6                          # postponed insertions ran past the 6 scheduled steps
+    # without the cap the same 6 steps insert several atoms at once
+    _, _, free = run_recorded(targets, latents, steps=6)
+    assert np.diff(free, axis=0).max() > 1 + N
+
+
+def test_finish_threshold_completes_gaps_the_last_step_left_open():
+    """A model whose rates are 100x too low leaves most of the text out under Alg. 1; with finish_threshold the
+    sampler keeps stepping at t = 1 (rate factor 1) while pi says a gap is unfinished, and rebuilds the text."""
+    targets = [[5, 6, 7, 8, 9, 5, 6]]
+    latents = [np.zeros((0, N, D), np.float32)]
+    short, nfe_alg1, _ = run_recorded(targets, latents, steps=8, scale_lam=0.01)
+    assert len(short[0][0]) < len(targets[0]) and nfe_alg1 == 8
+    docs, nfe, _ = run_recorded(targets, latents, steps=8, scale_lam=0.01, finish_threshold=0.5)
+    assert_rebuilt(docs, targets, latents)
+    assert nfe > 8
