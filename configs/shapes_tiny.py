@@ -12,7 +12,8 @@ def get_config(arg: str | None = None):
     c.seed = 0
     c.total_steps = 1400              # 9.5 min at 2.5 steps/s (batch 16 below): ./launch/local.sh fits 15 min on
                                       # the slower of this project's 2-core CPUs (1.9-2.6 steps/s; others 3.1).
-                                      # 2000 steps: caption / generation 0.75 / 0.70 (seen), 5000: 0.84 / 0.92
+                                      # caption / generation (seen, 200 eval docs): 1400 steps 0.80 / 0.66, 2000
+                                      # 0.85 / 0.71, 5000 0.88 / 0.92
     c.log_every = 50
     c.ckpt_every = 500
     c.keep_checkpoints = 3
