@@ -7,8 +7,9 @@ Builds the model, sharded state and jitted step exactly as train.py does, pulls 
 pipeline *before* timing (input time is not measured), runs `warmup` untimed steps, then times `steps` steps each
 ended by block_until_ready. `--synthetic` packs the batches from random documents instead (the real noising and
 packing, `--synthetic_text_tokens` random token ids and one random-latent image each): no dataset, tokenizer, VAE,
-Grain or tfds is needed, so a paper-size config runs anywhere. The step's cost does not depend on the values. The peak is config.peak_flops if set, else the device's spec sheet, else (CPU) the best
-of `--peak_repeats` jitted f32 matmuls of `--peak_n`^3. Prints one JSON object.
+Grain or tfds is needed, so a paper-size config runs anywhere; the step's cost does not depend on the values. The
+peak is config.peak_flops if set, else the device's spec sheet, else (CPU) the best of `--peak_repeats` jitted f32
+matmuls of `--peak_n`^3. Prints one JSON object.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from oneflow_jax import aot, config_lib, edit_flow, flops, packing, sharding  # noqa: E402
 from oneflow_jax.train_state import (build_model, create_sharded_state, loss_function, make_optimizer,  # noqa: E402
-                                     make_train_step)
+                                     make_train_step, pipeline_pieces)
 
 config_flags.DEFINE_config_file("config", None, "configs/*.py[:variant]", lock_config=True)
 flags.DEFINE_integer("steps", 10, "Timed steps.")
@@ -38,14 +39,6 @@ flags.DEFINE_integer("synthetic_text_tokens", 48, "Mean text length of a synthet
 flags.DEFINE_integer("peak_n", 2048, "Matmul size of the CPU peak measurement.")
 flags.DEFINE_integer("peak_repeats", 10, "Best of this many peak matmuls.")
 FLAGS = flags.FLAGS
-
-
-def pipeline_pieces(config, tokenizer, codec):
-    """(transform, packer) of the train loop for config.model_type; None, None = the input pipeline's defaults."""
-    if config.get("model_type", "oneflow") == "ar":
-        from oneflow_jax import ar_objective
-        return ar_objective.pipeline_pieces(config, tokenizer, codec)
-    return None, None
 
 
 def real_batches(config, tokenizer, codec, n: int) -> list[dict[str, np.ndarray]]:
@@ -62,11 +55,11 @@ def synthetic_batches(config, codec, n: int, text_tokens: int) -> list[dict[str,
     vocab = aot._vocab_size(config)
     tokenizer = types.SimpleNamespace(bos_id=1, eos_id=2, pad_id=0, image_id=4, vocab_size=vocab)
     transform, packer = pipeline_pieces(config, tokenizer, codec)
-    if transform is None:
-        transform = edit_flow.EditFlowTransform(
-            edit_flow.NoisingConfig.from_config(config.objective), edit_flow.SpecialTokens(bos=1, pad=0, image=4),
-            codec.num_patches)
-        packer = packing.EditFlowPacker(config.data.seq_len, config.data.max_deletions)
+    if transform is None:   # the input pipeline's defaults
+        special = edit_flow.SpecialTokens(bos=tokenizer.bos_id, pad=tokenizer.pad_id, image=tokenizer.image_id)
+        transform = edit_flow.EditFlowTransform(edit_flow.NoisingConfig.from_config(config.objective), special,
+                                                codec.num_patches)
+        packer = packing.EditFlowPacker(config.data.seq_len, config.data.max_deletions, pad_id=tokenizer.pad_id)
     rng = np.random.default_rng(config.seed)
     budget = packer.limits[0] - 2 - codec.num_patches       # text that still fits a row next to its image
     batches, pending = [], None
@@ -78,11 +71,11 @@ def synthetic_batches(config, codec, n: int, text_tokens: int) -> list[dict[str,
                 if pending is None:
                     length = int(np.clip(rng.integers(text_tokens // 2, text_tokens * 3 // 2 + 1), 1, budget))
                     text = rng.integers(5, vocab, length).astype(np.int32)
-                    text[rng.integers(length)] = 4                       # the image's <image> marker
+                    text[rng.integers(length)] = tokenizer.image_id      # the image's <image> marker
                     latents = rng.standard_normal((1, codec.num_patches, codec.patch_dim)).astype(np.float32)
                     pending = transform(text, latents, rng)
                 need = packer.usage(pending)
-                if docs and any(u + k > lim for u, k, lim in zip(used, need, packer.limits)):
+                if docs and not packing.fits(used, need, packer.limits):
                     break
                 docs.append(pending)
                 used = [u + k for u, k in zip(used, need)]

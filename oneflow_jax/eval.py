@@ -1,8 +1,8 @@
 """shapes-world scores (spec: caption accuracy, generation accuracy, interleaved consistency), seen vs held-out.
 
 `python -m oneflow_jax.eval --workdir W [--step K] [--num_examples N] [--steps S] [--sampler '{"key": value}']` prints
-a table and writes
-W/eval/step_{K}.json (the scores, a few sampled documents and up to MAX_FAILURES wrong captions with their truth).
+a table and writes W/eval/step_{K}.json (the scores, a few sampled documents and up to MAX_FAILURES wrong captions
+with their truth).
 """
 from __future__ import annotations
 

@@ -99,10 +99,6 @@ class RowPacker(Protocol):
         ...
 
 
-def _fits(used: Sequence[int], extra: Sequence[int], limits: Sequence[int]) -> bool:
-    return all(u + e <= lim for u, e, lim in zip(used, extra, limits))
-
-
 def truncate_to_fit(tokens: np.ndarray, image_id: int, word_start: np.ndarray,
                     fits: Callable[[int, int], bool]) -> int:
     """Largest cut c (1 <= c < len) such that tokens[:c] fits, preferring a text boundary; 0 if nothing fits.
@@ -189,7 +185,7 @@ class _Tokenize:
     overlong: str
 
     def _fits_empty_row(self, num_tokens: int, num_images: int) -> bool:
-        return _fits((0,) * len(self.limits), self.cost(num_tokens, num_images), self.limits)
+        return packing.fits((0,) * len(self.limits), self.cost(num_tokens, num_images), self.limits)
 
     def __call__(self, element):
         if "skip" in element:
@@ -301,7 +297,7 @@ class _StreamPackerIterator(grain.DatasetIterator):
                 counts["skipped_" + element["skip"]] += 1
                 continue
             usage = tuple(self._packer.usage(element["doc"]))
-            if _fits(used, usage, limits):
+            if packing.fits(used, usage, limits):
                 docs.append(element["doc"])
                 used = tuple(u + e for u, e in zip(used, usage))
                 counts["truncated"] += int(element["truncated"])

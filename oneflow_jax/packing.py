@@ -24,10 +24,9 @@ def doc_deletions(doc) -> int:
     return len(doc.get("del_tokens", ()))
 
 
-def fits(row_used_len: int, row_used_dels: int, doc, seq_len: int, max_deletions: int) -> bool:
-    """Whether `doc` still fits into a row that already uses `row_used_len` positions and `row_used_dels` deletions."""
-    return (row_used_len + doc_length(doc) <= seq_len
-            and row_used_dels + doc_deletions(doc) <= max_deletions)
+def fits(used, extra, limits) -> bool:
+    """Whether a row that already uses `used` (per limit of a RowPacker: positions, bag slots, ...) takes `extra`."""
+    return all(u + e <= lim for u, e, lim in zip(used, extra, limits))
 
 
 def pack_rows(docs, seq_len: int, max_deletions: int, pad_id: int = 0) -> dict[str, np.ndarray]:

@@ -24,7 +24,7 @@ from oneflow_jax import tokenizer as tokenizer_lib
 from oneflow_jax.config_lib import UserError
 from oneflow_jax.metrics_logging import MetricLogger
 from oneflow_jax.train_state import (abstract_train_state, build_model, create_sharded_state, loss_function,
-                                     make_optimizer, make_train_step)
+                                     make_optimizer, make_train_step, pipeline_pieces)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:variant]).", lock_config=True)
@@ -90,10 +90,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config_lib.say(f"model: {n_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)}; {jax.process_count()} "
                    f"process(es), {jax.device_count()} device(s)")
 
-    transform = packer = None          # defaults: OneFlow noising and Edit Flow packing
-    if config.get("model_type", "oneflow") == "ar":
-        from oneflow_jax import ar_objective
-        transform, packer = ar_objective.pipeline_pieces(config, tokenizer, codec)
+    transform, packer = pipeline_pieces(config, tokenizer, codec)
     data_iter = input_pipeline.create_train_iterator(
         config, process_index=jax.process_index(), process_count=jax.process_count(), codec=codec,
         tokenizer=tokenizer, seed=config.seed, transform=transform, packer=packer)

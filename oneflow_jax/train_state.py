@@ -37,6 +37,15 @@ def build_model(config, vocab_size: int):
     return OneFlowModel(cfg), codec
 
 
+def pipeline_pieces(config, tokenizer, codec):
+    """(transform, packer) for input_pipeline.create_train_iterator: the AR+FM baseline's, or (None, None) = the
+    pipeline's defaults, OneFlow noising and Edit Flow packing."""
+    if config.get("model_type", "oneflow") == "ar":
+        from oneflow_jax import ar_objective
+        return ar_objective.pipeline_pieces(config, tokenizer, codec)
+    return None, None
+
+
 def loss_function(config):
     """The objective of config.model_type: (model, params, batch, image_loss_weight) -> (loss, metrics)."""
     space = config.objective.get("image_loss_space", "v")
