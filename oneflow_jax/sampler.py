@@ -12,6 +12,8 @@ Two optional departures from Alg. 1 (both off by default), measured on shapes-wo
     uniformly at random, is postponed. Atoms inserted in the same step are drawn independently from their gaps' bag
     marginals, so two gaps can both take the same clause's words; one at a time (k = 1) each insertion sees the
     previous ones, like the continuous-time chain's own jumps.
+    `insertion_order` = "largest_gap" keeps, instead, the insertions into the gaps with the largest rate lambda
+    (by the model's own count, the most atoms still missing).
   * `finish_threshold` = p: once t reaches 1, sequences in which some gap still has 1 - pi > p take more steps.
     Alg. 1 gives each gap one last chance at t = 1 - h, so a gap the model is sure is unfinished can end empty.
   After the last step (t = 1) the rate factor is 1: a postponed or unfinished gap inserts iff Bernoulli(1 - pi).
@@ -35,6 +37,7 @@ from oneflow_jax import edit_flow, flow_matching
 from oneflow_jax.edit_flow import SpecialTokens
 
 NEG = -1e9
+INSERTION_ORDERS = ("random", "largest_gap")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +50,12 @@ class SamplerConfig:
     top_p: float = 1.0          # nucleus sampling for Q
     max_insertions_per_step: int = 0   # per sequence and step; 0 = no limit (Alg. 1). See the module docstring
     finish_threshold: float = 0.0      # after t = 1, keep stepping while some gap has 1 - pi above this; 0 = off
+    insertion_order: str = "random"    # which of a step's insertions the cap keeps: "random" | "largest_gap"
+
+    def __post_init__(self):
+        if self.insertion_order not in INSERTION_ORDERS:
+            raise ValueError(f"insertion_order must be one of {', '.join(INSERTION_ORDERS)}, "
+                             f"got {self.insertion_order!r}")
     kappa_power: float = 1.0        # the training objective's schedules (config.objective), not sampler knobs
     image_time_shift: float = 1.0
 
@@ -265,8 +274,9 @@ def sample_loop(apply_fn: Callable, state, rng, cfg: SamplerConfig, special: Spe
             unfinished = jnp.any(owner & (jax.nn.sigmoid(-pi_logit) > cfg.finish_threshold), axis=1)
         insert = gate & rate & owner & ((i < cfg.steps) | pending_text | unfinished)[:, None]
         pending_text = unfinished
-        if cap:   # keep `cap` of the chosen gaps, uniformly at random; the rest wait for the next step
-            rank = jnp.argsort(jnp.argsort(jnp.where(insert, jax.random.uniform(r_pick, insert.shape), 2.0)))
+        if cap:   # keep `cap` of the chosen gaps (at random, or those with the largest rate lambda); the rest wait
+            priority = -lam if cfg.insertion_order == "largest_gap" else jax.random.uniform(r_pick, insert.shape)
+            rank = jnp.argsort(jnp.argsort(jnp.where(insert, priority, jnp.inf)))
             pending_text = pending_text | (jnp.sum(insert, axis=1) > cap)
             insert = insert & (rank < cap)
         log_q = log_q.at[..., banned].set(NEG)

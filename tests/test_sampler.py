@@ -177,3 +177,47 @@ def test_finish_threshold_completes_gaps_the_last_step_left_open():
     docs, nfe, _ = run_recorded(targets, latents, steps=8, scale_lam=0.01, finish_threshold=0.5)
     assert_rebuilt(docs, targets, latents)
     assert nfe > 8
+
+
+def _insertion_gaps(targets, order):
+    """Runs the capped sampler (every unfinished gap fires each step: lambda scaled 1000x) and returns, per step, the
+    oracle's lambda in the gap that received the atom and the largest lambda of that state."""
+    from oracle import oracle_heads
+    calls = []
+
+    def heads(tokens, is_patch, patch_t, patches, length):
+        out = oracle_heads(tokens, is_patch, patch_t, patches, length, targets, latents, V, SP.image)
+        calls.append((tokens.copy(), length.copy(), out[1].copy()))
+        return out[0], out[1] * np.float32(1000.0), out[2], out[3]
+
+    latents = [np.zeros((0, N, D), np.float32) for _ in targets]
+    shapes = (jax.ShapeDtypeStruct((len(targets), 64), jnp.float32),) * 2 + (
+        jax.ShapeDtypeStruct((len(targets), 64, V), jnp.float32), jax.ShapeDtypeStruct((len(targets), 64, D), jnp.float32))
+
+    def apply(inputs, _segments):
+        length = jnp.sum(inputs["segment_ids"] > 0, axis=1)
+        pi, lam, q, vel = jax.pure_callback(lambda *a: heads(*(np.asarray(x) for x in a)), shapes, inputs["tokens"],
+                                            inputs["is_patch"], inputs["patch_t"], inputs["patches"], length)
+        return dict(pi_logit=pi, lam=lam, q_logits=q, velocity=vel)
+
+    cfg = S.SamplerConfig(steps=4, max_len=64, max_insertions_per_step=1, finish_threshold=0.5, insertion_order=order)
+    state = S.init_state([([], None)] * len(targets), 64, SP, N, D)
+    out, _ = jax.jit(lambda st, r: S.sample_loop(apply, st, r, cfg, SP, N))(state, jax.random.key(0))
+    assert_rebuilt(S.extract_documents(jax.device_get(out), SP), targets, latents)
+    chosen = []
+    for (tok, length, lam), (next_tok, next_length, _) in zip(calls, calls[1:]):
+        for r in range(len(targets)):
+            if next_length[r] > length[r]:
+                p = int(np.argmax(tok[r] != next_tok[r]))         # the new atom sits at p: it filled gap p - 1
+                chosen.append((lam[r, p - 1], lam[r, :length[r]].max()))
+    return chosen
+
+
+def test_largest_gap_order_fills_the_gap_with_the_most_missing_atoms_first():
+    targets = [[5, 6, 7, 8, 9, 5, 6, 7, 8, 9], [9, 8, 7, 6, 5, 9, 8]]
+    chosen = _insertion_gaps(targets, "largest_gap")
+    assert len(chosen) >= sum(map(len, targets)) - len(targets)   # the last atoms land after the last recorded call
+    assert all(got == best for got, best in chosen)
+    assert any(got < best for got, best in _insertion_gaps(targets, "random"))    # random order does not
+    with pytest.raises(ValueError, match="insertion_order"):
+        S.SamplerConfig(insertion_order="smallest")
