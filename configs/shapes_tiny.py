@@ -10,14 +10,14 @@ def get_config(arg: str | None = None):
     c = ml_collections.ConfigDict()
     c.model_type = "oneflow"          # 'oneflow' | 'ar' (the AR+FM baseline)
     c.seed = 0
-    c.total_steps = 1400              # 9.5 min at 2.5 steps/s (batch 16 below): ./launch/local.sh fits 15 min on
-                                      # the slower of this project's 2-core CPUs (1.9-2.6 steps/s; others 3.1).
-                                      # caption / generation (seen, 200 eval docs): 1400 steps 0.80 / 0.66, 2000
-                                      # 0.85 / 0.71, 5000 0.88 / 0.92
+    c.total_steps = 2400              # ~10 min at 3.7-4.2 steps/s (batch 8 below, launch/local.sh's XLA flags): the
+                                      # default run fits 15 min on this project's 2-core CPUs. Seen split, 200 eval
+                                      # docs, caption / generation: batch 8 x 2600 steps 0.80 / 0.73 against batch 16
+                                      # x 1400 steps (same time) 0.82 / 0.66; batch 16 x 5000 steps 0.88 / 0.92
     c.log_every = 50
     c.ckpt_every = 500
     c.keep_checkpoints = 3
-    c.sample_every = 700              # periodic sample grid + texts into workdir/samples (0 = off)
+    c.sample_every = 1200             # periodic sample grid + texts into workdir/samples (0 = off)
     c.compile_only = False
     c.peak_flops = 0.0                # per-device peak FLOP/s for MFU; 0 = measure a matmul peak (CPU)
 
@@ -59,7 +59,7 @@ def get_config(arg: str | None = None):
 
     c.data = ml_collections.ConfigDict(dict(
         name="shapes_world", data_dir=ml_collections.FieldReference(None, field_type=str), split="train",
-        seq_len=128, max_deletions=256, global_batch_size=16, shuffle_seed=0, num_workers=0, prefetch=2,
+        seq_len=128, max_deletions=256, global_batch_size=8, shuffle_seed=0, num_workers=0, prefetch=2,
         overlong="drop", tokenizer_path=ml_collections.FieldReference(None, field_type=str), latents=False,
         num_streams=0))               # record streams the global batch is built from (0: one per process)
 
