@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 start=$(date +%s)
 OFJ_EXTRAS="${OFJ_EXTRAS-}" source launch/venv.sh   # the base package only: training needs no torch
 # XLA:CPU settings measured faster for the tiny model on 2 cores (train steps 2.5 vs 2.25 per second): no YNNPACK
-# fusions, and the plain thunk scheduler instead of the (default) concurrency-optimised one. Used only if jaxlib knows them.
+# fusions, and the plain thunk scheduler instead of the (default) concurrency-optimised one. Used only if jaxlib knows
+# them (docs/pod_scale.md, "FLOPs and MFU").
 CPU_FLAGS="--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_enable_concurrency_optimized_scheduler=false"
 if XLA_FLAGS="$CPU_FLAGS ${XLA_FLAGS:-}" python -c "import jax; jax.numpy.zeros(1).block_until_ready()" 2>/dev/null; then
   export XLA_FLAGS="$CPU_FLAGS ${XLA_FLAGS:-}"
