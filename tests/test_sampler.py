@@ -125,13 +125,14 @@ def test_init_state_rejects_mismatched_images():
 
 
 def recording_oracle(targets, latents, scale_lam=1.0):
-    """make_oracle_apply whose lambda is multiplied by `scale_lam`, recording each call's state lengths."""
+    """make_oracle_apply whose lambda is multiplied by `scale_lam`, recording each call's (tokens, length, true
+    lambda)."""
     from oracle import oracle_heads
-    lengths = []
+    calls = []
 
     def heads(tokens, is_patch, patch_t, patches, length):
-        lengths.append(np.asarray(length).copy())
         pi, lam, q, vel = oracle_heads(tokens, is_patch, patch_t, patches, length, targets, latents, V, SP.image)
+        calls.append((tokens.copy(), length.copy(), lam.copy()))
         return pi, lam * np.float32(scale_lam), q, vel
 
     def apply_fn(inputs, _segments):
@@ -142,15 +143,16 @@ def recording_oracle(targets, latents, scale_lam=1.0):
         pi, lam, q, vel = jax.pure_callback(lambda *a: heads(*(np.asarray(x) for x in a)), shapes, inputs["tokens"],
                                             inputs["is_patch"], inputs["patch_t"], inputs["patches"], length)
         return dict(pi_logit=pi, lam=lam, q_logits=q, velocity=vel)
-    return apply_fn, lengths
+    return apply_fn, calls
 
 
-def run_recorded(targets, latents, steps, scale_lam=1.0, **kw):
-    apply_fn, lengths = recording_oracle(targets, latents, scale_lam)
+def run_recorded(targets, latents, steps, scale_lam=1.0, return_calls=False, **kw):
+    apply_fn, calls = recording_oracle(targets, latents, scale_lam)
     cfg = S.SamplerConfig(steps=steps, max_len=64, **kw)
     state = S.init_state([([], None)] * len(targets), 64, SP, N, D)
     out, nfe = jax.jit(lambda st, r: S.sample_loop(apply_fn, st, r, cfg, SP, N))(state, jax.random.key(0))
-    return S.extract_documents(jax.device_get(out), SP), int(nfe), np.stack(lengths)
+    docs = S.extract_documents(jax.device_get(out), SP)
+    return docs, int(nfe), (calls if return_calls else np.stack([length for _, length, _ in calls]))
 
 
 def test_one_insertion_per_step_rebuilds_documents_past_the_last_step():
@@ -180,30 +182,12 @@ def test_finish_threshold_completes_gaps_the_last_step_left_open():
 
 
 def _insertion_gaps(targets, order):
-    """Runs the capped sampler (every unfinished gap fires each step: lambda scaled 1000x) and returns, per step, the
-    oracle's lambda in the gap that received the atom and the largest lambda of that state."""
-    from oracle import oracle_heads
-    calls = []
-
-    def heads(tokens, is_patch, patch_t, patches, length):
-        out = oracle_heads(tokens, is_patch, patch_t, patches, length, targets, latents, V, SP.image)
-        calls.append((tokens.copy(), length.copy(), out[1].copy()))
-        return out[0], out[1] * np.float32(1000.0), out[2], out[3]
-
+    """Runs the capped sampler with every unfinished gap firing each step (lambda scaled 1000x) and returns, per
+    insertion, the true lambda of the gap that received the atom and the largest lambda of that state."""
     latents = [np.zeros((0, N, D), np.float32) for _ in targets]
-    shapes = (jax.ShapeDtypeStruct((len(targets), 64), jnp.float32),) * 2 + (
-        jax.ShapeDtypeStruct((len(targets), 64, V), jnp.float32), jax.ShapeDtypeStruct((len(targets), 64, D), jnp.float32))
-
-    def apply(inputs, _segments):
-        length = jnp.sum(inputs["segment_ids"] > 0, axis=1)
-        pi, lam, q, vel = jax.pure_callback(lambda *a: heads(*(np.asarray(x) for x in a)), shapes, inputs["tokens"],
-                                            inputs["is_patch"], inputs["patch_t"], inputs["patches"], length)
-        return dict(pi_logit=pi, lam=lam, q_logits=q, velocity=vel)
-
-    cfg = S.SamplerConfig(steps=4, max_len=64, max_insertions_per_step=1, finish_threshold=0.5, insertion_order=order)
-    state = S.init_state([([], None)] * len(targets), 64, SP, N, D)
-    out, _ = jax.jit(lambda st, r: S.sample_loop(apply, st, r, cfg, SP, N))(state, jax.random.key(0))
-    assert_rebuilt(S.extract_documents(jax.device_get(out), SP), targets, latents)
+    docs, _, calls = run_recorded(targets, latents, steps=4, scale_lam=1000.0, return_calls=True,
+                                  max_insertions_per_step=1, finish_threshold=0.5, insertion_order=order)
+    assert_rebuilt(docs, targets, latents)
     chosen = []
     for (tok, length, lam), (next_tok, next_length, _) in zip(calls, calls[1:]):
         for r in range(len(targets)):
