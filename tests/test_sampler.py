@@ -146,27 +146,33 @@ def recording_oracle(targets, latents, scale_lam=1.0):
     return apply_fn, calls
 
 
-def run_recorded(targets, latents, steps, scale_lam=1.0, return_calls=False, **kw):
+def run_recorded(targets, latents, steps, scale_lam=1.0, **kw):
+    """(documents, nfe, the oracle's recorded calls) of one sampler run from empty prompts."""
     apply_fn, calls = recording_oracle(targets, latents, scale_lam)
     cfg = S.SamplerConfig(steps=steps, max_len=64, **kw)
     state = S.init_state([([], None)] * len(targets), 64, SP, N, D)
     out, nfe = jax.jit(lambda st, r: S.sample_loop(apply_fn, st, r, cfg, SP, N))(state, jax.random.key(0))
-    docs = S.extract_documents(jax.device_get(out), SP)
-    return docs, int(nfe), (calls if return_calls else np.stack([length for _, length, _ in calls]))
+    return S.extract_documents(jax.device_get(out), SP), int(nfe), calls
+
+
+def call_lengths(calls):
+    """[calls, B] state lengths the sampler showed the model, call by call."""
+    return np.stack([length for _, length, _ in calls])
 
 
 def test_one_insertion_per_step_rebuilds_documents_past_the_last_step():
     rng = np.random.default_rng(3)
     targets = [[5, 6, 3, 7, 8, 9, 5, 6, 7, 8, 9, 5], [7, 3, 8]]
     latents = [rng.standard_normal((t.count(3), N, D)).astype(np.float32) for t in targets]
-    docs, nfe, lengths = run_recorded(targets, latents, steps=6, max_insertions_per_step=1)
+    docs, nfe, calls = run_recorded(targets, latents, steps=6, max_insertions_per_step=1)
+    lengths = call_lengths(calls)
     assert_rebuilt(docs, targets, latents)
     growth = np.diff(np.concatenate([lengths, [[1 + len(t) + N * t.count(3) for t in targets]]]), axis=0)
     assert set(np.unique(growth)) <= {0, 1, 1 + N}            # one atom (a token, or <image> + its block) per step
     assert nfe >= len(targets[0]) > 6                          # postponed insertions ran past the 6 scheduled steps
     # without the cap the same 6 steps insert several atoms at once
     _, _, free = run_recorded(targets, latents, steps=6)
-    assert np.diff(free, axis=0).max() > 1 + N
+    assert np.diff(call_lengths(free), axis=0).max() > 1 + N
 
 
 def test_finish_threshold_completes_gaps_the_last_step_left_open():
@@ -185,8 +191,8 @@ def _insertion_gaps(targets, order):
     """Runs the capped sampler with every unfinished gap firing each step (lambda scaled 1000x) and returns, per
     insertion, the true lambda of the gap that received the atom and the largest lambda of that state."""
     latents = [np.zeros((0, N, D), np.float32) for _ in targets]
-    docs, _, calls = run_recorded(targets, latents, steps=4, scale_lam=1000.0, return_calls=True,
-                                  max_insertions_per_step=1, finish_threshold=0.5, insertion_order=order)
+    docs, _, calls = run_recorded(targets, latents, steps=4, scale_lam=1000.0, max_insertions_per_step=1,
+                                  finish_threshold=0.5, insertion_order=order)
     assert_rebuilt(docs, targets, latents)
     chosen = []
     for (tok, length, lam), (next_tok, next_length, _) in zip(calls, calls[1:]):
