@@ -10,10 +10,11 @@ def get_config(arg: str | None = None):
     c = ml_collections.ConfigDict()
     c.model_type = "oneflow"          # 'oneflow' | 'ar' (the AR+FM baseline)
     c.seed = 0
-    c.total_steps = 2400              # ~10 min at 3.7-4.2 steps/s (batch 8 below, launch/local.sh's XLA flags): the
-                                      # default run fits 15 min on this project's 2-core CPUs. Seen split, 200 eval
-                                      # docs, caption / generation: batch 8 x 2600 steps 0.80 / 0.73 against batch 16
-                                      # x 1400 steps (same time) 0.82 / 0.66; batch 16 x 5000 steps 0.88 / 0.92
+    c.total_steps = 2400              # 8-9 min of training at 4.5-5 steps/s (batch 8 below, launch/local.sh's XLA
+                                      # flags; 3.6-4.2 under load): ./launch/local.sh took 631 s in all. Seen split,
+                                      # 200 eval docs, caption / generation: batch 8 x 2400 steps 0.85 / 0.62 and
+                                      # 0.79 / 0.70 (seeds 0, 1), x 2600 0.80 / 0.73; batch 16 x 1400 steps (the
+                                      # same time) 0.82 / 0.66; batch 16 x 5000 steps 0.88 / 0.92
     c.log_every = 50
     c.ckpt_every = 500
     c.keep_checkpoints = 3
