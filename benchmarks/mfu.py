@@ -98,10 +98,12 @@ def run(config, steps: int, warmup: int, peak: float, peak_source: str, syntheti
         model, codec = build_model(config, tokenizer.vocab_size)
         host_batches = real_batches(config, tokenizer, codec, 1 + warmup + steps)
     tx, schedule = make_optimizer(config.optimizer, config.total_steps)
-    state, shardings = create_sharded_state(model, tx, mesh, config.seed)
+    ema_decay = config.optimizer.get("ema_decay", 0.0)
+    state, shardings = create_sharded_state(model, tx, mesh, config.seed, ema_decay)
     batches = [{k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v)
                 for k, v in b.items()} for b in host_batches]
-    step = jax.jit(make_train_step(model, tx, schedule, config.objective.image_loss_weight, loss_function(config)),
+    step = jax.jit(make_train_step(model, tx, schedule, config.objective.image_loss_weight, loss_function(config),
+                                   ema_decay),
                    in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=(0,))
     import flax.linen as nn
     times = []

@@ -80,7 +80,7 @@ def pod_config(backbone: dict, arg: str | None = None) -> ml_collections.ConfigD
 
     c.optimizer = ml_collections.ConfigDict(dict(    # Edit Flows' recipe (reference §6)
         lr=3e-4, min_lr_ratio=0.1, warmup_steps=2000, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0,
-        max_consecutive_nonfinite=5))
+        ema_decay=0.0, max_consecutive_nonfinite=5))    # ema_decay > 0: keep an EMA of the params for sampling
 
     c.sampler = ml_collections.ConfigDict(dict(steps=50, max_len=512, text_cfg=1.0, image_cfg=5.0, temperature=1.0,
                                                top_p=1.0))

@@ -142,10 +142,12 @@ def compile_train_step(config, devices=None) -> CompileResult:
         raise UserError(str(e)) from None
     model_cfg = model.cfg
     tx, schedule = make_optimizer(config.optimizer, config.total_steps)
-    state, state_shardings = abstract_train_state(model, tx, mesh)
+    ema_decay = config.optimizer.get("ema_decay", 0.0)
+    state, state_shardings = abstract_train_state(model, tx, mesh, ema_decay)
     structure = ar_batch_structure(config, model_cfg) if model_type == "ar" else None
     batch = abstract_batch(model_cfg, config.data, mesh, structure)
-    step = jax.jit(make_train_step(model, tx, schedule, config.objective.image_loss_weight, loss_function(config)),
+    step = jax.jit(make_train_step(model, tx, schedule, config.objective.image_loss_weight, loss_function(config),
+                                   ema_decay),
                    in_shardings=(state_shardings, None), out_shardings=(state_shardings, None), donate_argnums=(0,))
     # The executable never runs: on CPU skip LLVM's optimisations (about 2x faster compile). Buffer assignment, and
     # so the memory numbers, happen before the backend and come out identical.

@@ -56,6 +56,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if config.objective.get("image_loss_space", "v") not in LOSS_SPACES:
         raise UserError(f"config.objective.image_loss_space must be one of {LOSS_SPACES}, got "
                         f"{config.objective.image_loss_space!r}")
+    if not 0.0 <= config.optimizer.get("ema_decay", 0.0) < 1.0:
+        raise UserError(f"config.optimizer.ema_decay must be in [0, 1) (0 = no EMA), got "
+                        f"{config.optimizer.ema_decay!r}")
     if num_devices is not None:
         from oneflow_jax import sharding
         try:

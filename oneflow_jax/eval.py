@@ -30,6 +30,8 @@ def _define_flags():
     flags.DEFINE_integer("num_free", None, "Documents generated from an empty prompt (default: num_examples // 4).")
     flags.DEFINE_integer("steps", None, "Sampler steps (default: config.sampler.steps).")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_bool("ema", True, "Use the run's EMA weights when it keeps them (optimizer.ema_decay > 0); "
+                      "--noema: the raw trained weights.")
     flags.DEFINE_string("sampler", None, "JSON object of sampler.SamplerConfig overrides of the run's config.sampler, "
                         "e.g. '{\"temperature\": 0.3, \"max_insertions_per_step\": 1}'.")
 
@@ -166,7 +168,7 @@ def main(argv):
         raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.workdir:
         raise UserError("--workdir is required")
-    run = generate.load_run(FLAGS.workdir, FLAGS.step)
+    run = generate.load_run(FLAGS.workdir, FLAGS.step, FLAGS.ema)
     if run.config.data.name != "shapes_world":
         raise UserError(f"eval scores shapes-world runs; this run trained on {run.config.data.name!r}")
     n = FLAGS.num_examples or run.config.eval.num_examples

@@ -26,8 +26,9 @@ from oneflow_jax.model import OneFlowModel
 from oneflow_jax.train_state import restore_params
 
 
-def load_params(workdir: str, step: int | None = None, tokenizer_path: str | None = None):
-    """(config, ModelConfig, params, tokenizer path, restored step) of a run, params restored on the local devices."""
+def load_params(workdir: str, step: int | None = None, tokenizer_path: str | None = None, ema: bool = True):
+    """(config, ModelConfig, params, tokenizer path, restored step) of a run, params (the EMA when the run keeps one
+    and `ema`) restored on the local devices."""
     if not (epath.Path(workdir) / "config.json").exists():          # epath: gs:// workdirs too
         raise UserError(f"{workdir} is not a training run directory (no config.json)")
     config = checkpointing.load_config(workdir)
@@ -40,15 +41,17 @@ def load_params(workdir: str, step: int | None = None, tokenizer_path: str | Non
         tok_path = tokenizer_path
     tokenizer = tokenizer_lib.load(tok_path)
     model = OneFlowModel(config_lib.model_config(config, tokenizer.vocab_size, make_codec(config.codec)))
-    params, restored = restore_params(workdir, config, model, step)
+    params, restored = restore_params(workdir, config, model, step, ema)
     return config, model.cfg, params, tokenizer, tok_path, restored
 
 
 def export_run(workdir: str, out_dir: str, step: int | None = None, dtype: str = "float32",
-               tokenizer_path: str | None = None) -> dict:
-    """Exports run `workdir` into `out_dir` and checks parity; returns the parity report."""
-    config, cfg, params, tokenizer, tok_path, restored = load_params(workdir, step, tokenizer_path)
-    extra = dict(source_step=restored, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id,
+               tokenizer_path: str | None = None, ema: bool = True) -> dict:
+    """Exports run `workdir` into `out_dir` and checks parity; returns the parity report. The weights are the run's
+    EMA when it keeps one (optimizer.ema_decay > 0) and `ema`, else the trained params."""
+    config, cfg, params, tokenizer, tok_path, restored = load_params(workdir, step, tokenizer_path, ema)
+    weights = "ema" if ema and config.optimizer.get("ema_decay", 0.0) > 0 else "params"
+    extra = dict(source_step=restored, source_weights=weights, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id,
                  codec=config.codec.to_dict())
     report = torch_export.export(params, dataclasses.asdict(cfg), out_dir, tokenizer_path=tok_path, dtype=dtype,
                                  extra_config=extra, image_token_id=tokenizer.image_id, bos_id=tokenizer.bos_id)
@@ -65,10 +68,12 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=sorted(torch_export.NP_DTYPES),
                         help="dtype of the exported weights and of the reference computation")
     parser.add_argument("--tokenizer", default=None, help="SentencePiece .model when the workdir has none")
+    parser.add_argument("--noema", dest="ema", action="store_false",
+                        help="export the trained params instead of the run's EMA (runs with optimizer.ema_decay > 0)")
     args = parser.parse_args(argv)
     logging.set_verbosity(logging.INFO)
     try:
-        report = export_run(args.workdir, args.out, args.step, args.dtype, args.tokenizer)
+        report = export_run(args.workdir, args.out, args.step, args.dtype, args.tokenizer, args.ema)
     except (UserError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

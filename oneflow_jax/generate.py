@@ -32,8 +32,9 @@ class Run:
     step: int
 
 
-def load_run(workdir: str, step: int | None = None) -> Run:
-    """The run's config, tokenizer and (latest or given) checkpointed params, replicated on the local devices."""
+def load_run(workdir: str, step: int | None = None, ema: bool = True) -> Run:
+    """The run's config, tokenizer and (latest or given) checkpointed params, replicated on the local devices: the
+    EMA weights when the run keeps them and `ema` (train_state.restore_params)."""
     if not os.path.isdir(workdir) or not os.path.exists(os.path.join(workdir, "config.json")):
         raise UserError(f"{workdir} is not a training run directory (no config.json)")
     config = checkpointing.load_config(workdir)
@@ -43,7 +44,7 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     tokenizer = tokenizer_lib.load(tok_path)
     from oneflow_jax.train_state import build_model, restore_params
     model, codec = build_model(config, tokenizer.vocab_size)      # OneFlowModel or, for model_type 'ar', ARModel
-    params, restored_step = restore_params(workdir, config, model, step)
+    params, restored_step = restore_params(workdir, config, model, step, ema)
     return Run(config, model, params, codec, tokenizer, restored_step)
 
 

@@ -195,7 +195,7 @@ def import_to_workdir(hf_dir: str, config, workdir: str, seed: int | None = None
     import ml_collections
 
     from oneflow_jax import checkpointing, config_lib, sharding
-    from oneflow_jax.train_state import abstract_train_state, build_model, make_optimizer
+    from oneflow_jax.train_state import abstract_train_state, build_model, initial_state, make_optimizer
 
     hf = read_hf_config(hf_dir)
     vocab = config.model.get("vocab_size", 0) or hf["vocab_size"]
@@ -205,10 +205,10 @@ def import_to_workdir(hf_dir: str, config, workdir: str, seed: int | None = None
     params = import_params(hf_dir, model, config.seed if seed is None else seed)
     mesh = sharding.make_mesh(config.get("mesh", ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))))
     tx, _ = make_optimizer(config.optimizer, config.total_steps)
-    abstract, shardings = abstract_train_state(model, tx, mesh)
+    ema_decay = config.optimizer.get("ema_decay", 0.0)
+    abstract, shardings = abstract_train_state(model, tx, mesh, ema_decay)
     params = jax.device_put(params, shardings["params"])
-    init = jax.jit(lambda p: dict(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
-                   out_shardings=shardings)
+    init = jax.jit(lambda p: initial_state(p, tx, ema_decay), out_shardings=shardings)
     state = init(params)
     checkpointing.save_config(workdir, config)
     with checkpointing.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3), async_save=False) as ckpt:

@@ -23,6 +23,8 @@ flags.DEFINE_multi_string("image", [], "PNG for the next `<image>` marker of --p
 flags.DEFINE_string("prompts_file", None, 'JSONL lines {"prompt": "...", "images": ["a.png", ...]}.')
 flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_bool("ema", True, "Use the run's EMA weights when it keeps them (optimizer.ema_decay > 0); "
+                  "--noema: the raw trained weights.")
 flags.DEFINE_string("out", None, "Output directory (default: W/samples/cli).")
 flags.DEFINE_integer("steps", None, "Sampler steps (default: the run config's sampler.steps).")
 flags.DEFINE_float("text_cfg", None, "Text guidance weight w of Eq. 12 (default: config).")
@@ -67,7 +69,7 @@ def main(argv):
     if FLAGS.num_samples < 1:
         raise UserError("--num_samples must be >= 1")
     prompts = read_prompts()
-    run = generate.load_run(FLAGS.workdir, FLAGS.step)
+    run = generate.load_run(FLAGS.workdir, FLAGS.step, FLAGS.ema)
     # Validate every prompt (images exist and decode, markers match) before compiling anything.
     encoded, given_images = [], []
     for text, paths in prompts:

@@ -85,7 +85,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     model, codec = build_model(config, tokenizer.vocab_size)
     checkpointing.save_config(workdir, config)
     tx, schedule = make_optimizer(config.optimizer, config.total_steps)
-    state, state_shardings = create_sharded_state(model, tx, mesh, config.seed)
+    ema_decay = config.optimizer.get("ema_decay", 0.0)
+    state, state_shardings = create_sharded_state(model, tx, mesh, config.seed, ema_decay)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state["params"]))
     config_lib.say(f"model: {n_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)}; {jax.process_count()} "
                    f"process(es), {jax.device_count()} device(s)")
@@ -97,7 +98,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints, save_every=config.ckpt_every)
     nonfinite = NonfiniteSteps(config.optimizer.max_consecutive_nonfinite)
     if ckpt.latest_step() is not None:
-        state, meta, _ = ckpt.restore(abstract_train_state(model, tx, mesh)[0], data_iter)
+        state, meta, _ = ckpt.restore(abstract_train_state(model, tx, mesh, ema_decay)[0], data_iter)
         nonfinite.total = int(meta.get("user", {}).get("nonfinite_steps", 0))
         config_lib.say(f"resumed from checkpoint step {int(state['step'])} in {workdir}")
     start = int(state["step"])
@@ -108,7 +109,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                    f"{peak / 1e12:.3f} TFLOP/s per device ({peak_source})")
 
     train_step = jax.jit(make_train_step(model, tx, schedule, config.objective.image_loss_weight,
-                                         loss_function(config)),
+                                         loss_function(config), ema_decay),
                          in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
                          donate_argnums=(0,))
     logger = MetricLogger(workdir, config.total_steps, resume_step=start)
@@ -141,7 +142,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 logger.write_scalars(step, last)
                 logger.progress(step, last)
             if sampler_hook and step % config.sample_every == 0:
-                sampler_hook(step, state["params"], logger)
+                sampler_hook(step, state["ema_params" if ema_decay > 0 else "params"], logger)
             meta = dict(nonfinite_steps=nonfinite.total, skipped_records=data_iter.skipped_records,
                         config_hash=config_hash)
             ckpt.save(step, state, data_iter, meta, force=step == config.total_steps or stop)

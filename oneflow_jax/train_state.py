@@ -55,27 +55,38 @@ def loss_function(config):
     return functools.partial(objective.oneflow_loss, image_loss_space=space)
 
 
-def _init_fn(model, tx):
+def initial_state(params, tx, ema_decay: float = 0.0) -> dict:
+    """The train state at step 0: params, the optimizer's state and, when ema_decay > 0, `ema_params`, an exponential
+    moving average of the params (what sample, eval and export use; see make_train_step)."""
+    state = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    if ema_decay > 0:
+        state["ema_params"] = params
+    return state
+
+
+def _init_fn(model, tx, ema_decay: float):
     def init(rng):
         params = model.init(rng, dummy_batch(model.cfg))["params"]      # boxed with logical axis names
-        return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        return initial_state(params, tx, ema_decay)
     return init
 
 
-def abstract_train_state(model, tx, mesh):
+def abstract_train_state(model, tx, mesh, ema_decay: float = 0.0):
     """(abstract state whose leaves carry their target shardings, shardings), from eval_shape: nothing allocated."""
-    abstract = jax.eval_shape(_init_fn(model, tx), jax.random.key(0))
+    abstract = jax.eval_shape(_init_fn(model, tx, ema_decay), jax.random.key(0))
     shardings = sharding.logical_to_sharding(nn.get_partition_spec(abstract), mesh)
     abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                       nn.meta.unbox(abstract), shardings)
     return abstract, shardings
 
 
-def restore_params(workdir: str, config, model, step: int | None = None):
+def restore_params(workdir: str, config, model, step: int | None = None, ema: bool = True):
     """(params, step) of checkpoint `step` (default: the newest readable) of run `workdir`, replicated on the local
-    devices; only the params are read (the optimizer moments stay on disk). For sampling, eval and export."""
+    devices: the EMA of the params if the run keeps one (optimizer.ema_decay > 0) and `ema`, else the params. Only
+    those are read (the optimizer moments stay on disk). For sampling, eval and export."""
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
-    abstract = {"params": abstract_train_state(model, optax.identity(), mesh)[0]["params"]}
+    key = "ema_params" if ema and config.optimizer.get("ema_decay", 0.0) > 0 else "params"
+    abstract = {key: abstract_train_state(model, optax.identity(), mesh)[0]["params"]}
     ckpt = checkpointing.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3), async_save=False)
     try:
         if ckpt.latest_step() is None:
@@ -83,20 +94,29 @@ def restore_params(workdir: str, config, model, step: int | None = None):
         state, _, restored = ckpt.restore(abstract, step=step, partial=True)
     finally:
         ckpt.close()
-    return state["params"], restored
+    return state[key], restored
 
 
-def create_sharded_state(model, tx, mesh, seed: int):
+def create_sharded_state(model, tx, mesh, seed: int, ema_decay: float = 0.0):
     """(state, state_shardings): params initialised straight into their shardings (never whole on one device)."""
-    _, shardings = abstract_train_state(model, tx, mesh)
-    init = _init_fn(model, tx)
+    _, shardings = abstract_train_state(model, tx, mesh, ema_decay)
+    init = _init_fn(model, tx, ema_decay)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
         state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(jax.random.key(seed))
     return state, shardings
 
 
-def make_train_step(model, tx, schedule, loss_weight: float, objective_fn=objective.oneflow_loss):
-    """One optimizer step. A non-finite loss or gradient leaves params and optimizer state unchanged."""
+def ema_decay_at(step, decay: float):
+    """The EMA's decay at optimizer step `step` (0-based): min(decay, (1 + step) / (10 + step)), so the average
+    forgets the random init within the first few hundred steps instead of after ~1 / (1 - decay)."""
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def make_train_step(model, tx, schedule, loss_weight: float, objective_fn=objective.oneflow_loss,
+                    ema_decay: float = 0.0):
+    """One optimizer step. A non-finite loss or gradient leaves params, optimizer state and EMA unchanged. With
+    ema_decay > 0 (the state from initial_state(..., ema_decay)) also ema <- d ema + (1 - d) params (ema_decay_at)."""
     def train_step(state, batch):
         loss_fn = lambda p: objective_fn(model, p, batch, loss_weight)
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -107,6 +127,10 @@ def make_train_step(model, tx, schedule, loss_weight: float, objective_fn=object
         keep_new = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
         new_state = dict(step=state["step"] + 1, params=keep_new(params, state["params"]),
                          opt_state=keep_new(opt_state, state["opt_state"]))
+        if ema_decay > 0:
+            d = ema_decay_at(state["step"], ema_decay)
+            ema = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, state["ema_params"], params)
+            new_state["ema_params"] = keep_new(ema, state["ema_params"])
         metrics.update(grad_norm=grad_norm, lr=schedule(state["step"]), finite=finite.astype(jnp.float32))
         return new_state, metrics
     return train_step

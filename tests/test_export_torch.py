@@ -303,7 +303,9 @@ def test_cli_exports_a_checkpointed_run(tmp_path, capsys):
     model = model_lib.OneFlowModel(config_lib.model_config(config, tok.vocab_size, make_codec(config.codec)))
     tx, _ = make_optimizer(config.optimizer, config.total_steps)
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
-    state, _ = create_sharded_state(model, tx, mesh, seed=0)
+    assert config.optimizer.ema_decay > 0
+    state, _ = create_sharded_state(model, tx, mesh, seed=0, ema_decay=config.optimizer.ema_decay)
+    state["ema_params"] = jax.tree_util.tree_map(lambda p: 0.5 * p, state["params"])   # as if trained
     with checkpointing.Checkpointer(str(workdir), keep=1, async_save=False) as ckpt:
         ckpt.save(3, state, force=True)
     from oneflow_jax import export_torch
@@ -311,9 +313,12 @@ def test_cli_exports_a_checkpointed_run(tmp_path, capsys):
     assert "parity ok" in capsys.readouterr().out
     assert (out / "tokenizer.model").read_bytes() == (workdir / "tokenizer.model").read_bytes()
     config_json = json.loads((out / "config.json").read_text())
-    assert config_json["tie_embeddings"] and config_json["source_step"] == 3 and config_json["image_token_id"] == tok.image_id
+    assert config_json["tie_embeddings"] and config_json["source_step"] == 3 and config_json["source_weights"] == "ema"
+    assert config_json["image_token_id"] == tok.image_id
+    raw = export_torch.load_params(str(workdir), ema=False)[2]                 # --noema
+    assert_trees_equal(jax.tree_util.tree_map(np.asarray, raw), jax.tree_util.tree_map(np.asarray, state["params"]))
     params, _ = torch_export.load_export(str(out))
-    assert_trees_equal(params, jax.tree_util.tree_map(np.asarray, state["params"]))
+    assert_trees_equal(params, jax.tree_util.tree_map(np.asarray, state["ema_params"]))   # the EMA weights
     # a run directory without checkpoints: a one-line error and exit status 2 (in-process: same code path)
     empty = tmp_path / "empty"
     checkpointing.save_config(str(empty), config)

@@ -177,9 +177,12 @@ def restore_like_train(workdir):
     run_model, _ = train_state.build_model(config, 96)
     tx, _ = train_state.make_optimizer(config.optimizer, config.total_steps)
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+    ema_decay = config.optimizer.get("ema_decay", 0.0)
     with checkpointing.Checkpointer(str(workdir), keep=1, async_save=False) as ckpt:
-        state, meta, step = ckpt.restore(train_state.abstract_train_state(run_model, tx, mesh)[0])
+        state, meta, step = ckpt.restore(train_state.abstract_train_state(run_model, tx, mesh, ema_decay)[0])
     assert step == 0 and int(state["step"]) == 0
+    if ema_decay > 0:       # the EMA starts at the imported weights
+        jax.tree_util.tree_map(np.testing.assert_array_equal, state["ema_params"], state["params"])
     return config, run_model, state, meta
 
 

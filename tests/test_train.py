@@ -163,6 +163,7 @@ BAD_CONFIGS = {   # name: (flags, what the one error line must mention)
     "unknown_top_level_key": (["--config.nonexistent=1"], "nonexistent"),
     "heads_not_divisible_by_tensor": (["--config.mesh.tensor=8"], "n_heads"),
     "unknown_image_loss_space": (["--config.objective.image_loss_space=eps"], "image_loss_space"),
+    "ema_decay_of_1": (["--config.optimizer.ema_decay=1.0"], "ema_decay"),
 }
 
 
