@@ -24,7 +24,8 @@ def run(args, num_workers: int) -> dict:
     cfg = ml_collections.ConfigDict({"data": input_pipeline.default_config(), "objective": {}})
     cfg.data.update(dict(name=args.dataset, data_dir=args.data_dir, seq_len=args.seq_len,
                          max_deletions=args.max_deletions, global_batch_size=args.batch, num_workers=num_workers,
-                         prefetch=args.prefetch, read_threads=args.read_threads, overlong=args.overlong))
+                         prefetch=args.prefetch, read_threads=args.read_threads, overlong=args.overlong,
+                         cache_decoded=args.cache_decoded))
     if args.num_train:
         cfg.data.builder_config = dict(num_train=args.num_train, num_eval=100)
     tokenizer = input_pipeline.get_tokenizer(cfg)
@@ -53,7 +54,7 @@ def run(args, num_workers: int) -> dict:
         "examples_per_s": round(docs / elapsed, 1), "rows_per_s": round(rows / elapsed, 1),
         "tokens_per_s": round(total / elapsed, 1), "fill": round(used / max(total, 1), 3),
         "docs_per_row": round(docs / max(rows, 1), 2), "skipped_records": it.skipped_records,
-        "startup_s": round(startup, 2), "cpus": os.cpu_count(), "machine": platform.machine(),
+        "cache_decoded": args.cache_decoded, "startup_s": round(startup, 2), "cpus": os.cpu_count(), "machine": platform.machine(),
     }
 
 
@@ -72,6 +73,7 @@ def main():
     p.add_argument("--read_threads", type=int, default=1)
     p.add_argument("--patch_size", type=int, default=4)
     p.add_argument("--overlong", default="truncate")
+    p.add_argument("--cache_decoded", action="store_true", help="data.cache_decoded (warm the cache with --warmup)")
     args = p.parse_args()
     for n in (int(x) for x in args.num_workers.split(",")):
         print(json.dumps(run(args, n)), flush=True)

@@ -3,10 +3,11 @@
 Stages (docs/data.md has the full picture):
 
     MapDataset.source(ArrayRecordDataSource)         raw serialized records of one split
+      .map(_Decode)                                  tfds decode + validation (records are read lazily, by index)
+      [_MemoizedMapDataset]                          data.cache_decoded: each record decoded once per process
       .shuffle(shuffle_seed).repeat(num_epochs)      seeded global shuffle, reshuffled every epoch
       .map_with_index(...)                           tag each record with its global stream position
       [s::num_streams], for this host's streams s    per-host shard: disjoint streams covering every epoch
-      .map(_Decode)                                  tfds decode + validation
       .map(_Tokenize)                                text -> ids, images -> latents, over-long policy
       .map(_Transform)                               per-document transform (OneFlow noising), seeded by
                                                      (seed, global position) = per example and epoch
@@ -67,6 +68,9 @@ def default_config() -> ml_collections.ConfigDict:
         num_workers=0,              # Grain worker processes, must divide the host's streams (0: a prefetch thread)
         prefetch=2,                 # batches buffered (over all workers, or by the thread)
         read_threads=0,             # extra threads decoding records per stream (0: in the packing thread)
+        cache_decoded=False,        # keep every decoded record in host memory (each worker its own copy): from
+                                    # the 2nd epoch on no read or decode. For datasets that fit (shapes-world:
+                                    # ~100 MB); batches are identical either way
         overlong="truncate",        # 'truncate' (at a text boundary) | 'drop'
         tokenizer_path=None,        # None: trained once for the dataset and cached in its data dir
         tokenizer_vocab_size=None,  # None: the dataset's default (shapes-world: word model, <= 64)
@@ -129,7 +133,7 @@ def _skip(reason: str) -> dict[str, Any]:
 
 
 class _Decode:
-    """Raw record -> {'index', 'text', 'images'} or a skip marker ('corrupt': unparsable, 'invalid': bad values)."""
+    """Raw record -> {'text', 'images'} or a skip marker ('corrupt': unparsable, 'invalid': bad values)."""
 
     def __init__(self, features_json: str, latents: bool, image_shape: tuple[int, ...],
                  latent_shape: tuple[int, int]):
@@ -155,8 +159,7 @@ class _Decode:
             elif im.dtype != np.uint8 or im.shape != self._image_shape:
                 raise ValueError(f"image {im.dtype}{im.shape}, expected uint8{self._image_shape}")
 
-    def __call__(self, element):
-        index, raw = element
+    def __call__(self, raw):
         if self._features is None:
             self._features = tfds.features.FeatureConnector.from_json(json.loads(self._features_json))
         try:
@@ -170,12 +173,12 @@ class _Decode:
             self._check_images(images)
         except ValueError:
             return _skip("invalid")
-        return {"index": index, "text": text, "images": images}
+        return {"text": text, "images": images}
 
 
 @dataclasses.dataclass
 class _Tokenize:
-    """Text -> token ids, images -> latents [n_img, N, D]; applies the over-long policy."""
+    """(global position, decoded record) -> token ids, latents [n_img, N, D], position; the over-long policy."""
 
     tokenizer: tokenizer_lib.Tokenizer
     codec: Any
@@ -187,7 +190,8 @@ class _Tokenize:
     def _fits_empty_row(self, num_tokens: int, num_images: int) -> bool:
         return packing.fits((0,) * len(self.limits), self.cost(num_tokens, num_images), self.limits)
 
-    def __call__(self, element):
+    def __call__(self, item):
+        index, element = item
         if "skip" in element:
             return element
         tokens = np.asarray(self.tokenizer.encode(element["text"]), np.int32)
@@ -212,7 +216,7 @@ class _Tokenize:
             tokens = tokens[:cut]
             latents = latents[:int((tokens == self.tokenizer.image_id).sum())]
             truncated = True
-        return {"index": element["index"], "tokens": tokens, "latents": latents, "truncated": truncated}
+        return {"index": index, "tokens": tokens, "latents": latents, "truncated": truncated}
 
 
 @dataclasses.dataclass
@@ -414,14 +418,42 @@ def _close_at_exit(ref: weakref.ref) -> None:
 # ------------------------------------------------------------------------------------------------- assembly
 
 
-def global_record_stream(filepaths: Sequence[str], *, shuffle_seed: int,
-                         num_epochs: int | None = None) -> grain.MapDataset:
-    """(global position, raw record) over all hosts: a seeded global shuffle, a different permutation per epoch."""
+class _MemoizedMapDataset(grain.MapDataset):
+    """parent[i], computed once per index and then kept (a pure parent: the elements are the same either way)."""
+
+    def __init__(self, parent: grain.MapDataset):
+        super().__init__(parent)
+        self._memo = {}
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        index %= len(self._parent)        # Grain passes positions past the end on later epochs
+        if index not in self._memo:
+            self._memo[index] = self._parent[index]
+        return self._memo[index]
+
+    def __str__(self) -> str:
+        return "MemoizedMapDataset"
+
+
+def global_record_stream(filepaths: Sequence[str], *, shuffle_seed: int, num_epochs: int | None = None,
+                         decode: Callable | None = None, cache: bool = False) -> grain.MapDataset:
+    """(global position, record) over all hosts: a seeded global shuffle, a different permutation per epoch. The
+    record is the raw bytes, or `decode(raw)`; with `cache` each record is decoded once (then kept in memory)."""
     source = grain.sources.ArrayRecordDataSource(list(filepaths))
     if len(source) == 0:  # pylint: disable=g-explicit-length-test
         raise ValueError(f"no records in {list(filepaths)}")
-    ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat(num_epochs)
-    return ds.map_with_index(lambda i, raw: (i, raw))
+    ds = grain.MapDataset.source(source)
+    if decode is not None:
+        ds = ds.map(decode)
+    if cache:
+        ds = _MemoizedMapDataset(ds)
+    ds = ds.shuffle(seed=shuffle_seed).repeat(num_epochs)
+    return ds.map_with_index(lambda i, record: (i, record))
 
 
 def host_streams(num_streams: int, process_index: int, process_count: int) -> range:
@@ -442,7 +474,8 @@ def build_pipeline(filepaths: Sequence[str], features: tfds.features.FeaturesDic
                    transform: DocumentTransform, packer: RowPacker, global_batch_size: int, shuffle_seed: int,
                    seed: int, process_index: int = 0, process_count: int = 1, num_streams: int = 0,
                    num_epochs: int | None = None, latents: bool = False, overlong: str = "truncate",
-                   num_workers: int = 0, prefetch: int = 2, read_threads: int = 0) -> TrainIterator:
+                   num_workers: int = 0, prefetch: int = 2, read_threads: int = 0,
+                   cache_decoded: bool = False) -> TrainIterator:
     """The full pipeline over explicit ArrayRecord files (`create_train_iterator` resolves them from a config).
 
     The global batch is `num_streams` (0: one per row) blocks of `global_batch_size / num_streams` rows; this host
@@ -460,12 +493,13 @@ def build_pipeline(filepaths: Sequence[str], features: tfds.features.FeaturesDic
                          f"(num_streams={num_streams} over {process_count} process(es))")
     _check_features(features, latents, codec)
     rows_per_stream = global_batch_size // num_streams
-    records = global_record_stream(filepaths, shuffle_seed=shuffle_seed, num_epochs=num_epochs)
     decode = _Decode(json.dumps(features.to_json()), latents, codec.image_shape, (codec.num_patches, codec.patch_dim))
+    records = global_record_stream(filepaths, shuffle_seed=shuffle_seed, num_epochs=num_epochs, decode=decode,
+                                   cache=cache_decoded)
     tokenize = _Tokenize(tokenizer, codec, latents, transform.cost, tuple(packer.limits), overlong)
     noise = _Transform(transform, seed)
     read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * rows_per_stream if read_threads else 0)
-    per_stream = [records[s::num_streams].map(decode).map(tokenize).map(noise).to_iter_dataset(read)
+    per_stream = [records[s::num_streams].map(tokenize).map(noise).to_iter_dataset(read)
                   for s in streams]
     ds = StreamPackerIterDataset(per_stream, packer, rows_per_stream)
     blocks = prefetch * len(streams)  # buffered blocks: `prefetch` batches
@@ -544,7 +578,8 @@ def create_train_iterator(config, *, process_index: int, process_count: int, cod
         transform=transform, packer=packer, global_batch_size=data.global_batch_size,
         shuffle_seed=data.shuffle_seed, seed=seed, process_index=process_index, process_count=process_count,
         num_streams=data.num_streams, num_epochs=data.num_epochs, latents=data.latents, overlong=data.overlong,
-        num_workers=data.num_workers, prefetch=data.prefetch, read_threads=data.read_threads)
+        num_workers=data.num_workers, prefetch=data.prefetch, read_threads=data.read_threads,
+        cache_decoded=data.cache_decoded)
 
 
 def load_eval_records(config, split: str = "eval", limit: int | None = None) -> list[dict[str, Any]]:

@@ -86,6 +86,26 @@ def test_same_seed_same_batches(tok, codec):
     assert not np.array_equal(first[0]["tokens"], other_order["tokens"])
 
 
+def test_cache_decoded_reads_each_record_once_and_changes_no_batch(tok, codec, monkeypatch):
+    decoded = collections.Counter()
+    decode = ip._Decode.__call__
+
+    def counting_decode(self, raw):
+        decoded[raw] += 1
+        return decode(self, raw)
+
+    monkeypatch.setattr(ip._Decode, "__call__", counting_decode)
+    cached = make_iter(tok, codec, cache_decoded=True)
+    batches = []
+    while cached.counters["documents"] < 2.5 * NUM_TRAIN:      # into the third epoch
+        batches.append(next(cached))
+    assert len(decoded) == NUM_TRAIN and set(decoded.values()) == {1}        # each record decoded once
+    plain = make_iter(tok, codec)
+    assert_same(batches, take(plain, len(batches)))
+    assert cached.counters == plain.counters
+    assert sum(decoded.values()) - NUM_TRAIN >= plain.counters["documents"]   # without the cache: once per use
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_restore_mid_epoch(tok, codec, num_workers):
     it = make_iter(tok, codec, num_workers=num_workers, prefetch=2)
