@@ -72,8 +72,8 @@ def get_config(arg: str | None = None):
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=2e-3, min_lr_ratio=0.1, warmup_steps=100, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05, grad_clip=1.0,
         ema_decay=0.998,              # sample / eval / export use an EMA of the weights (train_state.ema_decay_at);
-                                      # at 2400 steps the same run's EMA vs raw weights (200 docs, seen): caption
-                                      # 0.84 vs 0.85, generation 0.645 vs 0.617 (neutral: the lr decays 10x anyway)
+                                      # against the same run's raw weights (5 runs, 200 docs, seen): caption -0.05
+                                      # to +0.02, generation -0.03 to +0.03 (neutral: the lr decays 10x anyway)
         max_consecutive_nonfinite=5))   # lr 2e-3 vs 1e-3 (1000 steps, seen split): caption 0.77 vs 0.66, generation
                                         # 0.38 vs 0.11; 3e-3: 0.51 and 0.17 (image weight 4, 2300 steps: 3e-3 gave
                                         # 0.77 / 0.76 vs 0.78 / 0.70 at 2e-3, within noise)
