@@ -10,12 +10,12 @@ def get_config(arg: str | None = None):
     c = ml_collections.ConfigDict()
     c.model_type = "oneflow"          # 'oneflow' | 'ar' (the AR+FM baseline)
     c.seed = 0
-    c.total_steps = 3300              # ~7.5 min of training at 7.2-8 steps/s (batch 8, d_model 128 below,
+    c.total_steps = 3300              # ~7.5 min of training at 7.2-8.7 steps/s (batch 8, d_model 128 below,
                                       # launch/local.sh's XLA flags, data.cache_decoded). Seen split, 200 eval docs,
-                                      # caption / generation (EMA weights): d_model 128 x 3300 steps 0.83 / 0.71;
-                                      # d_model 192 x 2400 steps (the same time before the cache) 0.84 / 0.65, and
-                                      # 0.85 / 0.62, 0.79 / 0.70 (raw weights, seeds 0, 1); batch 16 x 5000 steps
-                                      # (d_model 192, 36 min) 0.88 / 0.92
+                                      # caption / generation (EMA weights): d_model 128 x 3300 steps 0.83 / 0.71 and
+                                      # 0.88 / 0.65 (seeds 0, 1); d_model 192 x 2400 steps (the same time before the
+                                      # cache) 0.84 / 0.65, and 0.85 / 0.62, 0.79 / 0.70 (raw weights, seeds 0, 1);
+                                      # batch 16 x 5000 steps (d_model 192, 36 min) 0.88 / 0.92
     c.log_every = 50
     c.ckpt_every = 500
     c.keep_checkpoints = 3
