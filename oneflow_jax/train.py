@@ -98,7 +98,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints, save_every=config.ckpt_every)
     nonfinite = NonfiniteSteps(config.optimizer.max_consecutive_nonfinite)
     if ckpt.latest_step() is not None:
-        state, meta, _ = ckpt.restore(abstract_train_state(model, tx, mesh, ema_decay)[0], data_iter)
+        try:
+            state, meta, _ = ckpt.restore(abstract_train_state(model, tx, mesh, ema_decay)[0], data_iter)
+        except RuntimeError as e:
+            if "ema_params" not in str(e):
+                raise
+            raise UserError(f"the checkpoints in {workdir} {'lack' if ema_decay > 0 else 'hold'} an EMA of the params "
+                            f"but config.optimizer.ema_decay={ema_decay}: resume with the run's ema_decay") from None
         nonfinite.total = int(meta.get("user", {}).get("nonfinite_steps", 0))
         config_lib.say(f"resumed from checkpoint step {int(state['step'])} in {workdir}")
     start = int(state["step"])

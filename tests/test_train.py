@@ -157,6 +157,14 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(cli, trained_r
     assert exact_metrics(workdir) == exact_metrics(trained_run.workdir)
 
 
+def test_resuming_with_a_different_ema_setting_is_a_one_line_error(cli, trained_run, tmp_path):
+    workdir = copy_workdir(trained_run.workdir, tmp_path / "run")
+    result = cli.run("train", *train_args(workdir, {"optimizer.ema_decay": 0.0, "total_steps": TOTAL_STEPS + 2}),
+                     devices=REFERENCE_DEVICES)
+    assert_one_line_error(result, "hold an EMA of the params", "ema_decay=0.0")
+    assert checkpoint_steps(workdir) == checkpoint_steps(trained_run.workdir)     # nothing moved aside
+
+
 BAD_CONFIGS = {   # name: (flags, what the one error line must mention)
     "mesh_product_is_not_the_device_count": (["--config.mesh.fsdp=3"], "config.mesh"),
     "batch_not_divisible_by_data_parallel": (["--config.data.global_batch_size=12"], "global_batch_size"),
