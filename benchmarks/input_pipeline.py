@@ -54,7 +54,8 @@ def run(args, num_workers: int) -> dict:
         "examples_per_s": round(docs / elapsed, 1), "rows_per_s": round(rows / elapsed, 1),
         "tokens_per_s": round(total / elapsed, 1), "fill": round(used / max(total, 1), 3),
         "docs_per_row": round(docs / max(rows, 1), 2), "skipped_records": it.skipped_records,
-        "cache_decoded": args.cache_decoded, "startup_s": round(startup, 2), "cpus": os.cpu_count(), "machine": platform.machine(),
+        "cache_decoded": args.cache_decoded, "startup_s": round(startup, 2), "cpus": os.cpu_count(),
+        "machine": platform.machine(),
     }
 
 

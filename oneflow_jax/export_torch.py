@@ -23,7 +23,7 @@ from oneflow_jax import tokenizer as tokenizer_lib
 from oneflow_jax.codec import make_codec
 from oneflow_jax.config_lib import UserError
 from oneflow_jax.model import OneFlowModel
-from oneflow_jax.train_state import restore_params
+from oneflow_jax.train_state import restore_params, sampling_weights
 
 
 def load_params(workdir: str, step: int | None = None, tokenizer_path: str | None = None, ema: bool = True):
@@ -50,7 +50,7 @@ def export_run(workdir: str, out_dir: str, step: int | None = None, dtype: str =
     """Exports run `workdir` into `out_dir` and checks parity; returns the parity report. The weights are the run's
     EMA when it keeps one (optimizer.ema_decay > 0) and `ema`, else the trained params."""
     config, cfg, params, tokenizer, tok_path, restored = load_params(workdir, step, tokenizer_path, ema)
-    weights = "ema" if ema and config.optimizer.get("ema_decay", 0.0) > 0 else "params"
+    weights = "ema" if sampling_weights(config, ema) == "ema_params" else "params"
     extra = dict(source_step=restored, source_weights=weights, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id,
                  codec=config.codec.to_dict())
     report = torch_export.export(params, dataclasses.asdict(cfg), out_dir, tokenizer_path=tok_path, dtype=dtype,

@@ -24,7 +24,7 @@ from oneflow_jax import tokenizer as tokenizer_lib
 from oneflow_jax.config_lib import UserError
 from oneflow_jax.metrics_logging import MetricLogger
 from oneflow_jax.train_state import (abstract_train_state, build_model, create_sharded_state, loss_function,
-                                     make_optimizer, make_train_step, pipeline_pieces)
+                                     make_optimizer, make_train_step, pipeline_pieces, sampling_weights)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:variant]).", lock_config=True)
@@ -148,7 +148,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 logger.write_scalars(step, last)
                 logger.progress(step, last)
             if sampler_hook and step % config.sample_every == 0:
-                sampler_hook(step, state["ema_params" if ema_decay > 0 else "params"], logger)
+                sampler_hook(step, state[sampling_weights(config)], logger)
             meta = dict(nonfinite_steps=nonfinite.total, skipped_records=data_iter.skipped_records,
                         config_hash=config_hash)
             ckpt.save(step, state, data_iter, meta, force=step == config.total_steps or stop)

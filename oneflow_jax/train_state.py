@@ -80,12 +80,18 @@ def abstract_train_state(model, tx, mesh, ema_decay: float = 0.0):
     return abstract, shardings
 
 
+def sampling_weights(config, ema: bool = True) -> str:
+    """The train-state entry sample, eval and export read: `ema_params` if the run keeps an EMA of the params
+    (optimizer.ema_decay > 0) and `ema`, else `params`."""
+    return "ema_params" if ema and config.optimizer.get("ema_decay", 0.0) > 0 else "params"
+
+
 def restore_params(workdir: str, config, model, step: int | None = None, ema: bool = True):
     """(params, step) of checkpoint `step` (default: the newest readable) of run `workdir`, replicated on the local
-    devices: the EMA of the params if the run keeps one (optimizer.ema_decay > 0) and `ema`, else the params. Only
-    those are read (the optimizer moments stay on disk). For sampling, eval and export."""
+    devices: the entry `sampling_weights(config, ema)` names; only it is read (the optimizer moments stay on disk).
+    For sampling, eval and export."""
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
-    key = "ema_params" if ema and config.optimizer.get("ema_decay", 0.0) > 0 else "params"
+    key = sampling_weights(config, ema)
     abstract = {key: abstract_train_state(model, optax.identity(), mesh)[0]["params"]}
     ckpt = checkpointing.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3), async_save=False)
     try:
