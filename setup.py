@@ -28,6 +28,6 @@ setuptools.setup(
     extras_require={
         # Keep the range satisfied by the locally available torch 2.13.0 CPU wheel.
         "torch": ["torch>=2.1,<3", "safetensors"],
-        "test": ["pytest", "pytest-timeout", "safetensors", "transformers>=4.45", "diffusers>=0.30"],
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "safetensors", "transformers>=4.45", "diffusers>=0.30"],
     },
 )

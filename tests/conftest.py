@@ -1,4 +1,5 @@
-"""Test-wide setup: 8 fake CPU devices (multi-device code is tested for real), quiet TensorFlow."""
+"""Test-wide setup: 8 fake CPU devices (multi-device code is tested for real), quiet TensorFlow, and how tests/run.sh
+spreads the suite over 2 pytest-xdist workers without building an expensive fixture twice."""
 import os
 
 import pytest
@@ -6,6 +7,24 @@ import pytest
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# Files whose tests share a session fixture that is expensive to build (cli_utils.trained_run: the reference run) form
+# one group; every other file is a group of its own, so its module fixtures are built once.
+SHARED_GROUPS = {"test_train.py": "reference_run", "test_cli.py": "reference_run"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under `pytest -n N`, whole groups (above) go to one worker, the groups with the most tests first. (Our own
+    scheduler: xdist's `--dist loadgroup` marks do not group tests under pytest 9.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+            return SHARED_GROUPS.get(file, file)
+
+    return FileGroupScheduling(config, log)
 
 
 @pytest.fixture(scope="module")
