@@ -23,7 +23,7 @@ class ARModel(MixedSequenceModel):
         self.backbone = Backbone(cfg)
         if not cfg.tie_embeddings:
             self.token_head = Dense(cfg.vocab_size, ("embed", "vocab"), cfg)
-        self.patch_out = Dense(cfg.patch_dim, ("embed", "patch"), cfg, use_bias=True, zero_init=True)
+        self.setup_patch_head()
 
     def __call__(self, batch):
         x = self.embed_inputs(batch)

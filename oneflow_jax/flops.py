@@ -65,7 +65,8 @@ def param_breakdown(cfg: ModelConfig, model_type: str = "oneflow") -> dict[str, 
         time_mlp=cfg.time_embed_dim * d + d + d * d + d,
         patch_pos=(cfg.patch_grid[0] + cfg.patch_grid[1]) * d,
         insert_head=0 if model_type == "ar" else 2 * d + 2,
-        patch_out=d * cfg.patch_dim + cfg.patch_dim,
+        patch_hidden=d * cfg.patch_head_hidden + cfg.patch_head_hidden,
+        patch_out=(cfg.patch_head_hidden or d) * cfg.patch_dim + cfg.patch_dim,
     )
 
 
@@ -89,7 +90,8 @@ def forward_flops_per_position(cfg: ModelConfig, model_type: str = "oneflow") ->
     return dict(backbone=cfg.n_layers * layer,
                 token_head=2 * d * cfg.vocab_size,                 # Q logits (tied: embed.attend, same cost)
                 insert_head=0 if model_type == "ar" else 2 * d * 2,
-                patch_out=2 * d * cfg.patch_dim,
+                patch_hidden=2 * d * cfg.patch_head_hidden,
+                patch_out=2 * (cfg.patch_head_hidden or d) * cfg.patch_dim,
                 patch_in=2 * cfg.patch_dim * d,                    # input is data: backward = weight grad only
                 time_mlp_in=2 * cfg.time_embed_dim * d,            # input is data (sinusoidal t_img)
                 time_mlp_out=2 * d * d)
@@ -208,7 +210,7 @@ def useful_train_flops_per_document(cfg: ModelConfig, seq: dict[str, float], mod
     the document only."""
     per_pos = train_flops_per_position(cfg, model_type)
     text_part = per_pos["token_head"] + per_pos["insert_head"]
-    image_part = per_pos["patch_in"] + per_pos["time_mlp_in"] + per_pos["time_mlp_out"] + per_pos["patch_out"]
+    image_part = sum(per_pos[k] for k in ("patch_in", "time_mlp_in", "time_mlp_out", "patch_hidden", "patch_out"))
     return (per_pos["backbone"] * seq["length"] + text_part * seq["text_positions"]
             + image_part * seq["patch_positions"] + attention_train_flops(cfg, seq["length_sq"], model_type))
 

@@ -5,7 +5,8 @@ Tensor names follow the PyTorch module tree of torch_modeling.py; the scanned `l
     patch_row_embed [rows, D]               patch_col_embed [cols, D]
     layers.{i}.attn_norm.weight [D]         layers.{i}.attn.{q,k,v}.weight [H*Dh, D]   layers.{i}.attn.o.weight [D, H*Dh]
     layers.{i}.mlp_norm.weight [D]          layers.{i}.mlp.{gate,up}.weight [F, D]     layers.{i}.mlp.down.weight [D, F]
-    final_norm.weight [D]   insert_head.{weight [2, D], bias}   token_head.weight [V, D] (absent if tied)   patch_out.*
+    final_norm.weight [D]   insert_head.{weight [2, D], bias}   token_head.weight [V, D] (absent if tied)
+    patch_out.{weight [P, D], bias}          (patch_head_hidden H: patch_hidden.{weight [H, D], bias}, patch_out [P, H])
 Linear weights use torch's [out, in] layout: a Flax kernel [in..., out...] is reshaped to [in, out] and transposed.
 The mapping is derived from the Flax param paths (kernel/scale/embedding -> weight), so it follows model.py.
 """

@@ -71,7 +71,7 @@ class OneFlowConfig:
     def __init__(self, vocab_size, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, head_dim=None, d_ff=1024,
                  rope_theta=10000.0, rope_scaling=None, norm_eps=1e-5, tie_embeddings=False, num_patches=64,
                  patch_dim=48, patch_grid=(8, 8), time_embed_dim=256, dtype="float32", image_prediction="v",
-                 **_ignored):
+                 patch_head_hidden=0, **_ignored):
         self.vocab_size, self.d_model, self.n_layers = vocab_size, d_model, n_layers
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim or d_model // n_heads
         self.d_ff, self.rope_theta, self.norm_eps, self.tie_embeddings = d_ff, rope_theta, norm_eps, tie_embeddings
@@ -79,6 +79,7 @@ class OneFlowConfig:
         self.rope_scaling = None if rope_scaling is None else tuple(rope_scaling)
         self.num_patches, self.patch_dim, self.patch_grid = num_patches, patch_dim, tuple(patch_grid)
         self.time_embed_dim, self.dtype, self.image_prediction = time_embed_dim, dtype, image_prediction
+        self.patch_head_hidden = patch_head_hidden
 
     @classmethod
     def from_json(cls, path):
@@ -216,7 +217,9 @@ class OneFlowModel(nn.Module):
         self.final_norm = RMSNorm(d, cfg.norm_eps)
         self.insert_head = nn.Linear(d, 2)
         self.token_head = None if cfg.tie_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)
-        self.patch_out = nn.Linear(d, cfg.patch_dim)
+        # model.MixedSequenceModel.setup_patch_head: linear, or an MLP through patch_hidden (tanh GELU, as Flax's)
+        self.patch_hidden = nn.Linear(d, cfg.patch_head_hidden) if cfg.patch_head_hidden else None
+        self.patch_out = nn.Linear(cfg.patch_head_hidden or d, cfg.patch_dim)
 
     @property
     def dtype(self):
@@ -242,7 +245,7 @@ class OneFlowModel(nn.Module):
         h = self.final_norm(x)
         ins = self.insert_head(h).float()
         q_logits = h @ self.embed.weight.T if self.token_head is None else self.token_head(h)
-        velocity = self.patch_out(h)
+        velocity = self.patch_out(h if self.patch_hidden is None else F.gelu(self.patch_hidden(h), approximate="tanh"))
         if self.cfg.image_prediction == "x":  # the head predicts clean latents: v = (Y1_hat - Y_t) / (1 - t_img)
             gap = torch.clamp(1.0 - patch_t.float(), min=X_PREDICTION_MIN_GAP)[..., None]
             velocity = ((velocity.float() - patches.float()) / gap).to(velocity.dtype)

@@ -199,6 +199,18 @@ def test_rope_scaling_export_parity(tiny, tmp_path):
     assert not passed and report["q_logits"]["rel"] > 1e-3, report
 
 
+def test_mlp_patch_head_export_parity(tmp_path):
+    """patch_head_hidden: the patch head's hidden layer gets its torch names and shapes, torch reproduces the JAX
+    velocities (tanh GELU on both sides), and config.json carries the width."""
+    model_config = dict(MODEL_CONFIG, patch_head_hidden=24, image_prediction="x")
+    cfg = model_lib.ModelConfig(**model_config)
+    names = torch_export.expected_shapes(cfg)
+    assert names["patch_hidden.weight"] == (24, cfg.d_model) and names["patch_out.weight"] == (cfg.patch_dim, 24)
+    report = torch_export.export(random_params(cfg, seed=1), model_config, str(tmp_path))
+    assert report["passed"] and report["outputs"]["velocity"]["rel"] <= 1e-4, report
+    assert json.loads((tmp_path / "config.json").read_text())["patch_head_hidden"] == 24
+
+
 @pytest.mark.parametrize("scaling", [None, ROPE_SCALING, (32.0, 1.0, 4.0, 8192)])
 def test_rope_matches_torch_modeling(scaling):
     """model.apply_rope (jitted, as in the model) vs torch_modeling.apply_rope at OneFlow's positions (< 512), plain and

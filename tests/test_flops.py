@@ -32,7 +32,7 @@ def tiny_model_config(**kw):
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(tie_embeddings=True), dict(scan_layers=False, head_dim=24),
-                                dict(n_kv_heads=4, patch_grid=(2, 8))])
+                                dict(n_kv_heads=4, patch_grid=(2, 8)), dict(patch_head_hidden=40)])
 def test_param_count_equals_the_real_tree(kw):
     cfg = tiny_model_config(**kw)
     shapes = jax.eval_shape(lambda r: OneFlowModel(cfg).init(r, dummy_batch(cfg)), jax.random.key(0))
