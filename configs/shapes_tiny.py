@@ -50,9 +50,8 @@ def get_config(arg: str | None = None):
                                       # (which writes every patch in a 128-d subspace): generated squares had soft
                                       # corners and were judged circles. Same 3300 steps, 200 eval docs, seen /
                                       # held-out, EMA: generation 0.78 / 0.82 vs 0.71 / 0.71, caption 0.81 / 0.90 vs
-                                      # 0.83 / 0.85
-                                      # (raw weights 0.82 / 0.79, 0.87 / 0.89); seed 1: generation 0.83 / 0.75 vs
-                                      # 0.65 / 0.68, caption 0.86 / 0.83. Steps 6.2-7.2/s vs 7.2-8.7 (+0.27M params)
+                                      # 0.83 / 0.85 (raw weights 0.82 / 0.79, 0.87 / 0.89); seed 1: generation 0.83
+                                      # / 0.75 vs 0.65 / 0.68, caption 0.86 / 0.83. Steps 6.2-7.2/s vs 7.2-8.7
         image_prediction="x"))        # patch_out predicts clean patches (model.image_velocity): measured far better
                                       # than "v" on raw pixel patches (clean backgrounds by step 350 instead of noise)
 
