@@ -52,6 +52,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if config.get("model_type", "oneflow") not in ("oneflow", "ar"):
         raise UserError(f"config.model_type must be 'oneflow' or 'ar', got {config.model_type!r}")
     _check_fields(config.model, ModelConfig, "model", extra={"vocab_size"})
+    try:    # the model's own checks, before the run directory exists (the vocabulary and codec geometry come later)
+        ModelConfig.from_config(config.model, vocab_size=max(config.model.get("vocab_size", 0), 1))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"config.model: {e}") from None
     from oneflow_jax.flow_matching import LOSS_SPACES
     if config.objective.get("image_loss_space", "v") not in LOSS_SPACES:
         raise UserError(f"config.objective.image_loss_space must be one of {LOSS_SPACES}, got "

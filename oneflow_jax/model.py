@@ -64,6 +64,8 @@ class ModelConfig:
             raise ValueError(f"d_model {self.d_model} not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads {self.n_heads} not divisible by n_kv_heads {self.n_kv_heads}")
+        if self.patch_head_hidden < 0:
+            raise ValueError(f"patch_head_hidden must be >= 0 (0: a linear patch head), got {self.patch_head_hidden}")
         if self.patch_grid[0] * self.patch_grid[1] != self.num_patches:
             raise ValueError(f"patch_grid {self.patch_grid} does not hold num_patches {self.num_patches}")
         if self.rope_scaling is not None:       # a JSON / ConfigDict list becomes the hashable tuple

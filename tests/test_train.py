@@ -170,6 +170,8 @@ BAD_CONFIGS = {   # name: (flags, what the one error line must mention)
     "batch_not_divisible_by_data_parallel": (["--config.data.global_batch_size=12"], "global_batch_size"),
     "unknown_top_level_key": (["--config.nonexistent=1"], "nonexistent"),
     "heads_not_divisible_by_tensor": (["--config.mesh.tensor=8"], "n_heads"),
+    "heads_not_dividing_d_model": (["--config.model.n_heads=3"], "n_heads 3"),
+    "negative_patch_head_hidden": (["--config.model.patch_head_hidden=-1"], "patch_head_hidden"),
     "unknown_image_loss_space": (["--config.objective.image_loss_space=eps"], "image_loss_space"),
     "ema_decay_of_1": (["--config.optimizer.ema_decay=1.0"], "ema_decay"),
 }
