@@ -52,10 +52,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if config.get("model_type", "oneflow") not in ("oneflow", "ar"):
         raise UserError(f"config.model_type must be 'oneflow' or 'ar', got {config.model_type!r}")
     _check_fields(config.model, ModelConfig, "model", extra={"vocab_size"})
-    try:    # the model's own checks, before the run directory exists (the vocabulary and codec geometry come later)
-        ModelConfig.from_config(config.model, vocab_size=max(config.model.get("vocab_size", 0), 1))
-    except (TypeError, ValueError) as e:
-        raise UserError(f"config.model: {e}") from None
+    # the model's own checks, before the run directory exists (the vocabulary and codec geometry come later)
+    _model_config(config.model, vocab_size=max(config.model.get("vocab_size", 0), 1))
     from oneflow_jax.flow_matching import LOSS_SPACES
     if config.objective.get("image_loss_space", "v") not in LOSS_SPACES:
         raise UserError(f"config.objective.image_loss_space must be one of {LOSS_SPACES}, got "
@@ -94,9 +92,14 @@ def model_config(config, vocab_size: int, codec) -> ModelConfig:
     if config.model.get("vocab_size", 0) not in (0, vocab_size):
         raise UserError(f"config.model.vocab_size={config.model.vocab_size} but the tokenizer has {vocab_size} "
                         f"pieces (set 0 to take the tokenizer's)")
+    return _model_config(config.model, vocab_size=vocab_size, num_patches=codec.num_patches,
+                         patch_dim=codec.patch_dim, patch_grid=tuple(codec.grid))
+
+
+def _model_config(section, **fields) -> ModelConfig:
+    """ModelConfig.from_config(section, **fields), its errors as one-line UserErrors."""
     try:
-        return ModelConfig.from_config(config.model, vocab_size=vocab_size, num_patches=codec.num_patches,
-                                       patch_dim=codec.patch_dim, patch_grid=tuple(codec.grid))
+        return ModelConfig.from_config(section, **fields)
     except (TypeError, ValueError) as e:
         raise UserError(f"config.model: {e}") from None
 

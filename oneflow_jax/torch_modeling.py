@@ -245,7 +245,8 @@ class OneFlowModel(nn.Module):
         h = self.final_norm(x)
         ins = self.insert_head(h).float()
         q_logits = h @ self.embed.weight.T if self.token_head is None else self.token_head(h)
-        velocity = self.patch_out(h if self.patch_hidden is None else F.gelu(self.patch_hidden(h), approximate="tanh"))
+        h_img = h if self.patch_hidden is None else F.gelu(self.patch_hidden(h), approximate="tanh")
+        velocity = self.patch_out(h_img)
         if self.cfg.image_prediction == "x":  # the head predicts clean latents: v = (Y1_hat - Y_t) / (1 - t_img)
             gap = torch.clamp(1.0 - patch_t.float(), min=X_PREDICTION_MIN_GAP)[..., None]
             velocity = ((velocity.float() - patches.float()) / gap).to(velocity.dtype)
