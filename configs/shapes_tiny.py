@@ -13,12 +13,12 @@ def get_config(arg: str | None = None):
     c.total_steps = 4000              # 9.5-12.5 min of training at 5.4-7 steps/s (batch 8, d_model 128, the MLP
                                       # patch head below, launch/local.sh's XLA flags, data.cache_decoded); 4300 steps
                                       # took 662-751 s, too close to local.sh's 900 s with set-up and eval. Seen split,
-                                      # 200 eval docs, caption / generation (EMA weights), seeds 0 / 1: 4000 steps
-                                      # 0.86 / 0.82, 0.86 / 0.86; 4300 steps 0.92 / 0.86, 0.86 / 0.86; 3300 steps
-                                      # 0.81 / 0.78, 0.86 / 0.83; with a linear patch head (3300) 0.83 / 0.71, 0.88 /
-                                      # 0.65, and at batch 16 x 2900 steps (860 s) 0.88 / 0.68; d_model 192 x 2400
-                                      # steps 0.84 / 0.65; batch 16 x 5000 steps (d_model 192, linear head, 36 min)
-                                      # 0.88 / 0.92
+                                      # 200 eval docs, caption / generation (EMA weights), seeds 0 / 1 (/ 2): 4000
+                                      # steps 0.86 / 0.82, 0.86 / 0.86, 0.90 / 0.86; 4300 steps 0.92 / 0.86, 0.86 /
+                                      # 0.86; 3300 steps 0.81 / 0.78, 0.86 / 0.83; with a linear patch head (3300) 0.83
+                                      # / 0.71, 0.88 / 0.65, and at batch 16 x 2900 steps (860 s) 0.88 / 0.68; d_model
+                                      # 192 x 2400 steps 0.84 / 0.65; batch 16 x 5000 steps (d_model 192, linear head,
+                                      # 36 min) 0.88 / 0.92
     c.log_every = 50
     c.ckpt_every = 500
     c.keep_checkpoints = 3
