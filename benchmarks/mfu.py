@@ -59,7 +59,7 @@ def synthetic_batches(config, codec, n: int, text_tokens: int) -> list[dict[str,
         special = edit_flow.SpecialTokens(bos=tokenizer.bos_id, pad=tokenizer.pad_id, image=tokenizer.image_id)
         transform = edit_flow.EditFlowTransform(edit_flow.NoisingConfig.from_config(config.objective), special,
                                                 codec.num_patches)
-        packer = packing.EditFlowPacker(config.data.seq_len, config.data.max_deletions, pad_id=tokenizer.pad_id)
+        packer = packing.EditFlowPacker.from_config(config.data, tokenizer.pad_id)
     rng = np.random.default_rng(config.seed)
     budget = packer.limits[0] - 2 - codec.num_patches       # text that still fits a row next to its image
     batches, pending = [], None

@@ -78,6 +78,9 @@ def get_config(arg: str | None = None):
     c.data = ml_collections.ConfigDict(dict(
         name="shapes_world", data_dir=ml_collections.FieldReference(None, field_type=str), split="train",
         seq_len=128, max_deletions=256, global_batch_size=8, shuffle_seed=0, num_workers=0, prefetch=2,
+        max_patches_per_row=48,       # rows hold ~30 patches (4 per image) among 128 positions: patch-in and the MLP
+                                      # patch head (768 values per patch, ~25% of the step's FLOPs at all positions)
+                                      # run at 48 slots per row instead of 128
         overlong="drop", tokenizer_path=ml_collections.FieldReference(None, field_type=str), latents=False,
         num_streams=0,                # record streams the global batch is built from (0: one per process)
         cache_decoded=True))          # 20k records decoded once (~100 MB): the pipeline's CPU per batch halves

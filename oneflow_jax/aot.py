@@ -75,16 +75,19 @@ def target_mesh(config, devices=None) -> tuple[jax.sharding.Mesh, str]:
     return mesh, f"{len(devices)} {kind} device(s) on {where}"
 
 
-def batch_structure(model_cfg, seq_len: int, max_deletions: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def batch_structure(model_cfg, seq_len: int, max_deletions: int,
+                    max_patches: int = 0) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """{key: (per-row shape, dtype)} of a packed OneFlow row, from the real noising + packing code on a dummy
     document (so keys and dtypes cannot drift from what the input pipeline feeds the step)."""
     special = edit_flow.SpecialTokens(bos=1, pad=0, image=4)
     latents = np.zeros((1, model_cfg.num_patches, model_cfg.patch_dim), np.float32)
     doc = edit_flow.noise_document(np.array([5, 4], np.int32), latents, np.random.default_rng(0),
                                    edit_flow.NoisingConfig(), special, times=(0.5, np.array([0.5])))
-    row = packing.pack_rows([doc], packing.doc_length(doc), max(packing.doc_deletions(doc), 1))
+    row = packing.pack_rows([doc], packing.doc_length(doc), max(packing.doc_deletions(doc), 1),
+                            max_patches=max_patches and model_cfg.num_patches)
     per_position = set(packing.POSITION_FIELDS) | {"segment_ids", "positions"}
-    return {k: (((seq_len if k in per_position else max_deletions),) + v.shape[1:], v.dtype) for k, v in row.items()}
+    length = lambda k: seq_len if k in per_position else max_patches if k == "patch_slots" else max_deletions
+    return {k: ((length(k),) + v.shape[1:], v.dtype) for k, v in row.items()}
 
 
 def ar_batch_structure(config, model_cfg) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -104,7 +107,8 @@ def abstract_batch(model_cfg, data_cfg, mesh, structure=None) -> dict[str, jax.S
     `structure`: {key: (per-row shape, dtype)}; default: OneFlow's batch_structure."""
     rows = data_cfg.global_batch_size
     if structure is None:
-        structure = batch_structure(model_cfg, data_cfg.seq_len, data_cfg.max_deletions)
+        structure = batch_structure(model_cfg, data_cfg.seq_len, data_cfg.max_deletions,
+                                    data_cfg.get("max_patches_per_row", 0))
     return {k: jax.ShapeDtypeStruct((rows,) + shape, dtype, sharding=sharding.batch_sharding(mesh, 1 + len(shape)))
             for k, (shape, dtype) in structure.items()}
 

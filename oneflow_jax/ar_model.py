@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from oneflow_jax.model import Backbone, Dense, MixedSequenceModel, ModelConfig, attention_mask
+from oneflow_jax.model import Backbone, Dense, MixedSequenceModel, ModelConfig, attention_mask, select_inputs
 
 MODEL_INPUTS = ("tokens", "is_patch", "patch_index", "patches", "patch_t", "segment_ids", "positions", "block_ids")
 
@@ -48,4 +48,4 @@ def empty_cache(cfg: ModelConfig, batch_size: int, length: int, dtype=jnp.float3
 
 
 def model_inputs(batch):
-    return {k: batch[k] for k in MODEL_INPUTS}
+    return select_inputs(batch, MODEL_INPUTS)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oneflow_jax import ar_model, flow_matching
+from oneflow_jax import ar_model, flow_matching, packing
 
 POSITION_FIELDS = ("tokens", "is_patch", "patch_index", "patches", "patch_t", "velocity_target", "patch_weight",
                    "targets", "target_weight", "block_ids")
@@ -49,8 +49,8 @@ class ARTransform:
     cond_t_min: float = 0.5
     image_time_shift: float = 1.0     # schedule time u -> noise level flow_matching.shift_time(u, s), as OneFlow
 
-    def cost(self, num_tokens: int, num_images: int) -> tuple[int]:
-        return (2 + num_tokens + num_images * self.num_patches,)
+    def cost(self, num_tokens: int, num_images: int) -> tuple[int, int]:
+        return (2 + num_tokens + num_images * self.num_patches, num_images * self.num_patches)
 
     def __call__(self, tokens, latents, rng: np.random.Generator) -> dict[str, np.ndarray]:
         tokens = np.asarray(tokens, np.int32)
@@ -93,17 +93,19 @@ class ARTransform:
 @dataclasses.dataclass(frozen=True)
 class ARPacker:
     """RowPacker: documents back to back in rows of `seq_len` (segment ids, per-document positions, row-unique
-    block ids)."""
+    block ids) and, with `max_patches` > 0, at most that many patches, listed in `patch_slots` (as OneFlow's
+    packing.pack_rows)."""
 
     seq_len: int
     pad_id: int = 0
+    max_patches: int = 0
 
     @property
-    def limits(self) -> tuple[int]:
-        return (self.seq_len,)
+    def limits(self) -> tuple[int, int]:
+        return (self.seq_len, self.max_patches or self.seq_len)
 
     def usage(self, doc):
-        return (len(doc["tokens"]),)
+        return (len(doc["tokens"]), packing.doc_patches(doc))
 
     def pack(self, docs):
         total = sum(len(d["tokens"]) for d in docs)
@@ -126,6 +128,8 @@ class ARPacker:
             ids[ids > 0] += blocks
             blocks += int(doc["block_ids"].max(initial=0))
             pos += k
+        if self.max_patches:
+            row["patch_slots"] = packing.patch_slots(row["is_patch"], self.max_patches)
         return row
 
 
@@ -135,7 +139,8 @@ def pipeline_pieces(config, tokenizer, codec):
     special = ARSpecial(bos=tokenizer.bos_id, eos=tokenizer.eos_id, pad=tokenizer.pad_id, image=tokenizer.image_id)
     transform = ARTransform(special, codec.num_patches, float(ar.get("cond_t_min", 0.5)),
                             float(config.objective.get("image_time_shift", 1.0)))
-    return transform, ARPacker(config.data.seq_len, pad_id=tokenizer.pad_id)
+    return transform, ARPacker(config.data.seq_len, pad_id=tokenizer.pad_id,
+                               max_patches=config.data.get("max_patches_per_row", 0))
 
 
 def ar_loss(model, params, batch, image_loss_weight: float = 1.0, image_loss_space: str = "v"):

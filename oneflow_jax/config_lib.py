@@ -77,6 +77,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                 raise UserError(f"config.model.{name}={size} is not divisible by mesh.tensor={shape[2]}")
     if config.data.seq_len <= 0 or config.data.max_deletions <= 0:
         raise UserError("config.data.seq_len and config.data.max_deletions must be positive")
+    if not 0 <= config.data.get("max_patches_per_row", 0) <= config.data.seq_len:
+        raise UserError(f"config.data.max_patches_per_row must be in [0, seq_len={config.data.seq_len}] (0 = no "
+                        f"limit), got {config.data.max_patches_per_row!r}")
+    if "codec" in config and config.codec.get("name", "pixel_patch") == "pixel_patch":    # cheap: no weights
+        from oneflow_jax.codec import make_codec
+        _check_patch_budget(config, make_codec(config.codec).num_patches)
+
+
+def _check_patch_budget(config, num_patches: int) -> None:
+    if 0 < config.data.get("max_patches_per_row", 0) < num_patches:
+        raise UserError(f"config.data.max_patches_per_row={config.data.max_patches_per_row} holds less than one "
+                        f"image ({num_patches} patches with this codec)")
 
 
 def _check_fields(section, cls, name: str, extra=()):
@@ -92,6 +104,7 @@ def model_config(config, vocab_size: int, codec) -> ModelConfig:
     if config.model.get("vocab_size", 0) not in (0, vocab_size):
         raise UserError(f"config.model.vocab_size={config.model.vocab_size} but the tokenizer has {vocab_size} "
                         f"pieces (set 0 to take the tokenizer's)")
+    _check_patch_budget(config, codec.num_patches)
     return _model_config(config.model, vocab_size=vocab_size, num_patches=codec.num_patches,
                          patch_dim=codec.patch_dim, patch_grid=tuple(codec.grid))
 

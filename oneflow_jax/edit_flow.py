@@ -190,9 +190,9 @@ class EditFlowTransform:
     special: SpecialTokens
     num_patches: int
 
-    def cost(self, num_tokens: int, num_images: int) -> tuple[int, int]:
-        # Nothing deleted: 1 + n positions + N per image; everything deleted: n bag entries.
-        return (1 + num_tokens + num_images * self.num_patches, num_tokens)
+    def cost(self, num_tokens: int, num_images: int) -> tuple[int, int, int]:
+        # Nothing deleted: 1 + n positions + N per image; everything deleted: n bag entries; N patches per image.
+        return (1 + num_tokens + num_images * self.num_patches, num_tokens, num_images * self.num_patches)
 
     def __call__(self, tokens, latents, rng):
         return noise_document(tokens, latents, rng, self.cfg, self.special)

@@ -6,8 +6,9 @@
 Two counts (reference §8, MaxText's convention: matmuls x3 for forward + backward, attention counted separately):
   * device FLOPs: what one train step really computes. Every packed row has `data.seq_len` positions, padding
     included, and model.py runs everything at every position: the Q head over the whole vocabulary, the insert and
-    velocity heads, patch-in and the t_img MLP (also at text positions), and dense attention over the whole row
-    (4 L^2 H d_head forward; bidirectional, so no causal halving). `train_flops_per_step` is this number.
+    velocity heads, patch-in and the t_img MLP (also at text positions, unless data.max_patches_per_row > 0 limits
+    them to that many slots per row), and dense attention over the whole row (4 L^2 H d_head forward;
+    bidirectional, so no causal halving). `train_flops_per_step` is this number.
   * useful FLOPs: the same network on an *average document's* X_t only, no padding, attention inside the document
     only, each head only where its loss reads it. Under the interleaved schedule (reference §4) the text keep rate is
     E[kappa(min(tau, 1))], tau ~ U[0, 2]: with kappa(t) = t that is 3/4, not 1/2 (t_text = 1 half the time); the
@@ -112,17 +113,22 @@ def attention_train_flops(cfg: ModelConfig, length_sq: float, model_type: str = 
     return causal * 4.0 * length_sq * cfg.n_heads * cfg.dim_per_head * cfg.n_layers * (1.0 + BWD_ATTENTION)
 
 
-def train_flops_per_row(cfg: ModelConfig, seq_len: int, model_type: str = "oneflow") -> dict[str, float]:
-    """Device FLOPs of one packed row: every part at every one of the seq_len positions, dense attention."""
+_IMAGE_PARTS = ("patch_in", "time_mlp_in", "time_mlp_out", "patch_hidden", "patch_out")
+
+
+def train_flops_per_row(cfg: ModelConfig, seq_len: int, model_type: str = "oneflow",
+                        patch_slots: int = 0) -> dict[str, float]:
+    """Device FLOPs of one packed row: every part at every one of the seq_len positions, dense attention; with
+    `patch_slots` > 0 (data.max_patches_per_row) the image parts at that many positions only."""
     per_pos = train_flops_per_position(cfg, model_type)
-    out = {k: v * seq_len for k, v in per_pos.items()}
+    out = {k: v * (patch_slots if patch_slots and k in _IMAGE_PARTS else seq_len) for k, v in per_pos.items()}
     out["attention"] = attention_train_flops(cfg, float(seq_len) ** 2, model_type)
     return out
 
 
 def train_flops_per_step(model_cfg: ModelConfig, data_cfg, model_type: str = "oneflow") -> float:
     """Device-computed training FLOPs of one global step: global_batch_size rows of data.seq_len positions."""
-    row = train_flops_per_row(model_cfg, data_cfg.seq_len, model_type)
+    row = train_flops_per_row(model_cfg, data_cfg.seq_len, model_type, data_cfg.get("max_patches_per_row", 0))
     return float(sum(row.values())) * data_cfg.global_batch_size
 
 
@@ -210,7 +216,7 @@ def useful_train_flops_per_document(cfg: ModelConfig, seq: dict[str, float], mod
     the document only."""
     per_pos = train_flops_per_position(cfg, model_type)
     text_part = per_pos["token_head"] + per_pos["insert_head"]
-    image_part = sum(per_pos[k] for k in ("patch_in", "time_mlp_in", "time_mlp_out", "patch_hidden", "patch_out"))
+    image_part = sum(per_pos[k] for k in _IMAGE_PARTS)
     return (per_pos["backbone"] * seq["length"] + text_part * seq["text_positions"]
             + image_part * seq["patch_positions"] + attention_train_flops(cfg, seq["length_sq"], model_type))
 
@@ -237,7 +243,7 @@ def report(config, doc: DocStats | None = None, packing_fill: float = 1.0) -> di
     cfg = model_config_from(config)
     data = config.data
     doc = doc or default_doc(data.seq_len, cfg.num_patches, model_type)
-    row = train_flops_per_row(cfg, data.seq_len, model_type)
+    row = train_flops_per_row(cfg, data.seq_len, model_type, data.get("max_patches_per_row", 0))
     per_row = float(sum(row.values()))
     rows = data.global_batch_size
     if model_type == "ar":

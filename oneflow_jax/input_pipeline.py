@@ -60,6 +60,8 @@ def default_config() -> ml_collections.ConfigDict:
         split="train",
         seq_len=256,
         max_deletions=256,
+        max_patches_per_row=0,      # > 0: rows hold at most this many latent patches, and the model runs its image
+                                    # parts (patch-in, t_img MLP, patch head) at these slots only (packing.pack_rows)
         global_batch_size=32,       # rows, over all hosts
         shuffle_seed=0,
         num_streams=0,              # record streams the global batch is packed from (0: one per row); batches
@@ -572,7 +574,7 @@ def create_train_iterator(config, *, process_index: int, process_count: int, cod
             edit_flow.SpecialTokens(bos=tokenizer.bos_id, pad=tokenizer.pad_id, image=tokenizer.image_id),
             codec.num_patches)
     if packer is None:
-        packer = packing.EditFlowPacker(data.seq_len, data.max_deletions, pad_id=tokenizer.pad_id)
+        packer = packing.EditFlowPacker.from_config(data, tokenizer.pad_id)
     return build_pipeline(
         datasets.split_filepaths(builder, data.split), builder.info.features, tokenizer=tokenizer, codec=codec,
         transform=transform, packer=packer, global_batch_size=data.global_batch_size,

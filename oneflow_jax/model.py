@@ -338,12 +338,34 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0):
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
+OPTIONAL_INPUTS = ("patch_slots",)     # data.max_patches_per_row > 0 (packing.pack_rows)
+
+
+def select_inputs(batch, names):
+    """The model's inputs out of a training batch: `names`, plus the optional ones the batch has."""
+    return {k: batch[k] for k in tuple(names) + OPTIONAL_INPUTS if k in names or k in batch}
+
+
+def gather_slots(a, slots):
+    """a [B, L, ...] at the positions `slots` [B, K] -> [B, K, ...]; an out-of-range slot (unused) reads zeros."""
+    index = slots.reshape(slots.shape + (1,) * (a.ndim - 2))
+    return jnp.take_along_axis(a, index, axis=1, mode="fill", fill_value=0)
+
+
+def scatter_slots(a, values, slots):
+    """a [B, L, ...] with values [B, K, ...] written at `slots` [B, K]; out-of-range slots are dropped."""
+    return a.at[jnp.arange(a.shape[0])[:, None], slots].set(values.astype(a.dtype), mode="drop")
+
+
 class MixedSequenceModel(nn.Module):
     """The input side shared by OneFlow and the AR baseline: one sequence of text tokens and image patches.
 
     Subclasses call `setup_inputs()` and `setup_patch_head()` in their `setup` (parameter names stay at the top
     level: embed, patch_in, time_mlp_in/out, patch_row/col_embed, patch_hidden, patch_out), embed a batch with
-    `embed_inputs` and read velocities with `image_velocity`.
+    `embed_inputs` and read velocities with `image_velocity`. A batch may carry `patch_slots` [B, K] (packing.
+    pack_rows: each row's patch positions, then out-of-range fillers): the image parts (patch-in, the t_img MLP, the
+    patch head) then run at those K positions instead of all L, which on a text-heavy row with wide pixel patches is
+    a large share of the step (configs/shapes_tiny.py); the result is the same.
     """
     cfg: ModelConfig
 
@@ -370,32 +392,53 @@ class MixedSequenceModel(nn.Module):
         self.patch_out = Dense(cfg.patch_dim, ("mlp" if cfg.patch_head_hidden else "embed", "patch"), cfg,
                                use_bias=True, zero_init=True)
 
+    @staticmethod
+    def patch_slots(batch):
+        """batch['patch_slots'] with every slot that is not a patch position (a filler, or a zero-padded row) moved
+        out of range, so only patch positions are ever written; None when the batch has none."""
+        slots = batch.get("patch_slots")
+        if slots is None:
+            return None
+        return jnp.where(gather_slots(batch["is_patch"], slots), slots, batch["is_patch"].shape[1])
+
     def embed_inputs(self, batch):
         """Token embeddings on text positions; patch-in + t_img embedding + 2-D position on patch positions."""
         cfg = self.cfg
         tok = self.embed(batch["tokens"])
-        t_emb = self.time_mlp_out(nn.silu(self.time_mlp_in(timestep_embedding(batch["patch_t"], cfg.time_embed_dim))))
-        idx = batch["patch_index"]
+        slots = self.patch_slots(batch)
+        at = (lambda a: a) if slots is None else functools.partial(gather_slots, slots=slots)
+        t_emb = self.time_mlp_out(nn.silu(self.time_mlp_in(timestep_embedding(at(batch["patch_t"]),
+                                                                               cfg.time_embed_dim))))
+        idx = at(batch["patch_index"])
         pos2d = (jnp.take(self.row_embed, idx // cfg.patch_grid[1], axis=0)
                  + jnp.take(self.col_embed, idx % cfg.patch_grid[1], axis=0)).astype(cfg.dtype)
-        img = self.patch_in(batch["patches"].astype(cfg.dtype)) + t_emb + pos2d
-        x = jnp.where(batch["is_patch"][..., None], img, tok)
+        img = self.patch_in(at(batch["patches"]).astype(cfg.dtype)) + t_emb + pos2d
+        if slots is None:
+            x = jnp.where(batch["is_patch"][..., None], img, tok)
+        else:
+            x = scatter_slots(tok, img, slots)
         return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
     def image_velocity(self, h, batch):
-        """The flow-matching velocity v = dY/dt on patch positions (reference §3).
+        """The flow-matching velocity v = dY/dt on patch positions (reference §3); with `patch_slots` in the batch
+        computed only there (zero elsewhere).
 
         image_prediction='x' (JiT, arXiv 2511.13720): patch_out predicts the clean latents, which are far simpler than
         noise-carrying velocities for high-dimensional pixel patches, and v = (Y1_hat - Y_t) / (1 - t_img), the exact
         velocity of the straight path through Y_t; 1 - t is clipped at flow_matching.MIN_GAP.
         """
+        slots = self.patch_slots(batch)
+        at = (lambda a: a) if slots is None else functools.partial(gather_slots, slots=slots)
+        h = at(h)
         if self.cfg.patch_head_hidden:
             h = nn.gelu(self.patch_hidden(h))
-        out = self.patch_out(h)
-        if self.cfg.image_prediction == "v":
-            return out
-        gap = jnp.maximum(1.0 - batch["patch_t"].astype(jnp.float32), flow_matching.MIN_GAP)[..., None]
-        return ((out.astype(jnp.float32) - batch["patches"].astype(jnp.float32)) / gap).astype(out.dtype)
+        v = self.patch_out(h)
+        if self.cfg.image_prediction == "x":
+            gap = jnp.maximum(1.0 - at(batch["patch_t"]).astype(jnp.float32), flow_matching.MIN_GAP)[..., None]
+            v = ((v.astype(jnp.float32) - at(batch["patches"]).astype(jnp.float32)) / gap).astype(v.dtype)
+        if slots is None:
+            return v
+        return scatter_slots(jnp.zeros(batch["is_patch"].shape + v.shape[-1:], v.dtype), v, slots)
 
     def token_logits(self, h):
         cfg = self.cfg
@@ -407,7 +450,8 @@ class OneFlowModel(MixedSequenceModel):
     """Embeds text tokens and image patches into one sequence and returns the OneFlow heads.
 
     Inputs (all [B, L] unless noted): tokens, is_patch, patch_index (0..num_patches-1), patches [B, L, D] (noisy
-    latents Y_t), patch_t (t_img of the patch's image), segment_ids (0 = padding), positions (RoPE index).
+    latents Y_t), patch_t (t_img of the patch's image), segment_ids (0 = padding), positions (RoPE index);
+    optionally patch_slots [B, K] (MixedSequenceModel).
     """
 
     def setup(self):

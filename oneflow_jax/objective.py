@@ -8,12 +8,13 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from oneflow_jax import edit_flow, flow_matching
+from oneflow_jax.model import select_inputs
 
 MODEL_INPUTS = ("tokens", "is_patch", "patch_index", "patches", "patch_t", "segment_ids", "positions")
 
 
 def model_inputs(batch):
-    return {k: batch[k] for k in MODEL_INPUTS}
+    return select_inputs(batch, MODEL_INPUTS)
 
 
 def oneflow_loss(model, params, batch, image_loss_weight: float = 1.0, image_loss_space: str = "v"):

@@ -42,13 +42,15 @@ def test_param_count_equals_the_real_tree(kw):
     assert flops.params_non_embedding(cfg) == real - b["embed"] - b["token_head"] - b["patch_pos"]
 
 
-@pytest.mark.parametrize("model_kw", [dict(), dict(tie_embeddings=True, d_model=256, n_heads=4, n_kv_heads=4,
-                                                   d_ff=1024)])
-def test_analytic_flops_match_xla_cost_analysis(model_kw):
+@pytest.mark.parametrize("model_kw,max_patches", [
+    (dict(), 48), (dict(), 0), (dict(tie_embeddings=True, d_model=256, n_heads=4, n_kv_heads=4, d_ff=1024), 0)])
+def test_analytic_flops_match_xla_cost_analysis(model_kw, max_patches):
     """The compiled train step (loss grad + AdamW) on one CPU device: XLA counts every dot (2mnk) and elementwise op.
-    Unscanned layers: XLA's cost analysis counts a scan (while loop) body once."""
+    Unscanned layers: XLA's cost analysis counts a scan (while loop) body once. max_patches 48: the image parts at
+    48 patch slots per row, 0: at all 128 positions."""
     config = load_config("configs/shapes_tiny.py")
     config.model.update(vocab_size=512, scan_layers=False, remat="none", **model_kw)
+    config.data.max_patches_per_row = max_patches
     config.mesh.data = 1
     config.data.global_batch_size = 4
     result = aot.compile_train_step(config, jax.devices()[:1])
@@ -68,6 +70,10 @@ def test_attention_and_heads_are_counted_at_every_position():
     assert flops.params(cfg, "ar") == flops.params(cfg) - (2 * cfg.d_model + 2)
     data = ml_collections.ConfigDict(dict(seq_len=128, global_batch_size=8))
     assert flops.train_flops_per_step(cfg, data) == pytest.approx(8 * sum(row.values()))
+    slots = flops.train_flops_per_row(cfg, 128, patch_slots=32)          # data.max_patches_per_row: image parts
+    for part in ("patch_in", "time_mlp_in", "time_mlp_out", "patch_out"):
+        assert slots[part] == row[part] / 4
+    assert slots["backbone"] == row["backbone"] and slots["token_head"] == row["token_head"]
 
 
 @pytest.mark.parametrize("objective", [

@@ -198,6 +198,24 @@ def test_packed_rows_keep_documents_apart(tok, codec):
     assert it.counters["documents"] == n_docs
 
 
+def test_max_patches_per_row_caps_rows_and_lists_their_patch_slots(tok, codec):
+    """data.max_patches_per_row: no row holds more latent patches than that, and patch_slots lists exactly the row's
+    patch positions in order, then out-of-range fillers (codec: 64 patches per image, so 128 = two images)."""
+    capped = take(make_iter(tok, codec, max_patches_per_row=128, global_batch_size=8), 4)
+    for batch in capped:
+        assert batch["patch_slots"].shape == (8, 128) and batch["patch_slots"].dtype == np.int32
+        for r in range(8):
+            where = np.flatnonzero(batch["is_patch"][r])
+            assert len(where) <= 128
+            np.testing.assert_array_equal(batch["patch_slots"][r][:len(where)], where)
+            assert (batch["patch_slots"][r][len(where):] == 256).all()
+    uncapped = take(make_iter(tok, codec, global_batch_size=8), 4)
+    assert "patch_slots" not in uncapped[0]
+    assert max(int(b["is_patch"].sum(1).max()) for b in uncapped) > 128      # the cap did bind
+    with pytest.raises(ValueError, match="patches"):
+        packing.pack_rows([{"tokens": np.ones(3, np.int32), "is_patch": np.ones(3, bool)}], 8, 4, max_patches=2)
+
+
 def _write_array_record(path, records):
     writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
     for rec in records:

@@ -15,14 +15,14 @@ CFG = ModelConfig(vocab_size=32, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2
                   patch_dim=6, patch_grid=(2, 2), time_embed_dim=16)
 
 
-def make_row(rng, docs_tokens, seq_len=64, max_del=64, times=None):
+def make_row(rng, docs_tokens, seq_len=64, max_del=64, times=None, max_patches=0):
     docs = []
     for toks in docs_tokens:
         toks = np.asarray(toks, np.int32)
         lat = rng.standard_normal((int((toks == SP.image).sum()), 4, 6)).astype(np.float32)
         docs.append(edit_flow.noise_document(toks, lat, rng, NoisingConfig(), SP, times=times and (
             times[0], [times[1]] * len(lat))))
-    return packing.pack_rows(docs, seq_len, max_del)
+    return packing.pack_rows(docs, seq_len, max_del, max_patches=max_patches)
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +148,38 @@ def test_cpu_dense_grads_give_the_same_gradients(params):
         _, sharded_grads = loss_and_grads(fast)
     for a, b in zip(jax.tree_util.tree_leaves(ref_grads), jax.tree_util.tree_leaves(sharded_grads)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+
+
+def test_patch_slots_give_the_same_loss_and_gradients():
+    """With `patch_slots` in the batch (data.max_patches_per_row) the image parts run at those slots only: on a data x
+    fsdp x tensor mesh, loss and every gradient equal the all-positions computation on one device, and the velocity
+    is the same on patch positions and zero elsewhere (also in a zero-padded row, whose slots all point at 0)."""
+    import dataclasses
+    cfg = dataclasses.replace(CFG, n_layers=1, image_prediction="x", patch_head_hidden=16)
+    rng = np.random.default_rng(3)
+    docs = [[5, 6, SP.image, 7], [8, SP.image, 9, 10, SP.image], [11, 12, 13]]
+    rows = [make_row(rng, [docs[i % 3], docs[(i + 1) % 3]], times=(0.5, 0.5), max_patches=14) for i in range(3)]
+    rows.append({k: np.zeros_like(v) for k, v in rows[0].items()})   # how the pipeline pads a block (slots all 0)
+    batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+    assert 0 < int(batch["is_patch"].sum(1).max()) < 14                          # fillers in every row
+    full = {k: v for k, v in batch.items() if k != "patch_slots"}
+    assert "patch_slots" in objective.model_inputs(batch) and "patch_slots" not in objective.model_inputs(full)
+    model = OneFlowModel(cfg)
+    p = nn.meta.unbox(model.init(jax.random.key(1), dummy_batch(cfg))["params"])
+    p["patch_out"]["kernel"] = 0.1 * jax.random.normal(jax.random.key(2), p["patch_out"]["kernel"].shape)
+
+    @jax.jit
+    def loss_grads_velocity(q, b):
+        (loss, _), grads = jax.value_and_grad(lambda q: objective.oneflow_loss(model, q, b, 4.0, "x"), has_aux=True)(q)
+        return loss, grads, model.apply({"params": q}, objective.model_inputs(b))["velocity"]
+
+    ref_loss, ref_grads, v_full = loss_grads_velocity(p, full)
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        loss, grads, v_slots = loss_grads_velocity(p, batch)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(ref_grads), jax.tree_util.tree_leaves(grads)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-3, atol=1e-5)   # float32 sums reordered
+    is_patch, v_full, v_slots = np.asarray(batch["is_patch"]), np.asarray(v_full), np.asarray(v_slots)
+    np.testing.assert_allclose(v_slots[is_patch], v_full[is_patch], rtol=1e-5, atol=1e-6)
+    assert np.abs(v_full[is_patch]).max() > 0 and not v_slots[~is_patch].any()

@@ -174,6 +174,8 @@ BAD_CONFIGS = {   # name: (flags, what the one error line must mention)
     "negative_patch_head_hidden": (["--config.model.patch_head_hidden=-1"], "patch_head_hidden"),
     "unknown_image_loss_space": (["--config.objective.image_loss_space=eps"], "image_loss_space"),
     "ema_decay_of_1": (["--config.optimizer.ema_decay=1.0"], "ema_decay"),
+    "negative_max_patches_per_row": (["--config.data.max_patches_per_row=-1"], "max_patches_per_row"),
+    "max_patches_per_row_below_one_image": (["--config.data.max_patches_per_row=2"], "less than one image"),
 }
 
 
