@@ -10,9 +10,10 @@ def get_config(arg: str | None = None):
     c = ml_collections.ConfigDict()
     c.model_type = "oneflow"          # 'oneflow' | 'ar' (the AR+FM baseline)
     c.seed = 0
-    c.total_steps = 4000              # 9.5-12.5 min of training at 5.4-7 steps/s (batch 8, d_model 128, the MLP
-                                      # patch head below, launch/local.sh's XLA flags, data.cache_decoded); 4300 steps
-                                      # took 662-751 s, too close to local.sh's 900 s with set-up and eval. Seen split,
+    c.total_steps = 4400              # ~11.5 min of training at 6-7 steps/s (batch 8, d_model 128, the MLP patch
+                                      # head at data.max_patches_per_row slots, launch/local.sh's XLA flags,
+                                      # data.cache_decoded); before the patch slots 4000 steps took 9.5-12.5 min and
+                                      # 4300 steps 662-751 s, too close to local.sh's 900 s with set-up and eval. Seen split,
                                       # 200 eval docs, caption / generation (EMA weights), seeds 0 / 1 (/ 2): 4000
                                       # steps 0.86 / 0.82, 0.86 / 0.86, 0.90 / 0.86; 4300 steps 0.92 / 0.86, 0.86 /
                                       # 0.86; 3300 steps 0.81 / 0.78, 0.86 / 0.83; with a linear patch head (3300) 0.83
