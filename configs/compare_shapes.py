@@ -17,7 +17,7 @@ def get_config(arg: str | None = None):
     # shapes_tiny's codec (16x16 patches), rows of 128 positions, 16 rows, so that both trainings and all
     # evaluations fit ~45 min on a 2-core CPU (~0.6 s/step each model on a quiet machine, ~1 s under load).
     c.data.update(seq_len=128, global_batch_size=16)
-    c.sampler.update(max_len=128)
+    c.sampler.update(max_len=128, votes=1)      # one sample per caption: the comparison of the paper
     c.compare = ml_collections.ConfigDict(dict(
         steps=900,                    # total_steps at budget 1 (~1.05 s/step each model measured under load)
         num_checkpoints=4,            # evaluated checkpoints per model (every steps * budget / num_checkpoints)

@@ -105,12 +105,8 @@ def evaluate(run: generate.Run, num_examples: int, num_free: int, sampler_config
     cap_docs = gen([generate.encode_prompt("<image>", [r["images"][0]], tok, codec) for r in records], seed)
     caption_latency = (time.time() - t0) / len(records)
     caption_nfe = float(np.mean(gen.nfe))
-    captions = []
-    for (doc, _), (truth, held) in zip(cap_docs, truths):
-        text = first_caption(doc)
-        exact = sw.parse_caption(text or "")
-        captions.append(dict(pred=loose_attributes(text), true=truth, held_out=held, correct=exact == truth,
-                             text=doc))
+    captions = [_caption_row(doc, truth, held) for (doc, _), (truth, held) in zip(cap_docs, truths)]
+    single = [_caption_row(samples[0][0], truth, held) for samples, (truth, held) in zip(gen.samples, truths)]
 
     gen.nfe.clear()
     gen_docs = gen([generate.encode_prompt(c + " <image>", [None], tok, codec) for c in caption_texts], seed + 1)
@@ -132,13 +128,22 @@ def evaluate(run: generate.Run, num_examples: int, num_free: int, sampler_config
     return {
         "step": run.step,
         "caption": {"all": _score(captions), "seen": _score(captions, False), "held_out": _score(captions, True),
-                    "latency_s_per_example": caption_latency, "nfe": caption_nfe},
+                    "latency_s_per_example": caption_latency, "nfe": caption_nfe, "votes": sampler_config.votes},
+        # the first of each image's samples alone: what one draw gives (the same as "caption" without a vote)
+        "caption_one_sample": {"all": _score(single), "seen": _score(single, False),
+                               "held_out": _score(single, True)},
         "generation": {"all": _score(images), "seen": _score(images, False), "held_out": _score(images, True)},
         "interleaved_consistency": {"n_pairs": total, "accuracy": agree / total if total else None},
         "examples": {"captions": [c["text"] for c in captions[:5]], "free": [d for d, _ in free_docs[:3]],
                      "caption_failures": [{"truth": truth, "document": c["text"]} for c, truth
                                           in zip(captions, caption_texts) if not c["correct"]][:MAX_FAILURES]},
     }
+
+
+def _caption_row(doc: str, truth, held: bool) -> dict:
+    text = first_caption(doc)
+    return dict(pred=loose_attributes(text), true=truth, held_out=held, correct=sw.parse_caption(text or "") == truth,
+                text=doc)
 
 
 def _objects(attrs):
@@ -149,17 +154,23 @@ def _objects(attrs):
 def format_table(scores) -> str:
     lines = [f"shapes-world eval @ step {scores['step']}",
              f"{'task':<12} {'split':<9} {'n':>5} {'acc':>6} " + " ".join(f"{a:>12}" for a in ATTRS)]
-    for task in ("caption", "generation"):
+    tasks = ["caption", "generation"]
+    if scores["caption"].get("votes", 1) > 1:      # the vote's caption, then one draw's
+        tasks.insert(1, "caption_one_sample")
+    for task in tasks:
         for split in ("seen", "held_out", "all"):
             s = scores[task][split]
             if s:
-                lines.append(f"{task:<12} {split:<9} {s['n']:>5} {s['accuracy']:>6.3f} "
+                name = "caption@1" if task == "caption_one_sample" else task
+                lines.append(f"{name:<12} {split:<9} {s['n']:>5} {s['accuracy']:>6.3f} "
                              + " ".join(f"{s[a]:>12.3f}" for a in ATTRS))
     ic = scores["interleaved_consistency"]
     acc = "n/a" if ic["accuracy"] is None else f"{ic['accuracy']:.3f}"
     lines.append(f"interleaved consistency: {acc} over {ic['n_pairs']} pairs")
+    votes = scores["caption"].get("votes", 1)
     lines.append(f"captioning: {scores['caption']['latency_s_per_example'] * 1e3:.1f} ms/example, "
-                 f"{scores['caption']['nfe']:.0f} network evaluations")
+                 f"{scores['caption']['nfe']:.0f} network evaluations per batch"
+                 + (f", the most frequent of {votes} samples (caption@1: the first sample alone)" if votes > 1 else ""))
     return "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 the results to text (with `<image>` markers) and uint8 images. Shared by `sample`, `eval` and the train loop."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 
@@ -97,7 +98,23 @@ class Generator:
 
     def __call__(self, prompts, seed: int = 0, params=None):
         """prompts: [(token ids, latents-or-None per marker)] -> [(text, [uint8 images])] in the same order.
-        `params` replaces the run's (the train loop samples its current state with one compiled sampler)."""
+        `params` replaces the run's (the train loop samples its current state with one compiled sampler).
+
+        With sampler `votes` = k > 1, a prompt with images that are all given (a captioning prompt: the output is
+        text) is sampled k times, as k rows of the batch, and the sample whose text the most of them share is
+        returned (ties: the earliest), i.e. self-consistency decoding at k times the cost. Captions of a tiny model
+        fail by sampling accident rather than for want of knowledge (docs/objective.md), which a vote removes.
+        Prompts that generate an image are sampled once. `self.samples` keeps every prompt's samples in order, the
+        first being the one a single draw would have given."""
+        votes = [self.cfg.votes if images and all(im is not None for im in images) else 1 for _, images in prompts]
+        owner = [i for i, k in enumerate(votes) for _ in range(k)]
+        docs = self._generate([prompts[i] for i in owner], seed, params)
+        self.samples = [[] for _ in prompts]
+        for i, doc in zip(owner, docs):
+            self.samples[i].append(doc)
+        return [most_common_text(samples) for samples in self.samples]
+
+    def _generate(self, prompts, seed: int, params):
         params = self.run.params if params is None else params
         out = []
         codec = self.run.codec
@@ -113,6 +130,12 @@ class Generator:
                 images = [codec.decode(lat) for lat in latents]
                 out.append((self.run.tokenizer.decode(tokens), images))
         return out
+
+
+def most_common_text(samples):
+    """The (text, images) sample whose text occurs most often among `samples` (ties: the earliest)."""
+    counts = collections.Counter(text for text, _ in samples)
+    return next(sample for sample in samples if counts[sample[0]] == max(counts.values()))
 
 
 def image_grid(images, cols: int = 8, pad: int = 2) -> np.ndarray:

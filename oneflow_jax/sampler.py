@@ -51,6 +51,8 @@ class SamplerConfig:
     max_insertions_per_step: int = 0   # per sequence and step; 0 = no limit (Alg. 1). See the module docstring
     finish_threshold: float = 0.0      # after t = 1, keep stepping while some gap has 1 - pi above this; 0 = off
     insertion_order: str = "random"    # which of a step's insertions the cap keeps: "random" | "largest_gap"
+    votes: int = 1                     # > 1: a prompt whose images are all given (captioning) is sampled this many
+                                       # times and its most frequent text kept (generate.Generator, self-consistency)
     kappa_power: float = 1.0        # the training objective's schedules (config.objective), not sampler knobs
     image_time_shift: float = 1.0
 
@@ -58,6 +60,8 @@ class SamplerConfig:
         if self.insertion_order not in INSERTION_ORDERS:
             raise ValueError(f"insertion_order must be one of {', '.join(INSERTION_ORDERS)}, "
                              f"got {self.insertion_order!r}")
+        if self.votes < 1:
+            raise ValueError(f"votes must be >= 1 (1: no vote), got {self.votes}")
 
     @classmethod
     def from_config(cls, config, **overrides) -> "SamplerConfig":

@@ -94,13 +94,14 @@ def test_sample_bad_input_is_a_one_line_error(sample_error_results, name):
 def test_eval_prints_the_table_and_writes_scores(cli, trained_run, tmp_path):
     workdir = copy_workdir(trained_run.workdir, tmp_path / "run")
     result = cli.run("eval", f"--workdir={workdir}", "--num_examples=8",
-                     '--sampler={"max_insertions_per_step": 1, "finish_threshold": 0.5}').check()
+                     '--sampler={"max_insertions_per_step": 1, "finish_threshold": 0.5, "votes": 3}').check()
     assert "shapes-world eval @ step 12" in result.stdout, str(result)
-    for row in ("caption", "generation", "interleaved consistency"):
+    for row in ("caption ", "caption@1", "generation", "interleaved consistency", "most frequent of 3 samples"):
         assert row in result.stdout, str(result)
     scores = json.loads((workdir / "eval" / "step_12.json").read_text())
-    assert {"caption", "generation", "interleaved_consistency"} <= set(scores)
-    assert scores["step"] == 12 and scores["caption"]["all"]["n"] == 8
+    assert {"caption", "caption_one_sample", "generation", "interleaved_consistency"} <= set(scores)
+    assert scores["step"] == 12 and scores["caption"]["all"]["n"] == 8 and scores["caption"]["votes"] == 3
+    assert scores["caption_one_sample"]["all"]["n"] == 8
     assert 0.0 <= scores["caption"]["all"]["accuracy"] <= 1.0
     wrong = round((1 - scores["caption"]["all"]["accuracy"]) * 8)
     failures = scores["examples"]["caption_failures"]
@@ -128,3 +129,32 @@ def test_benchmark_scripts_run(cli):
                           "--batches=2", "--warmup=1").check()
     rows = [json.loads(line) for line in pipe.stdout.strip().splitlines() if line.startswith("{")]
     assert rows and all(r["rows_per_s"] > 0 for r in rows), str(pipe)
+
+
+def test_votes_sample_captioning_prompts_k_times_and_keep_the_most_frequent_text(trained_run, png):
+    """sampler.votes = 3: each prompt whose images are all given is sampled 3 times (rows of the batch, each its own
+    random draws) and the sample with the most frequent text comes back; a prompt that generates an image is sampled
+    once."""
+    import dataclasses
+    from oneflow_jax import generate, sampler
+    run = generate.load_run(str(trained_run.workdir))
+    cfg = dataclasses.replace(sampler.SamplerConfig.for_run(run.config), votes=3)
+    image = generate.load_png(str(png), run.codec)
+    prompts = [generate.encode_prompt("<image>", [image], run.tokenizer, run.codec),
+               generate.encode_prompt("a red circle on the left and a blue square on the right <image>", [None],
+                                      run.tokenizer, run.codec),
+               generate.encode_prompt("<image> a", [image], run.tokenizer, run.codec)]
+    gen = generate.Generator(run, cfg, batch_size=8)
+    docs = gen(prompts, seed=0)
+    assert [len(s) for s in gen.samples] == [3, 1, 3]
+    assert docs == [generate.most_common_text(s) for s in gen.samples]
+    assert len(docs[1][1]) == 1 and docs[1][1][0].shape == (32, 32, 3)      # the generated image
+    assert all(text.startswith("<image>") for text, _ in gen.samples[0] + gen.samples[2])
+    assert len({text for text, _ in gen.samples[0] + gen.samples[2]}) > 1, gen.samples   # independent draws
+
+
+def test_most_common_text_keeps_the_plurality_and_the_earliest_of_a_tie():
+    from oneflow_jax.generate import most_common_text
+    assert most_common_text([("x", 0), ("y", 1), ("y", 2)]) == ("y", 1)
+    assert most_common_text([("a", 0), ("b", 1), ("b", 2), ("a", 3)]) == ("a", 0)
+    assert most_common_text([("a", 0)]) == ("a", 0)
