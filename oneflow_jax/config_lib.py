@@ -80,6 +80,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if not 0 <= config.data.get("max_patches_per_row", 0) <= config.data.seq_len:
         raise UserError(f"config.data.max_patches_per_row must be in [0, seq_len={config.data.seq_len}] (0 = no "
                         f"limit), got {config.data.max_patches_per_row!r}")
+    if "sampler" in config:
+        from oneflow_jax.sampler import SamplerConfig
+        _check_fields(config.sampler, SamplerConfig, "sampler")
+        try:
+            SamplerConfig.from_config(config.sampler)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"config.sampler: {e}") from None
     if "codec" in config and config.codec.get("name", "pixel_patch") == "pixel_patch":    # cheap: no weights
         from oneflow_jax.codec import make_codec
         _check_patch_budget(config, make_codec(config.codec).num_patches)

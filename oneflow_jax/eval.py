@@ -186,7 +186,10 @@ def main(argv):
     overrides = sampler_overrides(FLAGS.sampler)
     if FLAGS.steps:
         overrides["steps"] = FLAGS.steps
-    scfg = sampler.SamplerConfig.for_run(run.config, **overrides)
+    try:
+        scfg = sampler.SamplerConfig.for_run(run.config, **overrides)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"--sampler: {e}") from None
     scores = evaluate(run, n, n // 4 if FLAGS.num_free is None else FLAGS.num_free, scfg,
                       run.config.eval.batch_size, FLAGS.seed)
     out = os.path.join(FLAGS.workdir, "eval")

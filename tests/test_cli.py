@@ -112,6 +112,8 @@ def test_eval_prints_the_table_and_writes_scores(cli, trained_run, tmp_path):
         assert sw.parse_caption(first_caption(f["document"]) or "") != truth, f
     bad = cli.run("eval", f"--workdir={workdir}", '--sampler={"temprature": 0.3}')
     assert_one_line_error(bad, "unknown key(s) temprature")
+    bad = cli.run("eval", f"--workdir={workdir}", '--sampler={"votes": 0}')
+    assert_one_line_error(bad, "votes must be >= 1")
 
 
 def test_benchmark_scripts_run(cli):

@@ -176,6 +176,7 @@ BAD_CONFIGS = {   # name: (flags, what the one error line must mention)
     "ema_decay_of_1": (["--config.optimizer.ema_decay=1.0"], "ema_decay"),
     "negative_max_patches_per_row": (["--config.data.max_patches_per_row=-1"], "max_patches_per_row"),
     "max_patches_per_row_below_one_image": (["--config.data.max_patches_per_row=2"], "less than one image"),
+    "zero_sampler_votes": (["--config.sampler.votes=0"], "votes must be >= 1"),
 }
 
 
