@@ -16,12 +16,13 @@ import time
 import ml_collections
 import numpy as np
 
-from oneflow_jax import codec as codec_lib
-from oneflow_jax import input_pipeline
+from oneflow_jax.models import codec as codec_lib
+from oneflow_jax import config_lib
+from oneflow_jax.data import input_pipeline
 
 
 def run(args, num_workers: int) -> dict:
-    cfg = ml_collections.ConfigDict({"data": input_pipeline.default_config(), "objective": {}})
+    cfg = ml_collections.ConfigDict({"data": config_lib.as_dict(config_lib.DataConfig()), "objective": {}})
     cfg.data.update(dict(name=args.dataset, data_dir=args.data_dir, seq_len=args.seq_len,
                          max_deletions=args.max_deletions, global_batch_size=args.batch, num_workers=num_workers,
                          prefetch=args.prefetch, read_threads=args.read_threads, overlong=args.overlong,

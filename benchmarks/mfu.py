@@ -1,4 +1,4 @@
-"""MFU of the real train step: analytic FLOPs (oneflow_jax.flops, reference §8) / step time / per-device peak.
+"""MFU of the real train step: analytic FLOPs (oneflow_jax.training.flops, reference §8) / step time / per-device peak.
 
     python benchmarks/mfu.py --config configs/shapes_tiny.py [--config.key=value ...] [--steps 10] [--warmup 2]
     python benchmarks/mfu.py --config configs/oneflow_1b.py --synthetic --config.data.global_batch_size=32
@@ -27,9 +27,10 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from oneflow_jax import aot, config_lib, edit_flow, flops, packing, sharding  # noqa: E402
-from oneflow_jax.train_state import (build_model, create_sharded_state, loss_function, make_optimizer,  # noqa: E402
-                                     make_train_step, pipeline_pieces)
+from oneflow_jax import cli, config_lib, methods  # noqa: E402
+from oneflow_jax.training import flops, sharding  # noqa: E402
+from oneflow_jax.training.train_state import (build_model, create_sharded_state, jit_train_step,  # noqa: E402
+                                              make_optimizer)
 
 config_flags.DEFINE_config_file("config", None, "configs/*.py[:variant]", lock_config=True)
 flags.DEFINE_integer("steps", 10, "Timed steps.")
@@ -42,24 +43,19 @@ FLAGS = flags.FLAGS
 
 
 def real_batches(config, tokenizer, codec, n: int) -> list[dict[str, np.ndarray]]:
-    from oneflow_jax import input_pipeline
-    transform, packer = pipeline_pieces(config, tokenizer, codec)
+    from oneflow_jax.data import input_pipeline
     it = input_pipeline.create_train_iterator(config, process_index=0, process_count=1, codec=codec,
-                                              tokenizer=tokenizer, seed=config.seed, transform=transform, packer=packer)
+                                              tokenizer=tokenizer, seed=config.seed)
     return [next(it) for _ in range(n)]
 
 
 def synthetic_batches(config, codec, n: int, text_tokens: int) -> list[dict[str, np.ndarray]]:
     """`n` batches greedily packed (as the pipeline's packer) from random documents: ~`text_tokens` random ids
     around one image of N(0, 1) latents, noised by the config's own transform."""
-    vocab = aot._vocab_size(config)
-    tokenizer = types.SimpleNamespace(bos_id=1, eos_id=2, pad_id=0, image_id=4, vocab_size=vocab)
-    transform, packer = pipeline_pieces(config, tokenizer, codec)
-    if transform is None:   # the input pipeline's defaults
-        special = edit_flow.SpecialTokens(bos=tokenizer.bos_id, pad=tokenizer.pad_id, image=tokenizer.image_id)
-        transform = edit_flow.EditFlowTransform(edit_flow.NoisingConfig.from_config(config.objective), special,
-                                                codec.num_patches)
-        packer = packing.EditFlowPacker.from_config(config.data, tokenizer.pad_id)
+    config = config_lib.resolve(config)
+    tokenizer = types.SimpleNamespace(bos_id=1, eos_id=2, pad_id=0, image_id=4,
+                                      vocab_size=config_lib.vocab_size(config))
+    transform, packer = methods.for_config(config).pipeline_pieces(config, tokenizer, codec)
     rng = np.random.default_rng(config.seed)
     budget = packer.limits[0] - 2 - codec.num_patches       # text that still fits a row next to its image
     batches, pending = [], None
@@ -87,24 +83,21 @@ def synthetic_batches(config, codec, n: int, text_tokens: int) -> list[dict[str,
 
 def run(config, steps: int, warmup: int, peak: float, peak_source: str, synthetic_text_tokens: int = 0) -> dict:
     """`synthetic_text_tokens` > 0: synthetic batches of that mean text length; 0: the config's dataset."""
-    config_lib.validate(config, jax.device_count())
+    config = config_lib.validate(config, jax.device_count())
     mesh = sharding.make_mesh(config.mesh)
     if synthetic_text_tokens:
-        model, codec = build_model(config, aot._vocab_size(config))
+        model, codec = build_model(config, config_lib.vocab_size(config))
         host_batches = synthetic_batches(config, codec, 1 + warmup + steps, synthetic_text_tokens)
     else:
-        from oneflow_jax import input_pipeline
+        from oneflow_jax.data import input_pipeline
         tokenizer = input_pipeline.get_tokenizer(config)
         model, codec = build_model(config, tokenizer.vocab_size)
         host_batches = real_batches(config, tokenizer, codec, 1 + warmup + steps)
     tx, schedule = make_optimizer(config.optimizer, config.total_steps)
-    ema_decay = config.optimizer.get("ema_decay", 0.0)
-    state, shardings = create_sharded_state(model, tx, mesh, config.seed, ema_decay)
+    state, shardings = create_sharded_state(model, tx, mesh, config.seed, config.optimizer.ema_decay)
     batches = [{k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v)
                 for k, v in b.items()} for b in host_batches]
-    step = jax.jit(make_train_step(model, tx, schedule, config.objective.image_loss_weight, loss_function(config),
-                                   ema_decay),
-                   in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=(0,))
+    step = jit_train_step(model, tx, schedule, config, shardings)
     import flax.linen as nn
     times = []
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
@@ -119,7 +112,7 @@ def run(config, steps: int, warmup: int, peak: float, peak_source: str, syntheti
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
-    model_type = config.get("model_type", "oneflow")
+    model_type = config.model_type
     flops_step = flops.train_flops_per_step(model.cfg, config.data, model_type)
     positions = config.data.global_batch_size * config.data.seq_len
     filled = float(np.mean([np.sum(np.asarray(b["segment_ids"]) > 0) for b in batches])) / positions
@@ -138,11 +131,11 @@ def run(config, steps: int, warmup: int, peak: float, peak_source: str, syntheti
 def main(argv):
     del argv
     if FLAGS.config is None:
-        raise config_lib.UserError("--config is required")
-    peak, source = flops.resolve_peak_flops(FLAGS.config.get("peak_flops", 0.0), FLAGS.peak_n, FLAGS.peak_repeats)
+        raise cli.UserError("--config is required")
+    peak, source = flops.resolve_peak_flops(config_lib.resolve(FLAGS.config).peak_flops, FLAGS.peak_n, FLAGS.peak_repeats)
     text_tokens = FLAGS.synthetic_text_tokens if FLAGS.synthetic else 0
     print(json.dumps(run(FLAGS.config, FLAGS.steps, FLAGS.warmup, peak, source, text_tokens), sort_keys=True))
 
 
 if __name__ == "__main__":
-    app.run(config_lib.run_cli(main))
+    app.run(cli.run_cli(main))

@@ -1,8 +1,12 @@
 """AR+FM baseline 1B (reference §7, Transfusion-style) matching configs/oneflow_1b.py: the same run with
-model_type 'ar' (oneflow_jax/ar_model.py, ar_objective.py, ar_sampler.py).
+model_type 'ar' (oneflow_jax/methods/ar_fm.py: models/ar_transformer.py, objectives/ar_objective.py,
+sampling/ar_sampler.py).
 
     python -m oneflow_jax.flops --config configs/ar_1b.py --json
-    python -m oneflow_jax.train --config configs/ar_1b.py:cpu --workdir /tmp/x --config.compile_only=True
+    python -m oneflow_jax.aot --config configs/ar_1b.py:cpu
+
+Wall clock and scores: not measured at this scale; one H200 runs the 16-row step at the speed of OneFlow's
+(docs/results.md, "Throughput and MFU").
 
 The config *is* oneflow_1b's (loaded from that file, so the two cannot drift): Llama 3.2 1B backbone, vocabulary
 128256, sequence 512, global batch 4096, 256-px SD3/FLUX VAE latents, optimizer, steps, data, mesh presets and the

@@ -2,7 +2,9 @@
 model_type 'ar' and the `ar` section. What differs from OneFlow and why: configs/ar_1b.py.
 
     python -m oneflow_jax.flops --config configs/ar_3b.py --json
-    python -m oneflow_jax.train --config configs/ar_3b.py:cpu --workdir /tmp/x --config.compile_only=True
+    python -m oneflow_jax.aot --config configs/ar_3b.py:cpu
+
+Wall clock and scores: not measured at this scale; one H200 ran the 16-row step as fast as OneFlow's (docs/results.md).
 
 Variants as in oneflow_3b.py: `cpu`, `tpN`, `slicesN`.
 """

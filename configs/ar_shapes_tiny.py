@@ -1,7 +1,11 @@
 """The AR+FM baseline (reference §7) at shapes_tiny's size: same backbone, codec, data, optimizer and sampler settings
-as configs/shapes_tiny.py, model_type 'ar' (oneflow_jax/ar_model.py, ar_objective.py, ar_sampler.py).
+as configs/shapes_tiny.py, model_type 'ar' (oneflow_jax/methods/ar_fm.py: models/ar_transformer.py,
+objectives/ar_objective.py, sampling/ar_sampler.py).
 
-python -m oneflow_jax.train --config configs/ar_shapes_tiny.py --workdir workdir/ar_shapes_tiny
+Command: python -m oneflow_jax.train --config configs/ar_shapes_tiny.py --workdir workdir/ar_shapes_tiny
+    then python -m oneflow_jax.eval --workdir workdir/ar_shapes_tiny
+Wall clock and scores: not measured on their own with these settings; configs/compare_shapes.py trains and scores
+this model next to OneFlow (docs/results.md, "FLOP comparison").
 Variants: --config configs/ar_shapes_tiny.py:smoke (a few steps, for tests).
 """
 import ml_collections
@@ -12,10 +16,7 @@ from oneflow_jax.config_lib import sibling_config
 def get_config(arg: str | None = None):
     c = sibling_config(__file__, "shapes_tiny.py").get_config(arg)
     c.model_type = "ar"
-    # AR-only knobs. cond_t_min: an image followed by text draws t_img ~ U(cond_t_min, 1) (Transfusion's noise cap on
-    # conditioning images); others U(0, 1).
+    # cond_t_min: an image followed by text draws t_img ~ U(cond_t_min, 1), others U(0, 1); in [0, 1)
     c.ar = ml_collections.ConfigDict(dict(cond_t_min=0.5))
-    # objective.image_loss_weight stays shapes_tiny's (4, the OneFlow run's) for an equal-weight comparison;
-    # Transfusion used 5 with its VAE latents. OneFlow's noising and condition-dropout knobs are unused by the AR
-    # objective.
+    # objective.image_loss_weight stays shapes_tiny's (equal weights); OneFlow's noising knobs are unused by AR
     return c

@@ -5,10 +5,12 @@
         --config.codec.path=/path/to/vae --config.data.tokenizer_path=/path/tokenizer.model \
         --config.data.builder_config.train_files="('gs://BUCKET/pairs-00000.jsonl',)"
     python -m oneflow_jax.flops --config configs/oneflow_1b.py --json
-    python -m oneflow_jax.train --config configs/oneflow_1b.py --workdir /tmp/x --config.compile_only=True \
-        [--config.mesh.compile_topology=v5p-128]
+    python -m oneflow_jax.aot --config configs/oneflow_1b.py [--config.mesh.compile_topology=v5p-256]
 
-Variants (comma-separated after ':'): `cpu` shrinks layers and batch so compile_only runs on 8 fake CPU devices;
+Wall clock and scores: not measured at this scale. Per chip, one H200 ran the 16-row step (the per-chip share of
+batch 4096 on 256 chips) in ~0.14 s with cuDNN attention (docs/results.md, "Throughput and MFU").
+
+Variants (comma-separated after ':'): `cpu` shrinks layers and batch so the aot fit check runs on 8 fake CPU devices;
 `tp2`/`tp4`/`tp8` add tensor parallelism; `slices2`, `slices4`, ... put the data axis across that many slices.
 configs/oneflow_3b.py and oneflow_8b.py reuse `pod_config` with their backbones. docs/pod_scale.md explains the
 mesh choice. Vocabulary: 128256 = Llama 3's, `<image>` takes one of its reserved special-token slots (no +1), so
@@ -16,17 +18,14 @@ the Llama embedding imports unchanged (import_llama checks the size).
 """
 import ml_collections
 
-# Llama backbones (reference §6); head_dim = d_model / n_heads = 64 (1B), 128 (3B, 8B). RoPE: theta 500000 (below) with
-# the checkpoints' 'llama3' frequency scaling, rope_scaling = (factor, low_freq_factor, high_freq_factor,
-# original_max_position_embeddings): Llama 3.2 (1B, 3B) (32, 1, 4, 8192), Llama 3.1 (8B) (8, 1, 4, 8192).
+# Llama backbones (reference §6); rope_scaling: 'llama3' (factor, low_freq, high_freq, original context)
 LLAMA_3_2_1B = dict(d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192, tie_embeddings=True,
                     rope_scaling=(32.0, 1.0, 4.0, 8192))
 LLAMA_VOCAB = 128256
 
 
 def _vae_codec():
-    # SD3 / FLUX VAE: 16 latent channels, 8x downsampling. Without `path` the codec is shape-only (compile_only and
-    # the FLOP count need no weights); with it, latent_channels / downsample_factor are checked against the VAE.
+    # SD3 / FLUX VAE geometry; without `path` a shape-only codec (enough for aot and flops), with it checked
     return dict(name="vae", path=None, image_size=256, patch_size=2, batch_size=8, latent_channels=16,
                 downsample_factor=8)
 
@@ -41,14 +40,9 @@ def pod_config(backbone: dict, arg: str | None = None) -> ml_collections.ConfigD
     c.ckpt_every = 1000              # ~minutes of pod time; preemption loses at most this many steps
     c.keep_checkpoints = 3
     c.sample_every = 0               # sampling at pod scale decodes with the VAE on every host: enable deliberately
-    c.compile_only = False
     c.peak_flops = 0.0               # per-device peak for MFU; 0 = the device's spec sheet (flops.PEAK_FLOPS)
 
-    # Mesh: FSDP over every chip of a slice. 1B-8B with fp32 params + Adam is 16 bytes/param = 20-130 GB in total:
-    # fully sharded it is < 1 GB per chip on 256 chips, and 4096 rows / 256 chips = 16 rows (8192 tokens) per chip
-    # keep the per-layer weight all-gathers well behind the matmuls. Tensor parallelism does not cut the dominant
-    # per-chip activations here (the [tokens, 128256] logits are per row), so it is only for more chips than rows.
-    # Across slices (DCN) only gradients travel: data = num_slices.
+    # FSDP over every chip of a slice, data = num_slices across slices (why: docs/pod_scale.md, "Choosing a mesh")
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, compile_topology="", num_slices=1))
 
     c.codec = ml_collections.ConfigDict(_vae_codec())
@@ -57,7 +51,7 @@ def pod_config(backbone: dict, arg: str | None = None) -> ml_collections.ConfigD
     c.model = ml_collections.ConfigDict(dict(
         vocab_size=LLAMA_VOCAB, rope_theta=500000.0, norm_eps=1e-5, time_embed_dim=256,
         dtype="bfloat16", param_dtype="float32",
-        remat="full",                # per-layer recompute: 16 rows x 512 x d_model per layer kept, nothing else
+        remat="full",                # 'none' | 'full' (keep each layer's input only) | 'dots' | 'dots_no_batch'
         attention_impl="xla",        # 'cudnn' on NVIDIA GPUs
         scan_layers=True, **backbone))
 
@@ -87,7 +81,7 @@ def pod_config(backbone: dict, arg: str | None = None) -> ml_collections.ConfigD
     c.eval = ml_collections.ConfigDict(dict(num_examples=200, batch_size=50, split="eval"))
 
     for variant in filter(None, (arg or "").split(",")):
-        if variant == "cpu":         # the same layout, shrunk to compile on 8 fake CPU devices in seconds
+        if variant == "cpu":         # the same layout, shrunk to compile on 8 fake CPU devices
             c.model.n_layers = 2
             c.data.update(global_batch_size=16, num_workers=0)
             c.total_steps, c.ckpt_every, c.log_every = 10, 5, 1

@@ -1,190 +1,28 @@
-"""Compile the train step without running it ("fit before you pay"): abstract state and batch, the configured mesh on
-this host's devices or on a named TPU topology (ahead-of-time, from a CPU host, where jaxlib has libtpu).
+"""Fit before you pay: compile a config's train step for its mesh without running it, and print per-device memory
+(training/aot.py). Reads no data, tokenizer or VAE weights when config.model.vocab_size is set.
 
-`train.py --config.compile_only=True` calls `compile_train_step` (for config.model_type 'oneflow' or 'ar', the AR+FM
-baseline) and prints `memory_lines`. Nothing here reads data, tokenizers or VAE weights: the vocabulary comes from
-config.model.vocab_size (or the dataset's tokenizer when 0) and the latent geometry from the codec (shape-only for a
-`vae` codec without `codec.path`).
+    python -m oneflow_jax.aot --config configs/oneflow_1b.py:cpu [--config.mesh.compile_topology=v5p-256]
 """
 from __future__ import annotations
 
-import dataclasses
-import math
-import types
+from absl import app, flags
+from ml_collections import config_flags
 
-import flax.linen as nn
-import jax
-import numpy as np
+from oneflow_jax import cli
+from oneflow_jax.training import aot
 
-from oneflow_jax import config_lib, edit_flow, flops, packing, sharding
-from oneflow_jax.config_lib import UserError
-
-# User-facing TPU names -> libtpu topology names (chips per slice). Raw '<gen>:<AxB[xC]>' names also work.
-TOPOLOGIES = {
-    **{f"v4-{2 * n}": f"v4:{s}" for n, s in ((4, "2x2x1"), (8, "2x2x2"), (16, "2x2x4"), (32, "2x4x4"),
-                                             (64, "4x4x4"), (128, "4x4x8"), (256, "4x8x8"), (512, "8x8x8"))},
-    **{f"v5p-{2 * n}": f"v5:{s}" for n, s in ((4, "2x2x1"), (8, "2x2x2"), (16, "2x2x4"), (32, "2x4x4"),
-                                              (64, "4x4x4"), (128, "4x4x8"), (256, "4x8x8"), (512, "8x8x8"))},
-    **{f"v5e-{n}": f"v5e:{s}" for n, s in ((16, "4x4"), (32, "4x8"), (64, "8x8"), (128, "8x16"), (256, "16x16"))},
-    **{f"v6e-{n}": f"v6e:{s}" for n, s in ((16, "4x4"), (32, "4x8"), (64, "8x8"), (128, "8x16"), (256, "16x16"))},
-}
-# generation prefix of the topology name -> (chip_config_name, chips_per_host_bounds). v4/v5p: one device per chip
-# (megacore); v5e/v6e: 4 chips per host VM in the multi-host slices.
-_CHIP_CONFIG = {"v4": ("megacore", (2, 2, 1)), "v5": ("megacore", (2, 2, 1)), "v5e": ("default", (2, 2, 1)),
-                "v6e": ("default", (2, 2, 1))}
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:variant]).", lock_config=True)
 
 
-def topology_devices(name: str, num_slices: int = 1) -> list:
-    """Compile-only TPU devices of a named topology ('v5e-256', 'v5p-128', or 'v5e:16x16'); needs libtpu."""
-    topo = TOPOLOGIES.get(name, name)
-    gen = topo.split(":")[0]
-    if ":" not in topo or gen not in _CHIP_CONFIG:
-        raise UserError(f"unknown TPU topology {name!r}; known: {', '.join(TOPOLOGIES)} or '<v4|v5|v5e|v6e>:AxB[xC]'")
-    chip_config, host_bounds = _CHIP_CONFIG[gen]
-    from jax.experimental import topologies
-    try:
-        desc = topologies.get_topology_desc(topo, "tpu", chip_config_name=chip_config,
-                                            chips_per_host_bounds=host_bounds, num_slices=num_slices)
-    except (RuntimeError, NotImplementedError, ValueError) as e:
-        raise UserError(f"mesh.compile_topology={name!r} needs libtpu on this host for ahead-of-time TPU compilation "
-                        f"(pip install 'jax[tpu]' matching jax {jax.__version__}); jaxlib said: {e}") from None
-    return list(desc.devices)
+def main(argv):
+    cli.no_extra_args(argv)
+    if FLAGS.config is None:
+        raise cli.UserError("--config is required")
+    result = aot.compile_train_step(FLAGS.config)
+    for line in aot.memory_lines(result):
+        cli.say(line)
 
 
-def target_mesh(config, devices=None) -> tuple[jax.sharding.Mesh, str]:
-    """(mesh, description) for config.mesh on its target: `devices` (default: this host's), or
-    `mesh.compile_topology`.
-
-    With mesh.num_slices > 1 the 'data' axis runs across slices (DCN) and 'fsdp'/'tensor' inside each slice (ICI).
-    """
-    topo, slices = config.mesh.get("compile_topology", ""), config.mesh.get("num_slices", 1)
-    devices = topology_devices(topo, slices) if topo else (devices or jax.devices())
-    config_lib.validate(config, len(devices))
-    shape = sharding.resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, len(devices))
-    if shape[0] % slices:
-        raise UserError(f"mesh.data={shape[0]} must be a multiple of mesh.num_slices={slices} (data parallelism is "
-                        f"the only axis that goes across slices)")
-    if slices > 1 and hasattr(devices[0], "slice_index"):      # TPU slices: ICI inside, DCN across
-        from jax.experimental import mesh_utils
-        grid = mesh_utils.create_hybrid_device_mesh((shape[0] // slices,) + shape[1:], (slices, 1, 1), devices)
-        mesh = jax.sharding.Mesh(grid, sharding.MESH_AXES)
-    else:                                                       # 'data' is the outermost (slowest) mesh axis
-        mesh = sharding.make_mesh(config.mesh, devices)
-    kind = getattr(devices[0], "device_kind", devices[0].platform)
-    where = f"topology {topo} x{slices} slice(s)" if topo else "this host"
-    return mesh, f"{len(devices)} {kind} device(s) on {where}"
-
-
-def batch_structure(model_cfg, seq_len: int, max_deletions: int,
-                    max_patches: int = 0) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """{key: (per-row shape, dtype)} of a packed OneFlow row, from the real noising + packing code on a dummy
-    document (so keys and dtypes cannot drift from what the input pipeline feeds the step)."""
-    special = edit_flow.SpecialTokens(bos=1, pad=0, image=4)
-    latents = np.zeros((1, model_cfg.num_patches, model_cfg.patch_dim), np.float32)
-    doc = edit_flow.noise_document(np.array([5, 4], np.int32), latents, np.random.default_rng(0),
-                                   edit_flow.NoisingConfig(), special, times=(0.5, np.array([0.5])))
-    row = packing.pack_rows([doc], packing.doc_length(doc), max(packing.doc_deletions(doc), 1),
-                            max_patches=max_patches and model_cfg.num_patches)
-    per_position = set(packing.POSITION_FIELDS) | {"segment_ids", "positions"}
-    length = lambda k: seq_len if k in per_position else max_patches if k == "patch_slots" else max_deletions
-    return {k: ((length(k),) + v.shape[1:], v.dtype) for k, v in row.items()}
-
-
-def ar_batch_structure(config, model_cfg) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """batch_structure for model_type 'ar': a packed row of the AR+FM baseline, from the transform and packer the
-    train loop uses (ar_objective.pipeline_pieces) on a dummy text-only document. Every field is per position."""
-    from oneflow_jax import ar_objective
-    tokens = types.SimpleNamespace(bos_id=1, eos_id=2, pad_id=0, image_id=4)     # ids: shapes and dtypes only
-    transform, packer = ar_objective.pipeline_pieces(config, tokens, types.SimpleNamespace(
-        num_patches=model_cfg.num_patches))
-    latents = np.zeros((0, model_cfg.num_patches, model_cfg.patch_dim), np.float32)
-    row = packer.pack([transform(np.array([5], np.int32), latents, np.random.default_rng(0))])
-    return {k: (v.shape, v.dtype) for k, v in row.items()}
-
-
-def abstract_batch(model_cfg, data_cfg, mesh, structure=None) -> dict[str, jax.ShapeDtypeStruct]:
-    """ShapeDtypeStructs of one global batch, rows sharded over ('data', 'fsdp') like make_global_batch.
-    `structure`: {key: (per-row shape, dtype)}; default: OneFlow's batch_structure."""
-    rows = data_cfg.global_batch_size
-    if structure is None:
-        structure = batch_structure(model_cfg, data_cfg.seq_len, data_cfg.max_deletions,
-                                    data_cfg.get("max_patches_per_row", 0))
-    return {k: jax.ShapeDtypeStruct((rows,) + shape, dtype, sharding=sharding.batch_sharding(mesh, 1 + len(shape)))
-            for k, (shape, dtype) in structure.items()}
-
-
-@dataclasses.dataclass
-class CompileResult:
-    compiled: object
-    mesh: jax.sharding.Mesh
-    where: str
-    model_cfg: object
-    analytic_flops_per_step: float
-    model_type: str = "oneflow"
-
-
-def _vocab_size(config) -> int:
-    """config.model.vocab_size when > 0, without reading anything; else the dataset tokenizer's (as
-    flops.model_config_from)."""
-    vocab = config.model.get("vocab_size", 0)
-    if vocab:
-        return vocab
-    from oneflow_jax import input_pipeline
-    return input_pipeline.get_tokenizer(config).vocab_size
-
-
-def compile_train_step(config, devices=None) -> CompileResult:
-    """Lowers and compiles the real train step for the configured mesh: the model, objective and step of
-    config.model_type from train_state (build_model, loss_function, make_train_step), as the train loop jits them."""
-    from oneflow_jax.train_state import (abstract_train_state, build_model, loss_function, make_optimizer,
-                                         make_train_step)
-    model_type = config.get("model_type", "oneflow")
-    mesh, where = target_mesh(config, devices)
-    try:
-        model, _ = build_model(config, _vocab_size(config))
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    model_cfg = model.cfg
-    tx, schedule = make_optimizer(config.optimizer, config.total_steps)
-    ema_decay = config.optimizer.get("ema_decay", 0.0)
-    state, state_shardings = abstract_train_state(model, tx, mesh, ema_decay)
-    structure = ar_batch_structure(config, model_cfg) if model_type == "ar" else None
-    batch = abstract_batch(model_cfg, config.data, mesh, structure)
-    step = jax.jit(make_train_step(model, tx, schedule, config.objective.image_loss_weight, loss_function(config),
-                                   ema_decay),
-                   in_shardings=(state_shardings, None), out_shardings=(state_shardings, None), donate_argnums=(0,))
-    # The executable never runs: on CPU skip LLVM's optimisations (about 2x faster compile). Buffer assignment, and
-    # so the memory numbers, happen before the backend and come out identical.
-    options = {"xla_backend_optimization_level": 0} if mesh.devices.flat[0].platform == "cpu" else None
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-        compiled = step.lower(state, batch).compile(compiler_options=options)
-    return CompileResult(compiled, mesh, where, model_cfg,
-                         flops.train_flops_per_step(model_cfg, config.data, model_type), model_type)
-
-
-def memory_stats(compiled) -> dict[str, int]:
-    """Per-device bytes from the compiled executable; `total` = arguments + outputs - aliased (donated) + temps +
-    code, the footprint XLA plans for one step."""
-    mem = compiled.memory_analysis()
-    stats = {k: int(getattr(mem, f"{k}_size_in_bytes", 0) or 0)
-             for k in ("argument", "output", "alias", "temp", "generated_code")}
-    stats["total"] = stats["argument"] + stats["output"] - stats["alias"] + stats["temp"] + stats["generated_code"]
-    return stats
-
-
-def xla_flops(compiled) -> float | None:
-    """XLA's cost_analysis()['flops'] of the compiled program (per device for a sharded program), if reported."""
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    return float(cost["flops"]) if cost and "flops" in cost else None
-
-
-def memory_lines(result: CompileResult) -> list[str]:
-    stats = memory_stats(result.compiled)
-    lines = [f"compiled train step ({result.model_type}): mesh {dict(result.mesh.shape)} on {result.where}"]
-    lines += [f"{k:>15}: {v / 2**30:8.3f} GiB per device" for k, v in stats.items()]
-    n = math.prod(result.mesh.shape.values())
-    lines.append(f"{'analytic flops':>15}: {result.analytic_flops_per_step / n:.4g} per device per step "
-                 f"({result.analytic_flops_per_step:.4g} per step, oneflow_jax.flops)")
-    return lines
+if __name__ == "__main__":
+    app.run(cli.run_cli(main), flags_parser=cli.parse_flags)

@@ -1,19 +1,29 @@
-"""Config validation and the small pieces every command shares (clean CLI errors, model config from a run config).
+"""Run configs: every field and its default, written once, and `resolve`, which turns a configs/*.py ConfigDict into
+typed, validated sections.
 
-A bad config must fail before anything compiles, with one line that says what is wrong; `run_cli` turns the
-`UserError`s raised anywhere in a command into exactly that (no traceback, non-zero exit).
+A config file (configs/*.py, `get_config(arg)`) sets the fields a run cares about; everything it leaves out takes
+the default below (for the model, the objective's noising and the sampler: the defaults of `ModelConfig`,
+`NoisingConfig` and `SamplerConfig`, next to the code that uses them). `resolve` runs once per command:
+
+    config (ConfigDict) --resolve--> RunConfig(model, codec, objective, data, optimizer, sampler, eval, mesh, ...)
+
+and libraries take the section they need. An unknown key or an impossible value is a one-line `UserError` before
+anything compiles or a run directory is created.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
-import sys
-from typing import Callable
+from typing import Any
 
 import ml_collections
 
-from oneflow_jax.model import ModelConfig
+from oneflow_jax.cli import UserError
+from oneflow_jax.models.transformer import ModelConfig
+from oneflow_jax.objectives.edit_flow import NoisingConfig
+from oneflow_jax.sampling.common import SamplerConfig
 
 
 def sibling_config(config_file: str, name: str):
@@ -26,145 +36,280 @@ def sibling_config(config_file: str, name: str):
     return module
 
 
-class UserError(Exception):
-    """A problem with what the user asked for (config, flags, files); printed as one line, exit code 2."""
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """A configs/*.py[:variant] file's get_config(variant), for commands that take --config as a plain path."""
+    path, _, variant = path.partition(":")
+    if not os.path.exists(path):
+        raise UserError(f"config file not found: {path}")
+    module = sibling_config(os.path.abspath(path), os.path.basename(path))
+    return module.get_config(variant or None)
 
 
-TOP_LEVEL_KEYS = {
-    "model_type", "seed", "total_steps", "log_every", "ckpt_every", "keep_checkpoints", "sample_every",
-    "compile_only", "peak_flops", "mesh", "codec", "model", "objective", "data", "optimizer", "sampler", "eval",
-    "budget", "ar", "compare",
-}
-REQUIRED = ("total_steps", "ckpt_every", "log_every", "seed", "mesh", "model", "data", "optimizer", "objective")
+# ------------------------------------------------------------------------------------------------ the sections
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1                  # data-parallel axis (-1: the devices left over)
+    fsdp: int = 1                   # parameter-sharded data-parallel axis (ZeRO-3)
+    tensor: int = 1                 # tensor-parallel axis (heads, mlp, vocab)
+    compile_topology: str = ""      # aot only: compile for this TPU topology (e.g. 'v5p-256') instead of this host
+    num_slices: int = 1             # TPU slices; 'data' runs across them
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-    """Raises UserError for unknown keys, impossible values, or a mesh that does not fit the devices."""
-    unknown = sorted(set(config.keys()) - TOP_LEVEL_KEYS)
+@dataclasses.dataclass(frozen=True)
+class CodecConfig:
+    name: str = "pixel_patch"       # 'pixel_patch' (pixels cut into patches) | 'vae' (a diffusers AutoencoderKL)
+    image_size: int = 32            # square images of this many pixels
+    patch_size: int = 16            # pixel_patch: pixels per patch side; vae: latents per patch side
+    channels: int = 3               # pixel_patch: image channels
+    path: str | None = None         # vae: the diffusers VAE directory (None: shape-only, for FLOPs and aot)
+    batch_size: int = 8             # vae: images encoded per jitted call
+    latent_channels: int | None = None      # vae: checked against the weights, or the shape-only geometry
+    downsample_factor: int | None = None    # vae: likewise
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig(NoisingConfig):
+    """The noising fields of NoisingConfig (host side) plus the loss weighting (device side)."""
+    image_loss_weight: float = 1.0  # L = L_text + w L_image
+    image_loss_space: str = "v"     # the image loss in velocity ('v') or clean-latent ('x') units (flow_matching)
+
+    def __post_init__(self):
+        super().__post_init__()
+        from oneflow_jax.objectives.flow_matching import LOSS_SPACES
+        if self.image_loss_space not in LOSS_SPACES:
+            raise ValueError(f"image_loss_space must be one of {LOSS_SPACES}, got {self.image_loss_space!r}")
+
+    @property
+    def noising(self) -> NoisingConfig:
+        names = {f.name for f in dataclasses.fields(NoisingConfig)}
+        return NoisingConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+
+@dataclasses.dataclass(frozen=True)
+class ARConfig:
+    cond_t_min: float = 0.5         # AR+FM: an image followed by text draws t_img ~ U(cond_t_min, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    name: str = "shapes_world"      # tfds builder in data.datasets
+    builder_config: Any = None      # dict: shapes_world_config(**) kwargs, or a JsonlConfig for user data
+    data_dir: str | None = None     # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
+    split: str = "train"
+    seq_len: int = 256              # positions per packed row
+    max_deletions: int = 256        # bag slots per row (deleted tokens the Edit Flow loss predicts)
+    max_patches_per_row: int = 0    # > 0: the image parts of the model run at this many patch slots per row only
+    global_batch_size: int = 32     # rows, over all hosts
+    shuffle_seed: int = 0
+    num_streams: int = 0            # record streams the global batch is packed from (0: one per row)
+    num_epochs: int | None = None   # None: repeat forever
+    num_workers: int = 0            # Grain worker processes (0: a prefetch thread)
+    prefetch: int = 2               # batches buffered
+    read_threads: int = 0           # extra threads decoding records per stream
+    cache_decoded: bool = False     # keep every decoded record in host memory (datasets that fit)
+    overlong: str = "truncate"      # a document longer than a row: 'truncate' (at a text boundary) | 'drop'
+    tokenizer_path: str | None = None       # None: trained once for the dataset and cached in its data dir
+    tokenizer_vocab_size: int | None = None  # None: the dataset's default
+    latents: bool = False           # records hold precomputed latents instead of pixels
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 3e-4                # peak learning rate (linear warmup, cosine decay)
+    min_lr_ratio: float = 0.1       # final lr = lr * min_lr_ratio
+    warmup_steps: int = 1000
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1       # AdamW, matrices only
+    grad_clip: float = 1.0          # global-norm clipping
+    ema_decay: float = 0.0          # > 0: keep an EMA of the params (what sample, eval and export read)
+    max_consecutive_nonfinite: int = 5      # stop after this many skipped (non-finite) steps in a row
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    num_examples: int = 100         # eval documents
+    batch_size: int = 50            # prompts sampled at once
+    split: str = "eval"
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareConfig:
+    steps: int = 900                # training steps of each model at budget 1
+    num_checkpoints: int = 4        # evaluated checkpoints per model
+    eval_examples: int = 48
+    eval_batch_size: int = 48
+    num_free: int = 0               # documents generated from an empty prompt per checkpoint
+    sampler_steps: int = 16         # OneFlow iterations / AR Euler steps per image
+    latency_prompts: int = 4        # single-prompt captioning latency (after a warm-up)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A resolved run config: typed sections, every default filled in."""
+    model_type: str = "oneflow"     # the method (methods.METHODS): 'oneflow' | 'ar'
+    seed: int = 0
+    total_steps: int = 1000
+    log_every: int = 50             # steps between metric lines
+    ckpt_every: int = 1000          # steps between checkpoints
+    keep_checkpoints: int = 3
+    sample_every: int = 0           # steps between periodic sample grids (0: off)
+    peak_flops: float = 0.0         # per-device peak FLOP/s for MFU (0: the device's spec, or a measured CPU peak)
+    budget: float = 1.0             # compare only: scales compare.steps
+    mesh: MeshConfig = MeshConfig()
+    codec: CodecConfig = CodecConfig()
+    model: dict = dataclasses.field(default_factory=dict)   # ModelConfig fields; vocabulary and patches come later
+    objective: ObjectiveConfig = ObjectiveConfig()
+    ar: ARConfig = ARConfig()
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    eval: EvalConfig = EvalConfig()
+    compare: CompareConfig = CompareConfig()
+
+    def get(self, key: str, default=None):        # read like the ConfigDict it came from
+        return getattr(self, key, default)
+
+    def __contains__(self, key: str) -> bool:
+        return key in {f.name for f in dataclasses.fields(self)}
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+_SECTION_TYPES = {"mesh": MeshConfig, "codec": CodecConfig, "objective": ObjectiveConfig, "ar": ARConfig,
+                  "data": DataConfig, "optimizer": OptimizerConfig, "sampler": SamplerConfig, "eval": EvalConfig,
+                  "compare": CompareConfig}
+_MODEL_EXTRA = {"vocab_size"}       # may be given in config.model; 0 = the tokenizer's
+
+
+def as_dict(section) -> dict:
+    """A section (dataclass, ConfigDict, FrozenConfigDict or dict) as a plain dict."""
+    if dataclasses.is_dataclass(section):
+        return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+    if hasattr(section, "to_dict"):
+        return section.to_dict()
+    return dict(section)
+
+
+def make_section(cls, values, name: str):
+    """`cls` from a mapping (or an instance), unknown keys and bad values as one-line UserErrors."""
+    if isinstance(values, cls):
+        return values
+    values = as_dict(values)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"unknown config.{name} key(s): {', '.join(unknown)}")
+    if cls is ModelConfig and "patch_grid" in values:
+        values["patch_grid"] = tuple(values["patch_grid"])
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"config.{name}: {e}") from None
+
+
+def resolve(config) -> RunConfig:
+    """The typed, validated RunConfig of a configs/*.py ConfigDict (a RunConfig is returned as it is)."""
+    if isinstance(config, RunConfig):
+        return config
+    values = as_dict(config)
+    unknown = sorted(set(values) - set(SECTIONS))
     if unknown:
         raise UserError(f"unknown top-level config key(s): {', '.join(unknown)}")
-    missing = [k for k in REQUIRED if k not in config]
-    if missing:
-        raise UserError(f"config is missing required key(s): {', '.join(missing)}")
+    kwargs = {}
+    for key, value in values.items():
+        if key in _SECTION_TYPES:
+            kwargs[key] = make_section(_SECTION_TYPES[key], value, key)
+        elif key == "model":
+            model = as_dict(value)
+            unknown = sorted(set(model) - {f.name for f in dataclasses.fields(ModelConfig)} - _MODEL_EXTRA)
+            if unknown:
+                raise UserError(f"unknown config.model key(s): {', '.join(unknown)}")
+            kwargs[key] = model
+        else:
+            kwargs[key] = value
+    cfg = RunConfig(**kwargs)
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: RunConfig) -> None:
+    from oneflow_jax import methods
+    if cfg.model_type not in methods.METHODS:
+        raise UserError(f"config.model_type must be one of {', '.join(map(repr, methods.METHODS))}, got "
+                        f"{cfg.model_type!r}")
     for key in ("total_steps", "log_every", "ckpt_every"):
-        if not isinstance(config[key], int) or config[key] <= 0:
-            raise UserError(f"config.{key} must be a positive integer, got {config[key]!r}")
-    if config.get("model_type", "oneflow") not in ("oneflow", "ar"):
-        raise UserError(f"config.model_type must be 'oneflow' or 'ar', got {config.model_type!r}")
-    _check_fields(config.model, ModelConfig, "model", extra={"vocab_size"})
-    # the model's own checks, before the run directory exists (the vocabulary and codec geometry come later)
-    _model_config(config.model, vocab_size=max(config.model.get("vocab_size", 0), 1))
-    from oneflow_jax.flow_matching import LOSS_SPACES
-    if config.objective.get("image_loss_space", "v") not in LOSS_SPACES:
-        raise UserError(f"config.objective.image_loss_space must be one of {LOSS_SPACES}, got "
-                        f"{config.objective.image_loss_space!r}")
-    if not 0.0 <= config.optimizer.get("ema_decay", 0.0) < 1.0:
-        raise UserError(f"config.optimizer.ema_decay must be in [0, 1) (0 = no EMA), got "
-                        f"{config.optimizer.ema_decay!r}")
+        if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) <= 0:
+            raise UserError(f"config.{key} must be a positive integer, got {getattr(cfg, key)!r}")
+    # the model's own checks (the vocabulary and codec geometry come later)
+    make_section(ModelConfig, dict(cfg.model, vocab_size=max(cfg.model.get("vocab_size", 0), 1)), "model")
+    if not 0.0 <= cfg.optimizer.ema_decay < 1.0:
+        raise UserError(f"config.optimizer.ema_decay must be in [0, 1) (0 = no EMA), got {cfg.optimizer.ema_decay!r}")
+    if cfg.data.seq_len <= 0 or cfg.data.max_deletions <= 0:
+        raise UserError("config.data.seq_len and config.data.max_deletions must be positive")
+    if not 0 <= cfg.data.max_patches_per_row <= cfg.data.seq_len:
+        raise UserError(f"config.data.max_patches_per_row must be in [0, seq_len={cfg.data.seq_len}] (0 = no "
+                        f"limit), got {cfg.data.max_patches_per_row!r}")
+    if cfg.codec.name == "pixel_patch":                 # cheap: no weights
+        from oneflow_jax.models.codec import make_codec
+        check_patch_budget(cfg, make_codec(cfg.codec).num_patches)
+
+
+def validate(config, num_devices: int | None = None) -> RunConfig:
+    """resolve(config), and with `num_devices` also the mesh: it must fit the devices and divide batch and heads."""
+    cfg = resolve(config)
     if num_devices is not None:
-        from oneflow_jax import sharding
+        from oneflow_jax.training import sharding
         try:
-            shape = sharding.resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, num_devices)
+            shape = sharding.resolve_mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, num_devices)
         except ValueError as e:
             raise UserError(f"config.mesh: {e}") from None
         dp = shape[0] * shape[1]
-        if config.data.global_batch_size % dp:
-            raise UserError(f"config.data.global_batch_size={config.data.global_batch_size} is not divisible by the "
+        if cfg.data.global_batch_size % dp:
+            raise UserError(f"config.data.global_batch_size={cfg.data.global_batch_size} is not divisible by the "
                             f"data-parallel size data*fsdp={dp}")
-        m = config.model
-        for name, size in (("n_heads", m.n_heads), ("n_kv_heads", m.n_kv_heads), ("d_ff", m.d_ff)):
+        model = make_section(ModelConfig, dict(cfg.model, vocab_size=1), "model")
+        for name, size in (("n_heads", model.n_heads), ("n_kv_heads", model.n_kv_heads), ("d_ff", model.d_ff)):
             if size % shape[2]:
                 raise UserError(f"config.model.{name}={size} is not divisible by mesh.tensor={shape[2]}")
-    if config.data.seq_len <= 0 or config.data.max_deletions <= 0:
-        raise UserError("config.data.seq_len and config.data.max_deletions must be positive")
-    if not 0 <= config.data.get("max_patches_per_row", 0) <= config.data.seq_len:
-        raise UserError(f"config.data.max_patches_per_row must be in [0, seq_len={config.data.seq_len}] (0 = no "
-                        f"limit), got {config.data.max_patches_per_row!r}")
-    if "sampler" in config:
-        from oneflow_jax.sampler import SamplerConfig
-        _check_fields(config.sampler, SamplerConfig, "sampler")
-        try:
-            SamplerConfig.from_config(config.sampler)
-        except (TypeError, ValueError) as e:
-            raise UserError(f"config.sampler: {e}") from None
-    if "codec" in config and config.codec.get("name", "pixel_patch") == "pixel_patch":    # cheap: no weights
-        from oneflow_jax.codec import make_codec
-        _check_patch_budget(config, make_codec(config.codec).num_patches)
+    return cfg
 
 
-def _check_patch_budget(config, num_patches: int) -> None:
-    if 0 < config.data.get("max_patches_per_row", 0) < num_patches:
-        raise UserError(f"config.data.max_patches_per_row={config.data.max_patches_per_row} holds less than one "
+def check_patch_budget(cfg: RunConfig, num_patches: int) -> None:
+    if 0 < cfg.data.max_patches_per_row < num_patches:
+        raise UserError(f"config.data.max_patches_per_row={cfg.data.max_patches_per_row} holds less than one "
                         f"image ({num_patches} patches with this codec)")
-
-
-def _check_fields(section, cls, name: str, extra=()):
-    import dataclasses
-    known = {f.name for f in dataclasses.fields(cls)} | set(extra)
-    unknown = sorted(set(section.keys()) - known)
-    if unknown:
-        raise UserError(f"unknown config.{name} key(s): {', '.join(unknown)}")
 
 
 def model_config(config, vocab_size: int, codec) -> ModelConfig:
     """The ModelConfig of a run: config.model plus what the tokenizer and codec determine."""
-    if config.model.get("vocab_size", 0) not in (0, vocab_size):
-        raise UserError(f"config.model.vocab_size={config.model.vocab_size} but the tokenizer has {vocab_size} "
+    cfg = resolve(config)
+    if cfg.model.get("vocab_size", 0) not in (0, vocab_size):
+        raise UserError(f"config.model.vocab_size={cfg.model['vocab_size']} but the tokenizer has {vocab_size} "
                         f"pieces (set 0 to take the tokenizer's)")
-    _check_patch_budget(config, codec.num_patches)
-    return _model_config(config.model, vocab_size=vocab_size, num_patches=codec.num_patches,
-                         patch_dim=codec.patch_dim, patch_grid=tuple(codec.grid))
+    check_patch_budget(cfg, codec.num_patches)
+    return make_section(ModelConfig, dict(cfg.model, vocab_size=vocab_size, num_patches=codec.num_patches,
+                                          patch_dim=codec.patch_dim, patch_grid=tuple(codec.grid)), "model")
 
 
-def _model_config(section, **fields) -> ModelConfig:
-    """ModelConfig.from_config(section, **fields), its errors as one-line UserErrors."""
-    try:
-        return ModelConfig.from_config(section, **fields)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"config.model: {e}") from None
+def vocab_size(config) -> int:
+    """config.model.vocab_size when > 0, without reading anything; else the dataset tokenizer's."""
+    cfg = resolve(config)
+    if cfg.model.get("vocab_size", 0):
+        return cfg.model["vocab_size"]
+    from oneflow_jax.data import input_pipeline
+    return input_pipeline.get_tokenizer(cfg.data).vocab_size
 
 
-def say(message: str) -> None:
-    """A line for the user (process 0 only), also in the absl log."""
-    import jax
-    from absl import logging
-    logging.info(message)
-    if jax.process_index() == 0:
-        print(message, flush=True)
+def sampler_config(config, **overrides) -> SamplerConfig:
+    """The run's sampler section plus overrides, with the schedules its objective trained with."""
+    cfg = resolve(config)
+    fields = dict(as_dict(cfg.sampler), kappa_power=cfg.objective.kappa_power,
+                  image_time_shift=cfg.objective.image_time_shift)
+    fields.update(overrides)
+    return make_section(SamplerConfig, fields, "sampler")
 
 
 def config_to_json(config) -> str:
-    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing (`app.run(..., flags_parser=parse_flags)`), except that a --config.* override of a key the
-    config does not have is one line and exit 2: ml_collections raises AttributeError there, which absl would show
-    as a traceback."""
-    import re
-    from absl import app
-    try:
-        return app.parse_flags_with_usage(argv)
-    except (AttributeError, KeyError) as e:
-        text = str(e)
-        key = (re.findall(r"[A-Za-z_]\w*", text) or ["?"])[0]
-        flag = next((a.split("=")[0] for a in argv[1:]
-                     if a.startswith("--config.") and a.split("=")[0].rsplit(".", 1)[-1] == key), "--config.*")
-        hint = re.search(r'Did you mean "([^"]+)"', text)
-        print(f"error: {flag}: the config has no key {key!r}" + (f" (did you mean {hint.group(1)!r}?)" if hint else ""),
-              file=sys.stderr)
-        sys.exit(2)
-
-
-def run_cli(main: Callable) -> Callable:
-    """Wraps an absl main so that UserError (and FileNotFoundError from user paths) print one line and exit 2."""
-    def wrapped(argv):
-        from absl import flags, logging
-        if not flags.FLAGS["verbosity"].present:   # library INFO chatter (Orbax, tfds) only with --verbosity=0
-            logging.set_verbosity(logging.WARNING)
-        try:
-            return main(argv)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-    return wrapped
+    return json.dumps(as_dict(config), indent=2, sort_keys=True, default=str)

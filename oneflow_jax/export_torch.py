@@ -18,12 +18,12 @@ import sys
 from absl import logging
 from etils import epath
 
-from oneflow_jax import checkpointing, config_lib, torch_export
-from oneflow_jax import tokenizer as tokenizer_lib
-from oneflow_jax.codec import make_codec
-from oneflow_jax.config_lib import UserError
-from oneflow_jax.model import OneFlowModel
-from oneflow_jax.train_state import restore_params, sampling_weights
+from oneflow_jax import config_lib, methods
+from oneflow_jax.cli import UserError
+from oneflow_jax.convert import torch_export
+from oneflow_jax.data import tokenizer as tokenizer_lib
+from oneflow_jax.training import checkpointing
+from oneflow_jax.training.train_state import build_model, restore_params, sampling_weights
 
 
 def load_params(workdir: str, step: int | None = None, tokenizer_path: str | None = None, ema: bool = True):
@@ -31,8 +31,8 @@ def load_params(workdir: str, step: int | None = None, tokenizer_path: str | Non
     and `ema`) restored on the local devices."""
     if not (epath.Path(workdir) / "config.json").exists():          # epath: gs:// workdirs too
         raise UserError(f"{workdir} is not a training run directory (no config.json)")
-    config = checkpointing.load_config(workdir)
-    if config.get("model_type", "oneflow") != "oneflow":
+    config = config_lib.resolve(checkpointing.load_config(workdir))
+    if not methods.for_config(config).torch_export:
         raise UserError(f"only OneFlow runs can be exported (model_type={config.model_type!r})")
     tok_path = os.fspath(epath.Path(workdir) / tokenizer_lib.MODEL_FILENAME)
     if not epath.Path(tok_path).exists():
@@ -40,7 +40,7 @@ def load_params(workdir: str, step: int | None = None, tokenizer_path: str | Non
             raise UserError(f"{workdir} has no {tokenizer_lib.MODEL_FILENAME}; pass --tokenizer")
         tok_path = tokenizer_path
     tokenizer = tokenizer_lib.load(tok_path)
-    model = OneFlowModel(config_lib.model_config(config, tokenizer.vocab_size, make_codec(config.codec)))
+    model, _ = build_model(config, tokenizer.vocab_size)
     params, restored = restore_params(workdir, config, model, step, ema)
     return config, model.cfg, params, tokenizer, tok_path, restored
 
@@ -52,7 +52,7 @@ def export_run(workdir: str, out_dir: str, step: int | None = None, dtype: str =
     config, cfg, params, tokenizer, tok_path, restored = load_params(workdir, step, tokenizer_path, ema)
     weights = "ema" if sampling_weights(config, ema) == "ema_params" else "params"
     extra = dict(source_step=restored, source_weights=weights, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id,
-                 codec=config.codec.to_dict())
+                 codec=config_lib.as_dict(config.codec))
     report = torch_export.export(params, dataclasses.asdict(cfg), out_dir, tokenizer_path=tok_path, dtype=dtype,
                                  extra_config=extra, image_token_id=tokenizer.image_id, bos_id=tokenizer.bos_id)
     logging.info("exported step %d of %s to %s; parity %s", restored, workdir, out_dir, json.dumps(report))
@@ -60,7 +60,7 @@ def export_run(workdir: str, out_dir: str, step: int | None = None, dtype: str =
 
 
 def main(argv=None) -> int:
-    """argparse (not absl flags: train.py, imported for the state layout, defines absl flags of the same names)."""
+    """The command; `argv` without the program name (tests call it in-process)."""
     parser = argparse.ArgumentParser(prog="python -m oneflow_jax.export_torch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="training run directory (config.json + checkpoints/)")
     parser.add_argument("--out", required=True, help="output directory of the PyTorch export")

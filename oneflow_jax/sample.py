@@ -1,5 +1,5 @@
 """Sampling: `python -m oneflow_jax.sample --workdir W (--prompt TEXT [--image PNG ...] | --prompts_file F.jsonl)
-[--num_samples N --seed S --out DIR --step K --config.sampler.steps=...]`.
+[--num_samples N --seed S --out DIR --step K --sampler '{"steps": 16}' --steps 16 --temperature T]`.
 
 Writes DIR/{line:04d}_{sample:02d}.txt (the whole document with `<image>` markers; --prompt is line 0) and
 DIR/{line:04d}_{sample:02d}_img{j}.png for every image of that document in order (given images included).
@@ -12,8 +12,9 @@ import os
 from absl import app, flags
 from PIL import Image
 
-from oneflow_jax import config_lib, generate, sampler
-from oneflow_jax.config_lib import UserError
+from oneflow_jax import cli, config_lib
+from oneflow_jax.cli import UserError
+from oneflow_jax.sampling import generate
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training run directory (latest checkpoint unless --step).")
@@ -26,11 +27,8 @@ flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_bool("ema", True, "Use the run's EMA weights when it keeps them (optimizer.ema_decay > 0); "
                   "--noema: the raw trained weights.")
 flags.DEFINE_string("out", None, "Output directory (default: W/samples/cli).")
-flags.DEFINE_integer("steps", None, "Sampler steps (default: the run config's sampler.steps).")
-flags.DEFINE_float("text_cfg", None, "Text guidance weight w of Eq. 12 (default: config).")
-flags.DEFINE_float("image_cfg", None, "Image velocity guidance weight (default: config).")
-flags.DEFINE_float("temperature", None, "Temperature for Q (default: config).")
 flags.DEFINE_integer("batch_size", 8, "Prompts sampled at once (one compile per batch size).")
+cli.define_sampler_flags()
 
 
 def read_prompts() -> list[tuple[str, list[str]]]:
@@ -62,13 +60,13 @@ def read_prompts() -> list[tuple[str, list[str]]]:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.no_extra_args(argv)
     if not FLAGS.workdir:
         raise UserError("--workdir is required")
     if FLAGS.num_samples < 1:
         raise UserError("--num_samples must be >= 1")
     prompts = read_prompts()
+    overrides = cli.sampler_overrides()
     run = generate.load_run(FLAGS.workdir, FLAGS.step, FLAGS.ema)
     # Validate every prompt (images exist and decode, markers match) before compiling anything.
     encoded, given_images = [], []
@@ -76,9 +74,7 @@ def main(argv):
         images = [generate.load_png(p, run.codec) for p in paths]
         encoded.append(generate.encode_prompt(text, images, run.tokenizer, run.codec))
         given_images.append(images)
-    overrides = {k: getattr(FLAGS, k) for k in ("steps", "text_cfg", "image_cfg", "temperature")
-                 if getattr(FLAGS, k) is not None}
-    cfg = sampler.SamplerConfig.for_run(run.config, **overrides)
+    cfg = config_lib.sampler_config(run.config, **overrides)
     gen = generate.Generator(run, cfg, FLAGS.batch_size)
     jobs = [(line, s) for line in range(len(encoded)) for s in range(FLAGS.num_samples)]
     docs = gen([encoded[line] for line, _ in jobs], seed=FLAGS.seed)
@@ -94,4 +90,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(config_lib.run_cli(main))
+    app.run(cli.run_cli(main))

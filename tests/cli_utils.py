@@ -240,7 +240,7 @@ def cli(tmp_path_factory) -> Cli:
     data_dir = tmp_path_factory.mktemp("tfds")
     config = _load_smoke_config()
     config.data.data_dir = str(data_dir)
-    from oneflow_jax import input_pipeline
+    from oneflow_jax.data import input_pipeline
     input_pipeline.get_tokenizer(config)
     cli = Cli(data_dir, tmp_path_factory.mktemp("jax_cache"), tmp_path_factory.mktemp("logs"))
     yield cli

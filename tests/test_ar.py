@@ -9,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oneflow_jax import ar_model, ar_objective, ar_sampler
-from oneflow_jax.model import ModelConfig, attention_mask, dummy_batch
-from oneflow_jax.sampler import SamplerConfig
+from oneflow_jax.models import ar_transformer as ar_model
+from oneflow_jax.objectives import ar_objective
+from oneflow_jax.sampling import ar_sampler
+from oneflow_jax.models.transformer import ModelConfig, attention_mask, dummy_batch
+from oneflow_jax.sampling.oneflow_sampler import SamplerConfig
 
 pytest.register_assert_rewrite("cli_utils")
 from cli_utils import read_metrics  # noqa: E402
@@ -171,7 +173,7 @@ def test_compare_tiny_budget_writes_results(cli, tmp_path):
 
 
 def test_parity_ratio_interpolates():
-    from oneflow_jax.compare import parity_ratio
+    from oneflow_jax.evals.compare import parity_ratio
     assert parity_ratio([(1.0, 0.1), (3.0, 0.5)], 0.3, 4.0) == pytest.approx(2.0 / 4.0)
     assert parity_ratio([(1.0, 0.1), (3.0, 0.2)], 0.3, 4.0) is None
     assert parity_ratio([(1.0, 0.4)], 0.3, 4.0) == pytest.approx(0.25)

@@ -19,8 +19,9 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from oneflow_jax import checkpointing, sharding
-from oneflow_jax.checkpointing import Checkpointer, PreemptionGuard
+from oneflow_jax.training import checkpointing
+from oneflow_jax.training import sharding
+from oneflow_jax.training.checkpointing import Checkpointer, PreemptionGuard
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CPUS = jax.devices("cpu")    # 8 of them (conftest's XLA_FLAGS), also on a machine with an accelerator
@@ -274,7 +275,7 @@ def test_config_round_trip(tmp_path):
 TRAIN_LOOP = textwrap.dedent("""
     import sys, time
     import jax.numpy as jnp
-    from oneflow_jax.checkpointing import Checkpointer, PreemptionGuard
+    from oneflow_jax.training.checkpointing import Checkpointer, PreemptionGuard
 
     ckpt = Checkpointer(sys.argv[1], keep=2, save_every=4)
     state = {"w": jnp.zeros((8,), jnp.float32), "step": jnp.int32(0)}
@@ -340,8 +341,8 @@ TWO_PROCESSES = textwrap.dedent("""
     import grain, ml_collections, numpy as np
     from jax.experimental import multihost_utils
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from oneflow_jax import sharding
-    from oneflow_jax.checkpointing import Checkpointer, PreemptionGuard
+    from oneflow_jax.training import sharding
+    from oneflow_jax.training.checkpointing import Checkpointer, PreemptionGuard
 
     def mesh(data, fsdp, tensor):
         return sharding.make_mesh(ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor)))

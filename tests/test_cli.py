@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from oneflow_jax import shapes_world as sw
-from oneflow_jax.eval import first_caption
+from oneflow_jax.data import shapes_world as sw
+from oneflow_jax.evals.shapes_eval import first_caption
 
 pytest.register_assert_rewrite("cli_utils")
 from cli_utils import assert_one_line_error, copy_workdir  # noqa: E402
@@ -138,7 +138,8 @@ def test_votes_sample_captioning_prompts_k_times_and_keep_the_most_frequent_text
     random draws) and the sample with the most frequent text comes back; a prompt that generates an image is sampled
     once."""
     import dataclasses
-    from oneflow_jax import generate, sampler
+    from oneflow_jax.sampling import generate
+    from oneflow_jax.sampling import oneflow_sampler as sampler
     run = generate.load_run(str(trained_run.workdir))
     cfg = dataclasses.replace(sampler.SamplerConfig.for_run(run.config), votes=3)
     image = generate.load_png(str(png), run.codec)
@@ -156,7 +157,7 @@ def test_votes_sample_captioning_prompts_k_times_and_keep_the_most_frequent_text
 
 
 def test_most_common_text_keeps_the_plurality_and_the_earliest_of_a_tie():
-    from oneflow_jax.generate import most_common_text
+    from oneflow_jax.sampling.generate import most_common_text
     assert most_common_text([("x", 0), ("y", 1), ("y", 2)]) == ("y", 1)
     assert most_common_text([("a", 0), ("b", 1), ("b", 2), ("a", 3)]) == ("a", 0)
     assert most_common_text([("a", 0)]) == ("a", 0)

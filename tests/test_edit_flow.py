@@ -3,9 +3,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oneflow_jax import edit_flow, flow_matching, packing
-from oneflow_jax.codec import PixelPatchCodec
-from oneflow_jax.edit_flow import NoisingConfig, SpecialTokens
+from oneflow_jax.objectives import edit_flow
+from oneflow_jax.objectives import flow_matching
+from oneflow_jax.data import packing
+from oneflow_jax.models.codec import PixelPatchCodec
+from oneflow_jax.objectives.edit_flow import NoisingConfig, SpecialTokens
 
 SP = SpecialTokens(bos=1, pad=0, image=3)
 N, D = 4, 6

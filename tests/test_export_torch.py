@@ -15,8 +15,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from oneflow_jax import model as model_lib
-from oneflow_jax import safetensors_io, torch_export
+from oneflow_jax.models import transformer as model_lib
+from oneflow_jax.convert import safetensors_io
+from oneflow_jax.convert import torch_export
 
 torch = pytest.importorskip("torch")
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -217,7 +218,7 @@ def test_rope_matches_torch_modeling(scaling):
     with llama3 scaling (the tiny test one and Llama 3.2's at head_dim 64). XLA's jitted pow rounds a few frequencies
     1 ulp away from torch's (plain RoPE too), hence the float32-noise tolerance. Plain RoPE is bit-identical to the
     formula before rope_scaling existed."""
-    from oneflow_jax import torch_modeling
+    from oneflow_jax.convert import torch_modeling
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 40, 3, 64)).astype(np.float32)
     positions = np.stack([np.arange(40), rng.integers(0, 512, 40)]).astype(np.int32)
@@ -254,12 +255,12 @@ def test_modeling_file_imports_only_torch_and_stdlib():
 
 
 def test_no_pickle_in_conversion_code():
-    for name in ("torch_modeling.py", "torch_export.py", "export_torch.py", "safetensors_io.py", "import_llama.py",
-                 "vae.py"):
-        path = REPO / "oneflow_jax" / name
-        if path.exists():
-            src = path.read_text()
-            assert "torch.load" not in src and "import pickle" not in src, name
+    paths = [p for name in ("torch_modeling.py", "torch_export.py", "export_torch.py", "safetensors_io.py",
+                            "import_llama.py", "vae.py") for p in (REPO / "oneflow_jax").rglob(name)]
+    assert len(paths) >= 8, paths          # the conversion modules and their commands
+    for path in paths:
+        src = path.read_text()
+        assert "torch.load" not in src and "import pickle" not in src, path
 
 
 def test_truncated_and_mismatched_files_name_the_tensor(exported, tiny, tmp_path):
@@ -298,9 +299,12 @@ def test_cli_exports_a_checkpointed_run(tmp_path, capsys):
     """A workdir like train.py's (config.json, tokenizer.model, an Orbax step) -> the CLI's main -> a checked export."""
     import ml_collections
 
-    from oneflow_jax import checkpointing, config_lib, sharding, tokenizer as tokenizer_lib
-    from oneflow_jax.codec import make_codec
-    from oneflow_jax.train import create_sharded_state, make_optimizer
+    from oneflow_jax import config_lib
+    from oneflow_jax.training import checkpointing
+    from oneflow_jax.training import sharding
+    from oneflow_jax.data import tokenizer as tokenizer_lib
+    from oneflow_jax.models.codec import make_codec
+    from oneflow_jax.training.loop import create_sharded_state, make_optimizer
 
     workdir, out = tmp_path / "run", tmp_path / "export"
     spec = importlib.util.spec_from_file_location("shapes_tiny", REPO / "configs" / "shapes_tiny.py")

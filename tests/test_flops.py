@@ -1,4 +1,4 @@
-"""oneflow_jax.flops: exact parameter counts, analytic FLOPs vs XLA's cost analysis, X_t moments vs the real noising,
+"""oneflow_jax.training.flops: exact parameter counts, analytic FLOPs vs XLA's cost analysis, X_t moments vs the real noising,
 the CLI, the MFU arithmetic."""
 import json
 import os
@@ -10,8 +10,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from oneflow_jax import aot, edit_flow, flops
-from oneflow_jax.model import ModelConfig, OneFlowModel, dummy_batch
+from oneflow_jax import config_lib
+from oneflow_jax.training import aot
+from oneflow_jax.objectives import edit_flow
+from oneflow_jax.training import flops
+from oneflow_jax.models.transformer import ModelConfig, OneFlowModel, dummy_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,7 +71,7 @@ def test_attention_and_heads_are_counted_at_every_position():
     ar = flops.train_flops_per_row(cfg, 128, "ar")
     assert ar["attention"] == row["attention"] / 2 and ar["insert_head"] == 0
     assert flops.params(cfg, "ar") == flops.params(cfg) - (2 * cfg.d_model + 2)
-    data = ml_collections.ConfigDict(dict(seq_len=128, global_batch_size=8))
+    data = config_lib.DataConfig(seq_len=128, global_batch_size=8)
     assert flops.train_flops_per_step(cfg, data) == pytest.approx(8 * sum(row.values()))
     slots = flops.train_flops_per_row(cfg, 128, patch_slots=32)          # data.max_patches_per_row: image parts
     for part in ("patch_in", "time_mlp_in", "time_mlp_out", "patch_out"):
@@ -108,11 +111,11 @@ def test_interleaved_schedule_keeps_three_quarters_of_the_text():
 
 def test_useful_flops_drop_padding_and_cross_document_attention():
     cfg = tiny_model_config()
-    data = ml_collections.ConfigDict(dict(seq_len=256, global_batch_size=4))
+    data = config_lib.DataConfig(seq_len=256, global_batch_size=4)
     config = ml_collections.ConfigDict(dict(
         model_type="oneflow", model=dict(vocab_size=97, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=160,
                                          time_embed_dim=32),
-        codec=dict(name="pixel_patch", image_size=16, patch_size=4), data=data.to_dict(), objective={}))
+        codec=dict(name="pixel_patch", image_size=16, patch_size=4), data=dict(seq_len=256, global_batch_size=4), objective={}))
     full = flops.report(config)
     half = flops.report(config, packing_fill=0.5)
     assert full["train_flops_per_step"] == flops.train_flops_per_step(flops.model_config_from(config), data)
@@ -129,7 +132,7 @@ def test_vae_geometry_without_weights():
 
 
 def test_vocab_from_the_tokenizer_when_the_config_says_0(monkeypatch):
-    from oneflow_jax import input_pipeline
+    from oneflow_jax.data import input_pipeline
     config = load_config("configs/shapes_tiny.py")
     assert config.model.vocab_size == 0
     monkeypatch.setattr(input_pipeline, "get_tokenizer", lambda c: type("T", (), dict(vocab_size=33))())

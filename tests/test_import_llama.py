@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oneflow_jax import import_llama, safetensors_io
-from oneflow_jax import model as model_lib
+from oneflow_jax.convert import import_llama
+from oneflow_jax.convert import safetensors_io
+from oneflow_jax.models import transformer as model_lib
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -172,7 +173,9 @@ def restore_like_train(workdir):
     model train_state.build_model picks for its model_type, and that model's abstract train state."""
     import ml_collections
 
-    from oneflow_jax import checkpointing, sharding, train_state
+    from oneflow_jax.training import checkpointing
+    from oneflow_jax.training import sharding
+    from oneflow_jax.training import train_state
     config = checkpointing.load_config(str(workdir))
     run_model, _ = train_state.build_model(config, 96)
     tx, _ = train_state.make_optimizer(config.optimizer, config.total_steps)
@@ -207,7 +210,7 @@ def test_cli_imports_the_ar_baseline_for_its_training_run(tmp_path):
     insert_head, restorable as the AR training run resumes. The AR model is causal over text, so its own forward on a
     text-only row (mask from segment_ids + block_ids, as in training) matches HF directly: backbone hidden states and
     next-token logits, here through an untied Q head (token_head = lm_head)."""
-    from oneflow_jax.ar_model import ARModel
+    from oneflow_jax.models.ar_transformer import ARModel
     model, hf_dir = hf_model(tmp_path, tie=False, seed=4)
     workdir = tmp_path / "run"
     argv = [f"--hf_dir={hf_dir}", f"--config={tiny_run_config(tmp_path, 'ar_shapes_tiny.py', tie=False)}",
@@ -294,7 +297,7 @@ def test_published_llama_configs_match_configs_oneflow(size):
     """The published Llama 3.2 1B / 3B and 3.1 8B config.json fields (transformers 4.x layout, llama3 RoPE scaling)
     against configs/oneflow_<size>.py: architecture and RoPE scaling equal."""
     from oneflow_jax import config_lib
-    from oneflow_jax.codec import make_codec
+    from oneflow_jax.models.codec import make_codec
     if not os.path.exists(f"configs/oneflow_{size}.py"):
         pytest.skip(f"configs/oneflow_{size}.py not present")
     config = import_llama._load_config(f"configs/oneflow_{size}.py")

@@ -10,12 +10,13 @@ import pytest
 from array_record.python import array_record_module
 from PIL import Image
 
-from oneflow_jax import codec as codec_lib
-from oneflow_jax import datasets
-from oneflow_jax import edit_flow
-from oneflow_jax import input_pipeline as ip
-from oneflow_jax import packing
-from oneflow_jax import shapes_world as sw
+from oneflow_jax import config_lib
+from oneflow_jax.models import codec as codec_lib
+from oneflow_jax.data import datasets
+from oneflow_jax.objectives import edit_flow
+from oneflow_jax.data import input_pipeline as ip
+from oneflow_jax.data import packing
+from oneflow_jax.data import shapes_world as sw
 
 NUM_TRAIN = 400
 BUILDER = {"num_train": NUM_TRAIN, "num_eval": 40}
@@ -27,7 +28,7 @@ def codec():
 
 
 def make_config(**data):
-    cfg = ml_collections.ConfigDict({"data": ip.default_config(), "objective": {}})
+    cfg = ml_collections.ConfigDict({"data": config_lib.as_dict(config_lib.DataConfig()), "objective": {}})
     cfg.data.builder_config = dict(BUILDER)
     cfg.data.global_batch_size = 4
     cfg.data.seq_len = 256
@@ -318,7 +319,8 @@ def test_make_global_batch(tok, codec):
 
 
 def test_eval_reader(tok, data_dir):
-    records = ip.load_eval_records(make_config())
+    builder = ip.prepare_dataset(make_config())
+    records = datasets.load_records("shapes_world", "eval", None, builder.builder_config)
     assert len(records) == 40
     assert any(r["held_out"] for r in records)
     for r in records:

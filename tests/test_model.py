@@ -6,9 +6,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from oneflow_jax import edit_flow, objective, packing, sharding
-from oneflow_jax.edit_flow import NoisingConfig, SpecialTokens
-from oneflow_jax.model import ModelConfig, OneFlowModel, attention_mask, dummy_batch
+from oneflow_jax.objectives import edit_flow
+from oneflow_jax.objectives import oneflow_objective as objective
+from oneflow_jax.data import packing
+from oneflow_jax.training import sharding
+from oneflow_jax.objectives.edit_flow import NoisingConfig, SpecialTokens
+from oneflow_jax.models.transformer import ModelConfig, OneFlowModel, attention_mask, dummy_batch
 
 SP = SpecialTokens(bos=1, pad=0, image=3)
 CFG = ModelConfig(vocab_size=32, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, num_patches=4,

@@ -4,10 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oneflow_jax import flow_matching
-from oneflow_jax import sampler as S
-from oneflow_jax.edit_flow import SpecialTokens
-from oneflow_jax.model import ModelConfig, OneFlowModel, dummy_batch
+from oneflow_jax.objectives import flow_matching
+from oneflow_jax.sampling import oneflow_sampler as S
+from oneflow_jax.objectives.edit_flow import SpecialTokens
+from oneflow_jax.models.transformer import ModelConfig, OneFlowModel, dummy_batch
 from oracle import make_oracle_apply
 
 SP = SpecialTokens(bos=1, pad=0, image=3)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from oneflow_jax import datasets
-from oneflow_jax import shapes_world as sw
+from oneflow_jax.data import datasets
+from oneflow_jax.data import shapes_world as sw
 
 WHITE = np.array(sw.BACKGROUND, np.uint8)
 SIZES = {"circle": ({10, 11, 12}, {10, 11, 12}), "square": ({10, 11, 12}, {10, 11, 12}),

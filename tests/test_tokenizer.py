@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from oneflow_jax import shapes_world as sw
-from oneflow_jax import tokenizer as tokenizer_lib
+from oneflow_jax.data import shapes_world as sw
+from oneflow_jax.data import tokenizer as tokenizer_lib
 
 OPEN_TEXT = [
     "The quick brown fox jumps over the lazy dog. <image> A photo of a dog sleeping on a couch.",

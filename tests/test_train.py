@@ -201,7 +201,7 @@ def test_nonfinite_updates_are_skipped_counted_and_stop_the_run(cli, tmp_path):
     """A learning rate that blows the params up: every later loss is NaN, each update is skipped (params unchanged),
     counted in metrics.jsonl, and after optimizer.max_consecutive_nonfinite (5) in a row the run stops cleanly."""
     import jax
-    from oneflow_jax import generate
+    from oneflow_jax.sampling import generate
     workdir = tmp_path / "diverging"
     result = cli.run("train", f"--config={SMOKE_CONFIG}", f"--workdir={workdir}", "--config.optimizer.lr=1e30",
                      "--config.total_steps=30", "--config.log_every=1", "--config.ckpt_every=3", devices=1)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from oneflow_jax import train_state
+from oneflow_jax.training import train_state
 
 OPTIMIZER = ml_collections.ConfigDict(dict(lr=0.1, min_lr_ratio=0.1, warmup_steps=1, b1=0.9, b2=0.95, eps=1e-8,
                                            weight_decay=0.0, grad_clip=1.0))

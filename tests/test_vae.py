@@ -7,8 +7,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from oneflow_jax import codec as codec_lib
-from oneflow_jax import safetensors_io, vae
+from oneflow_jax.models import codec as codec_lib
+from oneflow_jax.convert import safetensors_io
+from oneflow_jax.models import vae
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

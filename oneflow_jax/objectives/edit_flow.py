@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oneflow_jax import flow_matching
+from oneflow_jax.objectives import flow_matching
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +51,8 @@ class NoisingConfig:
     @classmethod
     def from_config(cls, config) -> "NoisingConfig":
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in dict(config).items() if k in names})
+        values = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+        return cls(**{k: v for k, v in values.items() if k in names})
 
     def __post_init__(self):
         if self.schedule not in ("interleaved", "independent"):

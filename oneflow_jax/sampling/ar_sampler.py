@@ -20,10 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oneflow_jax import ar_model, flow_matching
-from oneflow_jax.ar_objective import ARSpecial
-from oneflow_jax.model import attention_mask
-from oneflow_jax.sampler import NEG, SamplerConfig, _sample_tokens
+from oneflow_jax.models import ar_transformer as ar_model
+from oneflow_jax.objectives import flow_matching
+from oneflow_jax.objectives.ar_objective import ARSpecial
+from oneflow_jax.models.transformer import attention_mask
+from oneflow_jax.sampling.common import NEG, SamplerConfig, sample_tokens
 
 
 def init_state(prompts, max_len: int, special: ARSpecial, num_patches: int, patch_dim: int, seed: int = 0):
@@ -136,7 +137,7 @@ def make_sampler(model: ar_model.ARModel, cfg: SamplerConfig, special: ARSpecial
             log_q = jax.nn.log_softmax(c["logits"], axis=-1).at[:, banned].set(NEG)
             no_room = cur + 1 + n > length            # an image block would not fit: no BOI
             log_q = log_q.at[:, special.image].set(jnp.where(no_room, NEG, log_q[:, special.image]))
-            tok = _sample_tokens(r_tok, log_q, cfg.temperature, cfg.top_p).astype(jnp.int32)
+            tok = sample_tokens(r_tok, log_q, cfg.temperature, cfg.top_p).astype(jnp.int32)
             write = jnp.where(active, cur, length)[:, None]
             chunk = dict(tokens=tok[:, None], is_patch=jnp.zeros((b, 1), bool), patch_index=jnp.zeros((b, 1), jnp.int32),
                          patches=jnp.zeros((b, 1, c["patches"].shape[-1]), c["patches"].dtype),

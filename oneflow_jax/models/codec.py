@@ -78,11 +78,11 @@ class PixelPatchCodec:
 
 def make_codec(config) -> PixelPatchCodec:
     """Builds the codec named by `config.codec` (a ConfigDict with `name` and its fields)."""
-    name = config.get("name", "pixel_patch")
+    get = (lambda k, d: getattr(config, k, d)) if dataclasses.is_dataclass(config) else config.get
+    name = get("name", "pixel_patch")
     if name == "pixel_patch":
-        return PixelPatchCodec(image_size=config.image_size, patch_size=config.patch_size,
-                               channels=config.get("channels", 3))
-    if name == "vae":                     # an SD3 / FLUX-style diffusers AutoencoderKL (vae.py)
-        from oneflow_jax.vae import VAECodec
+        return PixelPatchCodec(image_size=config.image_size, patch_size=config.patch_size, channels=get("channels", 3))
+    if name == "vae":                     # an SD3 / FLUX-style diffusers AutoencoderKL (models/vae.py)
+        from oneflow_jax.models.vae import VAECodec
         return VAECodec.from_config(config)
     raise ValueError(f"unknown codec {name!r}; known: 'pixel_patch', 'vae'")

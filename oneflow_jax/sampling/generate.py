@@ -7,26 +7,22 @@ import dataclasses
 import os
 
 import jax
-import ml_collections
+from typing import Any
 import numpy as np
 from PIL import Image
 
-from oneflow_jax import checkpointing, sampler
-from oneflow_jax import tokenizer as tokenizer_lib
-from oneflow_jax.config_lib import UserError
-from oneflow_jax.edit_flow import SpecialTokens
-from oneflow_jax.model import OneFlowModel
-
-
-def special_tokens(tokenizer) -> SpecialTokens:
-    return SpecialTokens(bos=tokenizer.bos_id, pad=tokenizer.pad_id, image=tokenizer.image_id)
+from oneflow_jax.training import checkpointing
+from oneflow_jax import config_lib, methods
+from oneflow_jax.sampling.common import SamplerConfig
+from oneflow_jax.data import tokenizer as tokenizer_lib
+from oneflow_jax.cli import UserError
 
 
 @dataclasses.dataclass
 class Run:
     """Everything needed to sample from a trained run."""
-    config: ml_collections.ConfigDict
-    model: OneFlowModel           # or ar_model.ARModel
+    config: config_lib.RunConfig
+    model: Any                    # the method's model (methods.Method.model_class)
     params: dict
     codec: object
     tokenizer: tokenizer_lib.Tokenizer
@@ -38,13 +34,13 @@ def load_run(workdir: str, step: int | None = None, ema: bool = True) -> Run:
     EMA weights when the run keeps them and `ema` (train_state.restore_params)."""
     if not os.path.isdir(workdir) or not os.path.exists(os.path.join(workdir, "config.json")):
         raise UserError(f"{workdir} is not a training run directory (no config.json)")
-    config = checkpointing.load_config(workdir)
+    config = config_lib.resolve(checkpointing.load_config(workdir))
     tok_path = os.path.join(workdir, tokenizer_lib.MODEL_FILENAME)
     if not os.path.exists(tok_path):
         raise UserError(f"{workdir} has no {tokenizer_lib.MODEL_FILENAME}")
     tokenizer = tokenizer_lib.load(tok_path)
-    from oneflow_jax.train_state import build_model, restore_params
-    model, codec = build_model(config, tokenizer.vocab_size)      # OneFlowModel or, for model_type 'ar', ARModel
+    from oneflow_jax.training.train_state import build_model, restore_params
+    model, codec = build_model(config, tokenizer.vocab_size)
     params, restored_step = restore_params(workdir, config, model, step, ema)
     return Run(config, model, params, codec, tokenizer, restored_step)
 
@@ -74,26 +70,15 @@ def encode_prompt(text: str, images, tokenizer, codec):
 
 
 class Generator:
-    """Jitted sampling in fixed batches (one compile per batch size): OneFlow's concurrent sampler, or for an AR
-    baseline run (config.model_type 'ar') ar_sampler's KV-cached decoding. `nfe` holds each batch's network
-    evaluations."""
+    """Jitted sampling in fixed batches (one compile per batch size) with the run's method's sampler (OneFlow's
+    concurrent sampler, or the AR+FM baseline's KV-cached decoding). `nfe` holds each batch's network evaluations."""
 
-    def __init__(self, run: Run, sampler_config: sampler.SamplerConfig, batch_size: int):
+    def __init__(self, run: Run, sampler_config: SamplerConfig, batch_size: int):
         self.run, self.cfg, self.batch_size = run, sampler_config, batch_size
-        self.ar = run.config.get("model_type", "oneflow") == "ar"
-        if self.ar:
-            from oneflow_jax import ar_objective, ar_sampler
-            tok = run.tokenizer
-            self.special = ar_objective.ARSpecial(bos=tok.bos_id, eos=tok.eos_id, pad=tok.pad_id, image=tok.image_id)
-            self._lib = ar_sampler
-            self._sample = ar_sampler.make_sampler(run.model, sampler_config, self.special, run.codec.num_patches,
-                                                   tok.unused_ids)
-        else:
-            self.special = special_tokens(run.tokenizer)
-            banned = (run.tokenizer.eos_id, *run.tokenizer.unused_ids)
-            self._lib = sampler
-            self._sample = sampler.make_sampler(run.model, sampler_config, self.special, run.codec.num_patches,
-                                                banned)
+        method = methods.for_config(run.config)
+        self.special = method.special_tokens(run.tokenizer)
+        self._lib = method.sampler
+        self._sample = method.make_sampler(run.model, sampler_config, run.tokenizer, run.codec.num_patches)
         self.nfe: list[int] = []
 
     def __call__(self, prompts, seed: int = 0, params=None):
@@ -103,7 +88,7 @@ class Generator:
         With sampler `votes` = k > 1, a prompt with images that are all given (a captioning prompt: the output is
         text) is sampled k times, as k rows of the batch, and the sample whose text the most of them share is
         returned (ties: the earliest), i.e. self-consistency decoding at k times the cost. Captions of a tiny model
-        fail by sampling accident rather than for want of knowledge (docs/objective.md), which a vote removes.
+        fail by sampling accident rather than for want of knowledge (docs/results.md), which a vote removes.
         Prompts that generate an image are sampled once. `self.samples` keeps every prompt's samples in order, the
         first being the one a single draw would have given."""
         votes = [self.cfg.votes if images and all(im is not None for im in images) else 1 for _, images in prompts]
@@ -155,9 +140,9 @@ class TrainSampler:
     """The train loop's periodic samples: a few captioning, generation and free-form prompts -> W/samples/."""
 
     def __init__(self, config, model, codec, tokenizer, workdir: str, num_each: int = 4):
-        from oneflow_jax import datasets
+        from oneflow_jax.data import datasets
         self.workdir = workdir
-        records = datasets.load_records(config.data.name, config.eval.get("split", "eval"), config.data.data_dir,
+        records = datasets.load_records(config.data.name, config.eval.split, config.data.data_dir,
                                         limit=num_each) if config.data.name == "shapes_world" else []
         prompts = []
         for rec in records:
@@ -167,7 +152,7 @@ class TrainSampler:
             prompts.append(encode_prompt(caption + " <image>", [None], tokenizer, codec))
         prompts += [([], [])] * 2
         self.prompts = prompts
-        self.generator = Generator(Run(config, model, None, codec, tokenizer, 0), sampler.SamplerConfig.for_run(config),
+        self.generator = Generator(Run(config, model, None, codec, tokenizer, 0), config_lib.sampler_config(config),
                                    len(prompts))          # compiled once, on the first call
 
     def __call__(self, step: int, params, logger) -> None:

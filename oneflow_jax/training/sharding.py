@@ -2,7 +2,7 @@
 
 Mesh axes: 'data' (pure data parallel, e.g. across slices), 'fsdp' (data parallel with sharded params and optimizer
 state, ZeRO-3 style) and 'tensor' (Megatron-style tensor parallel over heads / MLP / vocabulary).
-Model code names only logical axes (see model.py); change the layout here, nowhere else.
+Model code names only logical axes (see models/transformer.py); change the layout here, nowhere else.
 """
 from __future__ import annotations
 

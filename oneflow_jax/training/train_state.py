@@ -2,17 +2,17 @@
 update that skips non-finite steps. Shared by the train loop and every tool that restores a checkpoint."""
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
-from oneflow_jax import checkpointing, config_lib, objective, sharding
-from oneflow_jax.codec import make_codec
-from oneflow_jax.model import OneFlowModel, dummy_batch
+from oneflow_jax import cli
+from oneflow_jax import config_lib, methods
+from oneflow_jax.training import checkpointing
+from oneflow_jax.training import sharding
+from oneflow_jax.models.codec import make_codec
+from oneflow_jax.models.transformer import dummy_batch
 
 
 def make_optimizer(opt, total_steps: int):
@@ -28,31 +28,20 @@ def make_optimizer(opt, total_steps: int):
 
 
 def build_model(config, vocab_size: int):
-    """(model, codec) for config.model_type: OneFlowModel, or the AR+FM baseline's ARModel (reference §7)."""
-    codec = make_codec(config.codec)
-    cfg = config_lib.model_config(config, vocab_size, codec)
-    if config.get("model_type", "oneflow") == "ar":
-        from oneflow_jax.ar_model import ARModel
-        return ARModel(cfg), codec
-    return OneFlowModel(cfg), codec
+    """(model, codec) of a run: the model of its method (methods.Method.model_class) and its image codec."""
+    cfg = config_lib.resolve(config)
+    codec = make_codec(cfg.codec)
+    return methods.for_config(cfg).build_model(config_lib.model_config(cfg, vocab_size, codec)), codec
 
 
-def pipeline_pieces(config, tokenizer, codec):
-    """(transform, packer) for input_pipeline.create_train_iterator: the AR+FM baseline's, or (None, None) = the
-    pipeline's defaults, OneFlow noising and Edit Flow packing."""
-    if config.get("model_type", "oneflow") == "ar":
-        from oneflow_jax import ar_objective
-        return ar_objective.pipeline_pieces(config, tokenizer, codec)
-    return None, None
-
-
-def loss_function(config):
-    """The objective of config.model_type: (model, params, batch, image_loss_weight) -> (loss, metrics)."""
-    space = config.objective.get("image_loss_space", "v")
-    if config.get("model_type", "oneflow") == "ar":
-        from oneflow_jax.ar_objective import ar_loss
-        return functools.partial(ar_loss, image_loss_space=space)
-    return functools.partial(objective.oneflow_loss, image_loss_space=space)
+def jit_train_step(model, tx, schedule, config, state_shardings):
+    """The jitted train step of a run (state donated), as the train loop, aot and the benchmarks run it."""
+    cfg = config_lib.resolve(config)
+    step = make_train_step(model, tx, schedule, cfg.objective.image_loss_weight,
+                           methods.for_config(cfg).loss_function(cfg.objective.image_loss_space),
+                           cfg.optimizer.ema_decay)
+    return jax.jit(step, in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
+                   donate_argnums=(0,))
 
 
 def initial_state(params, tx, ema_decay: float = 0.0) -> dict:
@@ -83,20 +72,20 @@ def abstract_train_state(model, tx, mesh, ema_decay: float = 0.0):
 def sampling_weights(config, ema: bool = True) -> str:
     """The train-state entry sample, eval and export read: `ema_params` if the run keeps an EMA of the params
     (optimizer.ema_decay > 0) and `ema`, else `params`."""
-    return "ema_params" if ema and config.optimizer.get("ema_decay", 0.0) > 0 else "params"
+    return "ema_params" if ema and config_lib.resolve(config).optimizer.ema_decay > 0 else "params"
 
 
 def restore_params(workdir: str, config, model, step: int | None = None, ema: bool = True):
     """(params, step) of checkpoint `step` (default: the newest readable) of run `workdir`, replicated on the local
     devices: the entry `sampling_weights(config, ema)` names; only it is read (the optimizer moments stay on disk).
     For sampling, eval and export."""
-    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+    mesh = sharding.make_mesh(config_lib.MeshConfig())
     key = sampling_weights(config, ema)
     abstract = {key: abstract_train_state(model, optax.identity(), mesh)[0]["params"]}
-    ckpt = checkpointing.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3), async_save=False)
+    ckpt = checkpointing.Checkpointer(workdir, keep=config_lib.resolve(config).keep_checkpoints, async_save=False)
     try:
         if ckpt.latest_step() is None:
-            raise config_lib.UserError(f"{workdir} has no checkpoint yet")
+            raise cli.UserError(f"{workdir} has no checkpoint yet")
         state, _, restored = ckpt.restore(abstract, step=step, partial=True)
     finally:
         ckpt.close()
@@ -119,8 +108,7 @@ def ema_decay_at(step, decay: float):
     return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def make_train_step(model, tx, schedule, loss_weight: float, objective_fn=objective.oneflow_loss,
-                    ema_decay: float = 0.0):
+def make_train_step(model, tx, schedule, loss_weight: float, objective_fn, ema_decay: float = 0.0):
     """One optimizer step. A non-finite loss or gradient leaves params, optimizer state and EMA unchanged. With
     ema_decay > 0 (the state from initial_state(..., ema_decay)) also ema <- d ema + (1 - d) params (ema_decay_at)."""
     def train_step(state, batch):

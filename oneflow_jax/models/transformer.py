@@ -11,7 +11,7 @@ block stack (`Backbone`) -> `OneFlowModel`, which embeds the mixed sequence and 
 Text time is *not* an input (paper ablation); each image's own t_img is, added to each of its patches.
 
 Sharding: every parameter and activation names *logical* axes only ('embed', 'heads', 'activation_batch', ...);
-`sharding.py` holds the one table that maps them onto mesh axes.
+`training/sharding.py` holds the one table that maps them onto mesh axes.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from oneflow_jax import flow_matching
+from oneflow_jax.objectives import flow_matching
 
 Dtype = Any
 
@@ -78,7 +78,8 @@ class ModelConfig:
     @classmethod
     def from_config(cls, config, **overrides) -> "ModelConfig":
         names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in dict(config).items() if k in names}
+        values = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+        kwargs = {k: v for k, v in values.items() if k in names}
         kwargs.update(overrides)
         if "patch_grid" in kwargs:
             kwargs["patch_grid"] = tuple(kwargs["patch_grid"])
@@ -365,7 +366,7 @@ class MixedSequenceModel(nn.Module):
     `embed_inputs` and read velocities with `image_velocity`. A batch may carry `patch_slots` [B, K] (packing.
     pack_rows: each row's patch positions, then out-of-range fillers): the image parts (patch-in, the t_img MLP, the
     patch head) then run at those K positions instead of all L, which on a text-heavy row with wide pixel patches is
-    a large share of the step (configs/shapes_tiny.py); the result is the same.
+    a large share of the step (docs/results.md); the result is the same.
     """
     cfg: ModelConfig
 
@@ -385,7 +386,7 @@ class MixedSequenceModel(nn.Module):
         """patch_out: d_model -> patch_dim, linear; with cfg.patch_head_hidden an MLP through patch_hidden. A linear
         head writes every patch in one d_model-dimensional subspace: with d_model 128 against 768 pixel values per
         patch the tiny model drew squares with soft corners, and the MLP head raised its generation accuracy
-        (configs/shapes_tiny.py)."""
+        (docs/results.md)."""
         cfg = self.cfg
         if cfg.patch_head_hidden:
             self.patch_hidden = Dense(cfg.patch_head_hidden, ("embed", "mlp"), cfg, use_bias=True)

@@ -8,7 +8,7 @@ Tensor names follow the PyTorch module tree of torch_modeling.py; the scanned `l
     final_norm.weight [D]   insert_head.{weight [2, D], bias}   token_head.weight [V, D] (absent if tied)
     patch_out.{weight [P, D], bias}          (patch_head_hidden H: patch_hidden.{weight [H, D], bias}, patch_out [P, H])
 Linear weights use torch's [out, in] layout: a Flax kernel [in..., out...] is reshaped to [in, out] and transposed.
-The mapping is derived from the Flax param paths (kernel/scale/embedding -> weight), so it follows model.py.
+The mapping is derived from the Flax param paths (kernel/scale/embedding -> weight), so it follows models/transformer.py.
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 
-from oneflow_jax import model as model_lib
-from oneflow_jax import safetensors_io
+from oneflow_jax.models import transformer as model_lib
+from oneflow_jax.convert import safetensors_io
 
 MODELING_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_modeling.py")
 WEIGHTS_NAME, CONFIG_NAME, PARITY_INPUTS_NAME = "model.safetensors", "config.json", "parity_inputs.safetensors"

@@ -48,7 +48,7 @@ def pack_rows(docs, seq_len: int, max_deletions: int, pad_id: int = 0, max_patch
 
     With `max_patches` > 0 the row also gets `patch_slots` [max_patches]: the positions of its latent patches in
     order, then `seq_len` (out of range) in the unused slots; the model computes its image parts (patch-in, t_img
-    MLP, velocity head) only there (model.MixedSequenceModel). Raises ValueError when the documents do not fit:
+    MLP, velocity head) only there (models.transformer.MixedSequenceModel). Raises ValueError when the documents do not fit:
     choosing which documents share a row is the caller's job (`fits`).
     """
     total = sum(doc_length(d) for d in docs)
@@ -102,7 +102,7 @@ class EditFlowPacker:
 
     @classmethod
     def from_config(cls, data, pad_id: int) -> "EditFlowPacker":
-        return cls(data.seq_len, data.max_deletions, pad_id=pad_id, max_patches=data.get("max_patches_per_row", 0))
+        return cls(data.seq_len, data.max_deletions, pad_id=pad_id, max_patches=data.max_patches_per_row)
 
     @property
     def limits(self) -> tuple[int, int, int]:

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oneflow_jax import safetensors_io
-from oneflow_jax.codec import patchify, unpatchify
+from oneflow_jax.convert import safetensors_io
+from oneflow_jax.models.codec import patchify, unpatchify
 
 WEIGHTS_NAME, CONFIG_NAME = "diffusion_pytorch_model.safetensors", "config.json"
 
@@ -291,7 +291,7 @@ class VAECodec:
     [..., num_patches, patch_dim] with patch_dim = patch_size^2 * latent_channels (row-major patches, values ordered
     (row, col, channel) as in codec.PixelPatchCodec). Runs jitted in fixed-size chunks of `batch_size` images.
     Copyable / picklable (params travel as numpy, the jitted functions are rebuilt), for data-loader workers.
-    Without weights (`params=None`, codec.path unset) it is shape-only: geometry for compile_only and FLOP counts."""
+    Without weights (`params=None`, codec.path unset) it is shape-only: geometry for aot and FLOP counts."""
 
     def __init__(self, vae_config: VAEConfig, params, image_size: int, patch_size: int = 2, batch_size: int = 8):
         stride = vae_config.downsample_factor * patch_size
@@ -306,8 +306,9 @@ class VAECodec:
         """config: ConfigDict(name='vae', path=<diffusers VAE dir>, image_size, patch_size=2, batch_size=8, and
         optionally latent_channels / downsample_factor: checked against the weights, or, without a path, the
         geometry of a shape-only codec)."""
-        channels, down = config.get("latent_channels"), config.get("downsample_factor")
-        if config.get("path"):
+        get = (lambda k, d=None: getattr(config, k, d)) if dataclasses.is_dataclass(config) else config.get
+        channels, down = get("latent_channels"), get("downsample_factor")
+        if get("path"):
             vae_config, params = load_diffusers_vae(config.path)
             for field, ours, theirs in (("latent_channels", channels, vae_config.latent_channels),
                                         ("downsample_factor", down, vae_config.downsample_factor)):
@@ -321,7 +322,7 @@ class VAECodec:
             if 2 ** (levels - 1) != down:
                 raise ValueError(f"codec.downsample_factor must be a power of two, got {down}")
             vae_config, params = VAEConfig(latent_channels=channels, block_out_channels=(0,) * levels), None
-        return cls(vae_config, params, config.image_size, config.get("patch_size", 2), config.get("batch_size", 8))
+        return cls(vae_config, params, config.image_size, get("patch_size", 2), get("batch_size", 8))
 
     @property
     def grid(self) -> tuple[int, int]:

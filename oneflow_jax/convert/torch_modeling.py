@@ -1,4 +1,4 @@
-"""OneFlow in pure PyTorch: the same forward as oneflow_jax/model.py (OneFlowModel), for exported checkpoints.
+"""OneFlow in pure PyTorch: the same forward as oneflow_jax/models/transformer.py (OneFlowModel), for exported checkpoints.
 
 This file is copied verbatim into every export directory as `modeling_oneflow.py`; it imports torch and the Python
 standard library only (no JAX, numpy or safetensors package), so an export runs anywhere torch does:
@@ -8,7 +8,7 @@ standard library only (no JAX, numpy or safetensors package), so an export runs 
     out = model(tokens=..., is_patch=..., patch_index=..., patches=..., patch_t=..., segment_ids=..., positions=...)
     out["pi_logit"], out["lam"], out["q_logits"], out["velocity"]
 
-Every op mirrors model.py, including where it computes in float32 (RMSNorm, RoPE, attention logits and softmax, the
+Every op mirrors models/transformer.py, including where it computes in float32 (RMSNorm, RoPE, attention logits and softmax, the
 timestep embedding) and where it casts back to the compute dtype, so bfloat16 exports track JAX closely too.
 `python parity_check.py` (written next to this file) recomputes the outputs stored in parity_inputs.safetensors.
 """

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from oneflow_jax import edit_flow, flow_matching
-from oneflow_jax.model import select_inputs
+from oneflow_jax.objectives import edit_flow
+from oneflow_jax.objectives import flow_matching
+from oneflow_jax.models.transformer import select_inputs
 
 MODEL_INPUTS = ("tokens", "is_patch", "patch_index", "patches", "patch_t", "segment_ids", "positions")
 

@@ -26,7 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oneflow_jax import ar_model, flow_matching, packing
+from oneflow_jax.models import ar_transformer as ar_model
+from oneflow_jax.objectives import flow_matching
+from oneflow_jax.data import packing
 
 POSITION_FIELDS = ("tokens", "is_patch", "patch_index", "patches", "patch_t", "velocity_target", "patch_weight",
                    "targets", "target_weight", "block_ids")
@@ -133,14 +135,16 @@ class ARPacker:
         return row
 
 
+def special_tokens(tokenizer) -> ARSpecial:
+    return ARSpecial(bos=tokenizer.bos_id, eos=tokenizer.eos_id, pad=tokenizer.pad_id, image=tokenizer.image_id)
+
+
 def pipeline_pieces(config, tokenizer, codec):
-    """(ARTransform, ARPacker) for input_pipeline.create_train_iterator."""
-    ar = config.get("ar", {})
-    special = ARSpecial(bos=tokenizer.bos_id, eos=tokenizer.eos_id, pad=tokenizer.pad_id, image=tokenizer.image_id)
-    transform = ARTransform(special, codec.num_patches, float(ar.get("cond_t_min", 0.5)),
-                            float(config.objective.get("image_time_shift", 1.0)))
+    """(ARTransform, ARPacker) for input_pipeline.create_train_iterator, from a resolved run config."""
+    transform = ARTransform(special_tokens(tokenizer), codec.num_patches, float(config.ar.cond_t_min),
+                            float(config.objective.image_time_shift))
     return transform, ARPacker(config.data.seq_len, pad_id=tokenizer.pad_id,
-                               max_patches=config.data.get("max_patches_per_row", 0))
+                               max_patches=config.data.max_patches_per_row)
 
 
 def ar_loss(model, params, batch, image_loss_weight: float = 1.0, image_loss_space: str = "v"):

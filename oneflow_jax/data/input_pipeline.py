@@ -36,48 +36,17 @@ from typing import Any, Protocol
 
 import grain
 import jax
-import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
 
-from oneflow_jax import datasets
-from oneflow_jax import edit_flow
-from oneflow_jax import packing
-from oneflow_jax import tokenizer as tokenizer_lib
+from oneflow_jax.data import datasets
+from oneflow_jax.data import packing
+from oneflow_jax.data import tokenizer as tokenizer_lib
 
 SKIP_REASONS = ("corrupt", "invalid", "overlong", "transform_error")
 COUNTER_NAMES = tuple(f"skipped_{r}" for r in SKIP_REASONS) + ("truncated", "documents", "rows")
 _COUNTS_KEY = "_counts"
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """`config.data` fields and their defaults."""
-    return ml_collections.ConfigDict(dict(
-        name="shapes_world",        # tfds builder in oneflow_jax.datasets
-        builder_config=None,        # dict: shapes_world_config(**) kwargs, or a JsonlConfig for user data
-        data_dir=None,              # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
-        split="train",
-        seq_len=256,
-        max_deletions=256,
-        max_patches_per_row=0,      # > 0: rows hold at most this many latent patches, and the model runs its image
-                                    # parts (patch-in, t_img MLP, patch head) at these slots only (packing.pack_rows)
-        global_batch_size=32,       # rows, over all hosts
-        shuffle_seed=0,
-        num_streams=0,              # record streams the global batch is packed from (0: one per row); batches
-                                    # are identical for any process count / num_workers dividing it
-        num_epochs=None,            # None: repeat forever
-        num_workers=0,              # Grain worker processes, must divide the host's streams (0: a prefetch thread)
-        prefetch=2,                 # batches buffered (over all workers, or by the thread)
-        read_threads=0,             # extra threads decoding records per stream (0: in the packing thread)
-        cache_decoded=False,        # keep every decoded record in host memory (each worker its own copy): from
-                                    # the 2nd epoch on no read or decode. For datasets that fit (shapes-world:
-                                    # ~100 MB); batches are identical either way
-        overlong="truncate",        # 'truncate' (at a text boundary) | 'drop'
-        tokenizer_path=None,        # None: trained once for the dataset and cached in its data dir
-        tokenizer_vocab_size=None,  # None: the dataset's default (shapes-world: word model, <= 64)
-        latents=False,              # records hold precomputed latents instead of pixels
-    ))
 
 
 # ------------------------------------------------------------------------------------------ pluggable pieces
@@ -527,16 +496,19 @@ def _check_features(features, latents: bool, codec) -> None:
         raise ValueError("the records hold precomputed latents; set data.latents=True")
 
 
-def _data_config(config) -> ml_collections.ConfigDict:
-    data = config.data if "data" in config else config
-    merged = default_config()
-    merged.update(dict(data))
-    return merged
+def _data_section(config):
+    """The data section of a run config, a RunConfig, or the section itself (config_lib.DataConfig)."""
+    from oneflow_jax import config_lib
+    if isinstance(config, config_lib.DataConfig):
+        return config
+    if isinstance(config, config_lib.RunConfig) or "data" in config:
+        return config_lib.resolve(config).data
+    return config_lib.make_section(config_lib.DataConfig, config, "data")
 
 
 def prepare_dataset(config):
-    """The prepared tfds builder named by `config.data` (built offline on first use)."""
-    data = _data_config(config)
+    """The prepared tfds builder named by the data section (built offline on first use)."""
+    data = _data_section(config)
     builder_config = None
     if data.builder_config is not None:
         builder_config = datasets.make_builder_config(data.name, dict(data.builder_config))
@@ -545,10 +517,10 @@ def prepare_dataset(config):
 
 def get_tokenizer(config) -> tokenizer_lib.Tokenizer:
     """`data.tokenizer_path` if set, else the dataset's own tokenizer (trained once, cached in its data dir)."""
-    data = _data_config(config)
+    data = _data_section(config)
     if data.tokenizer_path:
         return tokenizer_lib.load(data.tokenizer_path)
-    builder = prepare_dataset(config)
+    builder = prepare_dataset(data)
     return datasets.dataset_tokenizer(data.name, data.data_dir, builder.builder_config,
                                       vocab_size=data.tokenizer_vocab_size)
 
@@ -556,25 +528,22 @@ def get_tokenizer(config) -> tokenizer_lib.Tokenizer:
 def create_train_iterator(config, *, process_index: int, process_count: int, codec, tokenizer, seed: int,
                           transform: DocumentTransform | None = None,
                           packer: RowPacker | None = None) -> TrainIterator:
-    """Checkpointable iterator of host-local packed batches for `config.data` (see module docstring).
+    """Checkpointable iterator of host-local packed batches for a run config (see module docstring).
 
-    `transform` / `packer` default to OneFlow noising (`config.objective` -> NoisingConfig) and Edit Flow packing.
+    `transform` / `packer` default to the run's method's (methods.Method.pipeline_pieces).
     Each host gets `global_batch_size // process_count` rows per batch: the blocks of its `num_streams //
     process_count` streams. The global batch is the same for any process count and `num_workers`; restoring a
     state needs the same config, seeds, process count and num_workers.
     """
-    data = _data_config(config)
+    from oneflow_jax import config_lib, methods
+    cfg = config_lib.resolve(config)
+    data = cfg.data
     if data.global_batch_size % process_count:
         raise ValueError(f"global_batch_size {data.global_batch_size} not divisible by {process_count} processes")
-    builder = prepare_dataset(config)
-    if transform is None:
-        objective = config.objective if "objective" in config else {}
-        transform = edit_flow.EditFlowTransform(
-            edit_flow.NoisingConfig.from_config(objective),
-            edit_flow.SpecialTokens(bos=tokenizer.bos_id, pad=tokenizer.pad_id, image=tokenizer.image_id),
-            codec.num_patches)
-    if packer is None:
-        packer = packing.EditFlowPacker.from_config(data, tokenizer.pad_id)
+    builder = prepare_dataset(data)
+    if transform is None or packer is None:
+        default_transform, default_packer = methods.for_config(cfg).pipeline_pieces(cfg, tokenizer, codec)
+        transform, packer = transform or default_transform, packer or default_packer
     return build_pipeline(
         datasets.split_filepaths(builder, data.split), builder.info.features, tokenizer=tokenizer, codec=codec,
         transform=transform, packer=packer, global_batch_size=data.global_batch_size,
@@ -582,13 +551,6 @@ def create_train_iterator(config, *, process_index: int, process_count: int, cod
         num_streams=data.num_streams, num_epochs=data.num_epochs, latents=data.latents, overlong=data.overlong,
         num_workers=data.num_workers, prefetch=data.prefetch, read_threads=data.read_threads,
         cache_decoded=data.cache_decoded)
-
-
-def load_eval_records(config, split: str = "eval", limit: int | None = None) -> list[dict[str, Any]]:
-    """Raw labelled records of the eval split (shapes-world: see `datasets.load_records`)."""
-    data = _data_config(config)
-    builder = prepare_dataset(config)
-    return datasets.load_records(data.name, split, data.data_dir, builder.builder_config, limit=limit)
 
 
 # ------------------------------------------------------------------------------------------- global arrays

@@ -7,7 +7,8 @@ One iteration, with h = 1 / steps and one network evaluation on the current stat
      Bernoulli(min(1, h * kappa_dot(t) / (1 - kappa(t)) * lambda_i)); the atom a ~ Q_i, and a = `<image>` splices in
      a block of fresh N(0, I) latents with t_img = 0;
   3. t += h; repeat while t < 1 or any t_img < 1.
-Two optional departures from Alg. 1 (both off by default), measured on shapes-world captioning (docs/objective.md):
+Optional departures from Alg. 1 (off by default; docs/objective.md lists them, docs/results.md has the numbers);
+the vote over several samples (`votes`) lives in sampling/generate.py:
   * `max_insertions_per_step` = k caps the insertions of one sequence in one step at k; a step's excess, picked
     uniformly at random, is postponed. Atoms inserted in the same step are drawn independently from their gaps' bag
     marginals, so two gaps can both take the same clause's words; one at a time (k = 1) each insertion sees the
@@ -26,58 +27,16 @@ use) and prompt_len [B] (the fixed prefix: insertions happen only in the gap aft
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oneflow_jax import edit_flow, flow_matching
-from oneflow_jax.edit_flow import SpecialTokens
-
-NEG = -1e9
-INSERTION_ORDERS = ("random", "largest_gap")
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplerConfig:
-    steps: int = 32
-    max_len: int = 256
-    text_cfg: float = 1.0       # w of Eq. 12 (1 = no guidance)
-    image_cfg: float = 1.0      # v = v_u + w (v_c - v_u)
-    temperature: float = 1.0    # for Q
-    top_p: float = 1.0          # nucleus sampling for Q
-    max_insertions_per_step: int = 0   # per sequence and step; 0 = no limit (Alg. 1). See the module docstring
-    finish_threshold: float = 0.0      # after t = 1, keep stepping while some gap has 1 - pi above this; 0 = off
-    insertion_order: str = "random"    # which of a step's insertions the cap keeps: "random" | "largest_gap"
-    votes: int = 1                     # > 1: a prompt whose images are all given (captioning) is sampled this many
-                                       # times and its most frequent text kept (generate.Generator, self-consistency)
-    kappa_power: float = 1.0        # the training objective's schedules (config.objective), not sampler knobs
-    image_time_shift: float = 1.0
-
-    def __post_init__(self):
-        if self.insertion_order not in INSERTION_ORDERS:
-            raise ValueError(f"insertion_order must be one of {', '.join(INSERTION_ORDERS)}, "
-                             f"got {self.insertion_order!r}")
-        if self.votes < 1:
-            raise ValueError(f"votes must be >= 1 (1: no vote), got {self.votes}")
-
-    @classmethod
-    def from_config(cls, config, **overrides) -> "SamplerConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in dict(config).items() if k in names}
-        kwargs.update(overrides)
-        return cls(**kwargs)
-
-    @classmethod
-    def for_run(cls, config, **overrides) -> "SamplerConfig":
-        """`config.sampler` of a training config plus the schedules its objective trained with."""
-        objective = config.get("objective", {})
-        return cls.from_config(config.sampler, **{
-            "kappa_power": objective.get("kappa_power", 1.0),
-            "image_time_shift": objective.get("image_time_shift", 1.0), **overrides})
-
+from oneflow_jax.objectives import edit_flow
+from oneflow_jax.objectives import flow_matching
+from oneflow_jax.objectives.edit_flow import SpecialTokens
+from oneflow_jax.sampling.common import NEG, SamplerConfig, sample_tokens
 
 # ----------------------------------------------------------------------------------------------------------------
 # Host side: prompts in, documents out.
@@ -159,17 +118,6 @@ def _unconditional_segments(state, inputs):
     pos = jnp.arange(state["tokens"].shape[1])[None, :]
     hidden = (pos > 0) & (pos < state["prompt_len"][:, None])
     return jnp.where(hidden & (inputs["segment_ids"] > 0), 2, inputs["segment_ids"])
-
-
-def _sample_tokens(rng, log_q, temperature: float, top_p: float):
-    logits = log_q / max(temperature, 1e-6)
-    if top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        keep = jnp.cumsum(probs, axis=-1) - probs < top_p   # smallest prefix with mass >= top_p
-        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, NEG, logits)
-    return jax.random.categorical(rng, logits, axis=-1)
 
 
 def _guided_heads(apply_fn, state, cfg: SamplerConfig):
@@ -284,7 +232,7 @@ def sample_loop(apply_fn: Callable, state, rng, cfg: SamplerConfig, special: Spe
             pending_text = pending_text | (jnp.sum(insert, axis=1) > cap)
             insert = insert & (rank < cap)
         log_q = log_q.at[..., banned].set(NEG)
-        new_tok = _sample_tokens(r_tok, log_q, cfg.temperature, cfg.top_p).astype(jnp.int32)
+        new_tok = sample_tokens(r_tok, log_q, cfg.temperature, cfg.top_p).astype(jnp.int32)
         st = _insert(st, insert, new_tok, r_noise, special, num_patches)
         return st, i + 1, rng, nfe + 1, pending_text
 

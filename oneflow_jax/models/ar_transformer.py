@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from oneflow_jax.model import Backbone, Dense, MixedSequenceModel, ModelConfig, attention_mask, select_inputs
+from oneflow_jax.models.transformer import Backbone, Dense, MixedSequenceModel, ModelConfig, attention_mask, select_inputs
 
 MODEL_INPUTS = ("tokens", "is_patch", "patch_index", "patches", "patch_t", "segment_ids", "positions", "block_ids")
 

@@ -1,0 +1,101 @@
+"""What every command shares: one-line errors for bad input (`UserError`, `run_cli`, `parse_flags`), lines for the
+user (`say`) and the sampler flags that `sample`, `eval` and `compare` accept the same way.
+
+A bad config, flag or file fails before anything compiles, with one line that says what is wrong and exit status 2.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """A problem with what the user asked for (config, flags, files); printed as one line, exit code 2."""
+
+
+def say(message: str) -> None:
+    """A line for the user (process 0 only), also in the absl log."""
+    import jax
+    from absl import logging
+    logging.info(message)
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (`app.run(..., flags_parser=parse_flags)`), except that a --config.* override of a key the
+    config does not have is one line and exit 2: ml_collections raises AttributeError there, which absl would show
+    as a traceback."""
+    from absl import app
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:
+        text = str(e)
+        key = (re.findall(r"[A-Za-z_]\w*", text) or ["?"])[0]
+        flag = next((a.split("=")[0] for a in argv[1:]
+                     if a.startswith("--config.") and a.split("=")[0].rsplit(".", 1)[-1] == key), "--config.*")
+        hint = re.search(r'Did you mean "([^"]+)"', text)
+        print(f"error: {flag}: the config has no key {key!r}" + (f" (did you mean {hint.group(1)!r}?)" if hint else ""),
+              file=sys.stderr)
+        sys.exit(2)
+
+
+def run_cli(main: Callable) -> Callable:
+    """Wraps an absl main so that a UserError prints one line and exits 2."""
+    def wrapped(argv):
+        from absl import flags, logging
+        if not flags.FLAGS["verbosity"].present:   # library INFO chatter (Orbax, tfds) only with --verbosity=0
+            logging.set_verbosity(logging.WARNING)
+        try:
+            return main(argv)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    return wrapped
+
+
+def no_extra_args(argv) -> None:
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+
+
+# ------------------------------------------------------------------------------------------------ sampler flags
+
+SAMPLER_SHORTHANDS = {"steps": int, "temperature": float, "text_cfg": float, "image_cfg": float}
+
+
+def define_sampler_flags() -> None:
+    """--sampler (a JSON object of sampling.common.SamplerConfig fields) and shorthands for the common ones; each
+    overrides the run's config.sampler. Defined by `sample`, `eval` and `compare`."""
+    from absl import flags
+    flags.DEFINE_string("sampler", None, "JSON object of sampler overrides of the run's config.sampler, e.g. "
+                        "'{\"steps\": 16, \"temperature\": 0.3}' (fields: sampling.common.SamplerConfig).")
+    flags.DEFINE_integer("steps", None, "Sampler steps (shorthand for --sampler '{\"steps\": N}').")
+    flags.DEFINE_float("temperature", None, "Temperature of Q (shorthand).")
+    flags.DEFINE_float("text_cfg", None, "Text guidance weight w of Eq. 12 (shorthand).")
+    flags.DEFINE_float("image_cfg", None, "Image velocity guidance weight (shorthand).")
+
+
+def sampler_overrides() -> dict:
+    """The sampler overrides the flags of define_sampler_flags ask for: --sampler's JSON, then the shorthands."""
+    import dataclasses
+
+    from absl import flags
+    from oneflow_jax.sampling.common import SamplerConfig
+    f = flags.FLAGS
+    overrides = {}
+    if f.sampler:
+        try:
+            overrides = json.loads(f.sampler)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--sampler is not JSON: {e}") from None
+        if not isinstance(overrides, dict):
+            raise UserError(f"--sampler must be a JSON object, got {f.sampler!r}")
+    overrides.update({k: f[k].value for k in SAMPLER_SHORTHANDS if f[k].value is not None})
+    known = {field.name for field in dataclasses.fields(SamplerConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise UserError(f"--sampler: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return overrides

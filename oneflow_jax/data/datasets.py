@@ -1,0 +1,419 @@
+"""tfds builders writing the OneFlow record format to ArrayRecord shards (see docs/data.md).
+
+Builders (registered with tfds on import of this module):
+  * `shapes_world`         the built-in procedural corpus (oneflow_jax.data.shapes_world); splits 'train' and 'eval'.
+  * `interleaved_jsonl`    users' interleaved documents, JSONL lines `{"text": "... <image> ...", "images": [...]}`.
+  * `image_caption_pairs`  users' pairs, JSONL lines `{"image": "path", "caption": "..."}`.
+
+Every record has `text` (str with literal `<image>` markers), `images` (uint8 HxWx3 PNGs, or float32 latents
+[num_patches, patch_dim] when the config names a `codec` to precompute them with) and `kind`
+('generation' | 'understanding' | 'interleaved'); shapes-world adds its labels. Everything builds offline.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from oneflow_jax.data import shapes_world as sw
+from oneflow_jax.data import tokenizer as tokenizer_lib
+
+F = tfds.features
+IMAGE_TOKEN = sw.IMAGE_TOKEN
+FILE_FORMAT = "array_record"
+
+# --------------------------------------------------------------------------------------------- record format
+
+
+def resolve_data_dir(data_dir: str | None = None) -> str:
+    """`data_dir`, else $TFDS_DATA_DIR (read at call time), else ~/tensorflow_datasets."""
+    return os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
+
+
+def record_features(*, latent_shape: tuple[int, int] | None = None, labels: bool = False) -> F.FeaturesDict:
+    """The record features; `latent_shape` switches `images` to precomputed float32 latents."""
+    if latent_shape is None:
+        images = F.Sequence(F.Image(shape=(None, None, 3), encoding_format="png"))
+    else:
+        images = F.Sequence(F.Tensor(shape=tuple(latent_shape), dtype=np.float32, encoding="bytes"))
+    feats: dict[str, Any] = {"text": F.Text(), "kind": F.Text(), "images": images}
+    if labels:
+        feats["held_out"] = F.Scalar(np.bool_)
+        feats["image_held_out"] = F.Tensor(shape=(None,), dtype=np.bool_)
+        # Per image: (left_color, left_shape, right_color, right_shape) as indices into sw.COLORS / sw.SHAPES.
+        feats["labels"] = F.Tensor(shape=(None, 4), dtype=np.int32)
+    return F.FeaturesDict(feats)
+
+
+def _make_codec(spec: dict | None):
+    if not spec:
+        return None
+    import ml_collections  # pylint: disable=g-import-not-at-top
+    from oneflow_jax.models import codec as codec_lib
+    return codec_lib.make_codec(ml_collections.ConfigDict(dict(spec)))
+
+
+def _latent_shape(spec: dict | None):
+    codec = _make_codec(spec)
+    return None if codec is None else (codec.num_patches, codec.patch_dim)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """PNG encoding of a uint8 [H, W, 3] image (PIL; avoids tfds' TensorFlow-based encoder)."""
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"expected a uint8 [H, W, 3] image, got {image.dtype} {image.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(image, "RGB").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _images_value(images: list[np.ndarray], codec):
+    """Record value for `images`: PNG bytes of the uint8 images, or their latents when a codec is configured."""
+    if codec is None:
+        return [png_bytes(im) for im in images]
+    if not images:
+        return np.zeros((0, codec.num_patches, codec.patch_dim), np.float32)
+    return np.asarray(codec.encode(np.stack(images)), np.float32)
+
+
+def check_document(text: str, num_images: int) -> None:
+    """Raises ValueError unless `text` is non-empty and has one `<image>` marker per image."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("empty text")
+    markers = text.count(IMAGE_TOKEN)
+    if markers != num_images:
+        raise ValueError(f"text has {markers} {IMAGE_TOKEN} markers but {num_images} images")
+
+
+class _ArrayRecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Writes ArrayRecord shards unless another `file_format` is requested explicitly."""
+
+    DEFAULT_TOKENIZER = ("unigram", 8000)  # (model_type, vocab_size) when training one for this dataset
+
+    def __init__(self, *, file_format=None, data_dir=None, **kwargs):
+        # tfds reads $TFDS_DATA_DIR once at import; resolve it per call so a changed environment is honoured.
+        super().__init__(file_format=file_format or FILE_FORMAT, data_dir=resolve_data_dir(data_dir), **kwargs)
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):  # pylint: disable=no-self-argument
+        # No download checksums to look up next to the code (everything is generated or local). This also avoids
+        # tfds' unconditional use of the `importlib_resources` backport, which is not installed on Python >= 3.9.
+        return None
+
+
+# ------------------------------------------------------------------------------------------------ shapes-world
+
+
+@dataclasses.dataclass(eq=False)
+class ShapesWorldConfig(tfds.core.BuilderConfig):
+    """Sizes and generator knobs of shapes-world; `codec` (e.g. {'name': 'pixel_patch', 'image_size': 32,
+    'patch_size': 4}) stores latents instead of pixels."""
+
+    num_train: int = 20_000
+    num_eval: int = 1_000
+    seed: int = 0
+    kind_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    eval_held_out_fraction: float = 0.5
+    codec: dict | None = None
+
+
+def shapes_world_config(num_train: int = 20_000, num_eval: int = 1_000, seed: int = 0,
+                        kind_weights=(1.0, 1.0, 1.0), eval_held_out_fraction: float = 0.5,
+                        codec: dict | None = None) -> ShapesWorldConfig:
+    """A config whose name encodes its fields, so different sizes/seeds never share a directory."""
+    fields = dict(num_train=int(num_train), num_eval=int(num_eval), seed=int(seed),
+                  kind_weights=tuple(float(w) for w in kind_weights),
+                  eval_held_out_fraction=float(eval_held_out_fraction), codec=dict(codec) if codec else None)
+    default = ShapesWorldConfig(name="default")
+    if all(getattr(default, k) == v for k, v in fields.items()):
+        return ShapesWorld.builder_configs["default"]
+    digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
+    name = f"n{num_train}_e{num_eval}_s{seed}_{digest}"
+    return ShapesWorldConfig(name=name, description=json.dumps(fields, sort_keys=True), **fields)
+
+
+class ShapesWorld(_ArrayRecordBuilder):
+    """shapes-world v1 (docs/data.md, /work/shared/specs/shapes-world.md).
+
+    `tfds.builder("shapes_world")` gives the default (20k train / 1k eval documents); pass `num_train=`,
+    `num_eval=`, `seed=` (or `config=shapes_world_config(...)`) for other sizes.
+    """
+
+    VERSION = tfds.core.Version("1.0.1")
+    RELEASE_NOTES = {"1.0.0": "shapes-world v1.", "1.0.1": "Right object keeps its 1 px margin to the image border."}
+    BUILDER_CONFIGS = [ShapesWorldConfig(name="default", description="20k train / 1k eval documents")]
+    DEFAULT_TOKENIZER = ("word", 64)
+
+    def __init__(self, *, num_train=None, num_eval=None, seed=None, config=None, **kwargs):
+        if num_train is not None or num_eval is not None or seed is not None:
+            base = config if isinstance(config, ShapesWorldConfig) else ShapesWorldConfig(name="default")
+            config = shapes_world_config(
+                num_train=base.num_train if num_train is None else num_train,
+                num_eval=base.num_eval if num_eval is None else num_eval,
+                seed=base.seed if seed is None else seed, kind_weights=base.kind_weights,
+                eval_held_out_fraction=base.eval_held_out_fraction, codec=base.codec)
+        super().__init__(config=config, **kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=record_features(latent_shape=_latent_shape(self.builder_config.codec), labels=True),
+            description="Procedural interleaved text-image corpus: two coloured shapes per 32x32 image.")
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # generated offline
+        cfg = self.builder_config
+        return {"train": self._generate_examples("train", cfg.num_train),
+                "eval": self._generate_examples("eval", cfg.num_eval)}
+
+    def _generate_examples(self, split: str, num: int):
+        cfg = self.builder_config
+        gen = sw.GeneratorConfig(seed=cfg.seed, kind_weights=tuple(cfg.kind_weights),
+                                 eval_held_out_fraction=cfg.eval_held_out_fraction)
+        codec = _make_codec(cfg.codec)
+        for index in range(num):
+            doc = sw.generate_document(split, index, gen)
+            yield index, {
+                "text": doc.text, "kind": doc.kind, "images": _images_value(list(doc.images), codec),
+                "held_out": any(doc.held_out), "image_held_out": np.asarray(doc.held_out, np.bool_),
+                "labels": np.asarray([sw.label_indices(s) for s in doc.specs], np.int32).reshape(-1, 4)}
+
+
+# ------------------------------------------------------------------------------------------- users' own data
+
+
+def load_image(path: str, image_size: int | None) -> np.ndarray:
+    """RGB uint8 [H, W, 3]; with `image_size`, centre-cropped to a square and resized to image_size^2."""
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    with Image.open(io.BytesIO(epath.Path(path).read_bytes())) as im:
+        im = im.convert("RGB")
+        if image_size:
+            w, h = im.size
+            s = min(w, h)
+            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+            if s != image_size:
+                im = im.resize((image_size, image_size), Image.BICUBIC)
+        return np.asarray(im, np.uint8)
+
+
+@dataclasses.dataclass(eq=False)
+class JsonlConfig(tfds.core.BuilderConfig):
+    """Where users' JSONL files live. Image paths are relative to `image_root` (default: the JSONL file's folder).
+
+    `image_size` centre-crops and resizes every image (required with `codec`, which precomputes latents).
+    """
+
+    train_files: tuple[str, ...] = ()
+    eval_files: tuple[str, ...] = ()
+    image_root: str | None = None
+    image_size: int | None = None
+    codec: dict | None = None
+    pair_format: str = "both"  # image_caption_pairs: 'generation' | 'understanding' | 'both' (seeded per line)
+    seed: int = 0
+
+
+class _JsonlBuilder(_ArrayRecordBuilder, skip_registration=True):
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    BUILDER_CONFIG_CLASS = JsonlConfig
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        cfg = self.builder_config
+        if cfg is not None and cfg.codec and not cfg.image_size:
+            raise ValueError("precomputing latents (codec=...) needs a fixed image_size")
+        return self.dataset_info_from_configs(
+            features=record_features(latent_shape=_latent_shape(cfg.codec if cfg else None)))
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        cfg = self.builder_config
+        if cfg is None or not cfg.train_files:
+            raise ValueError(f"{self.name} needs config=JsonlConfig(name=..., train_files=[...]) naming the data")
+        splits = {"train": self._generate_examples(tuple(cfg.train_files), "train")}
+        if cfg.eval_files:
+            splits["eval"] = self._generate_examples(tuple(cfg.eval_files), "eval")
+        return splits
+
+    def _generate_examples(self, files: tuple[str, ...], split: str):
+        cfg = self.builder_config
+        codec = _make_codec(cfg.codec)
+        bad = 0
+        for file_idx, name in enumerate(files):
+            path = epath.Path(name)
+            root = epath.Path(cfg.image_root) if cfg.image_root else path.parent
+            with path.open("r") as f:
+                for line_idx, line in enumerate(f):
+                    if not line.strip():
+                        continue
+                    key = f"{split}/{file_idx}/{line_idx}"
+                    try:
+                        text, kind, paths = self._parse_line(json.loads(line), key)
+                        images = [load_image(str(root / p), cfg.image_size) for p in paths]
+                        check_document(text, len(images))
+                    except Exception as e:  # pylint: disable=broad-except
+                        bad += 1
+                        logging.warning("%s: skipping %s line %d: %s", self.name, path, line_idx + 1, e)
+                        continue
+                    yield key, {"text": text, "kind": kind, "images": _images_value(images, codec)}
+        if bad:
+            logging.warning("%s: skipped %d bad lines in split %r", self.name, bad, split)
+
+    def _parse_line(self, obj: dict, key: str) -> tuple[str, str, list[str]]:
+        raise NotImplementedError
+
+
+class InterleavedJsonl(_JsonlBuilder):
+    """Interleaved documents (OBELICS / MMC4 style): `{"text": "... <image> ...", "images": ["a.png", ...]}`."""
+
+    def _parse_line(self, obj, key):
+        if not isinstance(obj, dict) or "text" not in obj:
+            raise ValueError('expected an object with "text" and "images"')
+        paths = obj.get("images") or []
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise ValueError('"images" must be a list of paths')
+        return str(obj["text"]), "interleaved", paths
+
+
+class ImageCaptionPairs(_JsonlBuilder):
+    """Image-caption pairs `{"image": "a.jpg", "caption": "..."}` stored as `caption <image>` (generation) or
+    `<image> caption` (understanding), per `pair_format`; 'both' picks one per line, seeded by (seed, line)."""
+
+    def _parse_line(self, obj, key):
+        if not isinstance(obj, dict) or not isinstance(obj.get("image"), str) or "caption" not in obj:
+            raise ValueError('expected an object with "image" (path) and "caption"')
+        caption = " ".join(str(obj["caption"]).replace(IMAGE_TOKEN, " ").split())
+        if not caption:
+            raise ValueError("empty caption")
+        fmt = self.builder_config.pair_format
+        if fmt == "both":
+            digest = hashlib.sha1(f"{self.builder_config.seed}/{key}".encode()).digest()
+            fmt = "generation" if digest[0] % 2 == 0 else "understanding"
+        if fmt == "generation":
+            return f"{caption} {IMAGE_TOKEN}", "generation", [obj["image"]]
+        if fmt == "understanding":
+            return f"{IMAGE_TOKEN} {caption}", "understanding", [obj["image"]]
+        raise ValueError(f"pair_format must be 'generation', 'understanding' or 'both', got {fmt!r}")
+
+
+BUILDERS = {"shapes_world": ShapesWorld, "interleaved_jsonl": InterleavedJsonl,
+            "image_caption_pairs": ImageCaptionPairs}
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+def make_builder_config(name: str, fields: dict) -> tfds.core.BuilderConfig:
+    """A builder config from plain fields (e.g. `config.data.builder_config`)."""
+    fields = dict(fields)
+    if name == "shapes_world":
+        fields.pop("name", None)
+        return shapes_world_config(**fields)
+    if name in ("interleaved_jsonl", "image_caption_pairs"):
+        if "name" not in fields:
+            raise ValueError(f"{name} needs a config name (the directory the prepared data goes to)")
+        for key in ("train_files", "eval_files"):
+            if isinstance(fields.get(key), str):
+                fields[key] = (fields[key],)
+            elif key in fields:
+                fields[key] = tuple(fields[key])
+        return JsonlConfig(**fields)
+    raise ValueError(f"unknown dataset {name!r}; known: {sorted(BUILDERS)}")
+
+
+def get_builder(name: str, data_dir: str | None = None, config=None, **kwargs) -> tfds.core.DatasetBuilder:
+    """The builder for `name` in `data_dir` (see `resolve_data_dir`); kwargs go to the builder (e.g. num_train)."""
+    if name not in BUILDERS:
+        raise ValueError(f"unknown dataset {name!r}; known: {sorted(BUILDERS)}")
+    return BUILDERS[name](data_dir=resolve_data_dir(data_dir), config=config, **kwargs)
+
+
+def ensure_prepared(name: str, data_dir: str | None = None, config=None, **kwargs) -> tfds.core.DatasetBuilder:
+    """Returns the builder, generating the dataset (offline) on first use."""
+    builder = get_builder(name, data_dir, config, **kwargs)
+    if not builder.is_prepared():
+        mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
+    return builder
+
+
+def split_filepaths(builder: tfds.core.DatasetBuilder, split: str) -> list[str]:
+    """The ArrayRecord shard files of `split`, in shard order."""
+    if split not in builder.info.splits:
+        raise ValueError(f"{builder.name} has no split {split!r}; available: {list(builder.info.splits)}")
+    if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+        raise ValueError(f"{builder.data_dir} is stored as {builder.info.file_format}, not array_record; "
+                         "regenerate it with file_format='array_record'")
+    return [os.fspath(p) for p in builder.info.splits[split].filepaths]
+
+
+def iter_texts(builder: tfds.core.DatasetBuilder, split: str = "train", limit: int | None = None):
+    """Yields the `text` of each record without decoding images (for tokenizer training)."""
+    from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
+    from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
+    source = array_record_data_source.ArrayRecordDataSource(split_filepaths(builder, split))
+    n = len(source) if limit is None else min(limit, len(source))
+    for start in range(0, n, 1024):
+        for raw in source.__getitems__(list(range(start, min(n, start + 1024)))):
+            feature = tf_example_pb2.Example.FromString(raw).features.feature["text"]
+            yield feature.bytes_list.value[0].decode("utf-8")
+
+
+def dataset_tokenizer(name: str, data_dir: str | None = None, config=None, *, vocab_size: int | None = None,
+                      model_type: str | None = None, **kwargs) -> tokenizer_lib.Tokenizer:
+    """The tokenizer for a dataset: trained once from its train split and cached next to the prepared data."""
+    builder = ensure_prepared(name, data_dir, config, **kwargs)
+    default_type, default_vocab = builder.DEFAULT_TOKENIZER
+    model_type, vocab_size = model_type or default_type, vocab_size or default_vocab
+    path = epath.Path(builder.data_dir) / f"tokenizer_{model_type}_{vocab_size}.model"
+    if path.exists():
+        return tokenizer_lib.load(os.fspath(path))
+    logging.info("training a %s tokenizer (vocab <= %d) for %s at %s", model_type, vocab_size, name, path)
+    return tokenizer_lib.train_tokenizer(iter_texts(builder), vocab_size, os.fspath(path), model_type=model_type)
+
+
+def decode_record(features: F.FeaturesDict, raw: bytes) -> dict[str, Any]:
+    """Parses one serialized record into numpy: text/kind as str, images as a list of arrays, labels as names."""
+    ex = dict(features.deserialize_example_np(raw))
+    for key in ("text", "kind"):
+        if isinstance(ex.get(key), bytes):
+            ex[key] = ex[key].decode("utf-8")
+    if "labels" in ex:
+        ex["attributes"] = [sw.labels_to_attributes(row) for row in np.asarray(ex.pop("labels")).reshape(-1, 4)]
+    return ex
+
+
+def load_records(name: str = "shapes_world", split: str = "eval", data_dir: str | None = None, config=None,
+                 limit: int | None = None, **kwargs) -> list[dict[str, Any]]:
+    """Raw decoded records of a split in file order (the eval tool's reader).
+
+    shapes-world records: {'text', 'kind', 'images': uint8 [n, 32, 32, 3], 'held_out': bool,
+    'image_held_out': [n] bool, 'attributes': [(left_color, left_shape, right_color, right_shape)] * n}.
+    """
+    from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
+    builder = ensure_prepared(name, data_dir, config, **kwargs)
+    source = array_record_data_source.ArrayRecordDataSource(split_filepaths(builder, split))
+    n = len(source) if limit is None else min(limit, len(source))
+    image_feature = builder.info.features["images"].feature
+    if isinstance(image_feature, F.Tensor):  # latents
+        empty = np.zeros((0,) + tuple(image_feature.shape), np.float32)
+    else:
+        empty = np.zeros((0, 0, 0, 3), np.uint8)
+    out = []
+    for i in range(n):
+        ex = decode_record(builder.info.features, source[i])
+        images = ex["images"]
+        ex["images"] = np.stack(images) if len(images) else empty
+        if "image_held_out" in ex:
+            ex["image_held_out"] = np.asarray(ex["image_held_out"], bool)
+        out.append(ex)
+    return out
