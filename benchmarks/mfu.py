@@ -28,6 +28,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from oneflow_jax import cli, config_lib, methods  # noqa: E402
+from oneflow_jax.data import packing  # noqa: E402
 from oneflow_jax.training import flops, sharding  # noqa: E402
 from oneflow_jax.training.train_state import (build_model, create_sharded_state, jit_train_step,  # noqa: E402
                                               make_optimizer)
@@ -66,7 +67,7 @@ def synthetic_batches(config, codec, n: int, text_tokens: int) -> list[dict[str,
             while True:
                 if pending is None:
                     length = int(np.clip(rng.integers(text_tokens // 2, text_tokens * 3 // 2 + 1), 1, budget))
-                    text = rng.integers(5, vocab, length).astype(np.int32)
+                    text = rng.integers(5, tokenizer.vocab_size, length).astype(np.int32)
                     text[rng.integers(length)] = tokenizer.image_id      # the image's <image> marker
                     latents = rng.standard_normal((1, codec.num_patches, codec.patch_dim)).astype(np.float32)
                     pending = transform(text, latents, rng)

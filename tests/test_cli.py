@@ -137,11 +137,10 @@ def test_votes_sample_captioning_prompts_k_times_and_keep_the_most_frequent_text
     """sampler.votes = 3: each prompt whose images are all given is sampled 3 times (rows of the batch, each its own
     random draws) and the sample with the most frequent text comes back; a prompt that generates an image is sampled
     once."""
-    import dataclasses
+    from oneflow_jax import config_lib
     from oneflow_jax.sampling import generate
-    from oneflow_jax.sampling import oneflow_sampler as sampler
     run = generate.load_run(str(trained_run.workdir))
-    cfg = dataclasses.replace(sampler.SamplerConfig.for_run(run.config), votes=3)
+    cfg = config_lib.sampler_config(run.config, votes=3)
     image = generate.load_png(str(png), run.codec)
     prompts = [generate.encode_prompt("<image>", [image], run.tokenizer, run.codec),
                generate.encode_prompt("a red circle on the left and a blue square on the right <image>", [None],

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from oneflow_jax import import_llama as import_llama_cli
 from oneflow_jax.convert import import_llama
 from oneflow_jax.convert import safetensors_io
 from oneflow_jax.models import transformer as model_lib
@@ -193,7 +194,7 @@ def test_cli_writes_a_step0_checkpoint_train_can_resume(tmp_path):
     model, hf_dir = hf_model(tmp_path, tie=True)
     config_path = tiny_run_config(tmp_path)
     workdir = tmp_path / "run"
-    assert import_llama.main([f"--hf_dir={hf_dir}", f"--config={config_path}", f"--workdir={workdir}"]) == 0
+    assert import_llama_cli.main([f"--hf_dir={hf_dir}", f"--config={config_path}", f"--workdir={workdir}"]) == 0
     assert json.loads((workdir / "config.json").read_text())["model"]["d_ff"] == 80
 
     _, run_model, state, meta = restore_like_train(workdir)
@@ -202,7 +203,7 @@ def test_cli_writes_a_step0_checkpoint_train_can_resume(tmp_path):
     np.testing.assert_array_equal(np.asarray(state["params"]["backbone"]["final_norm"]["scale"]),
                                   model.state_dict()["model.norm.weight"].numpy())
     # a second import into the same workdir is refused
-    assert import_llama.main([f"--hf_dir={hf_dir}", f"--config={config_path}", f"--workdir={workdir}"]) == 2
+    assert import_llama_cli.main([f"--hf_dir={hf_dir}", f"--config={config_path}", f"--workdir={workdir}"]) == 2
 
 
 def test_cli_imports_the_ar_baseline_for_its_training_run(tmp_path):
@@ -215,7 +216,7 @@ def test_cli_imports_the_ar_baseline_for_its_training_run(tmp_path):
     workdir = tmp_path / "run"
     argv = [f"--hf_dir={hf_dir}", f"--config={tiny_run_config(tmp_path, 'ar_shapes_tiny.py', tie=False)}",
             f"--workdir={workdir}"]
-    assert import_llama.main(argv) == 0
+    assert import_llama_cli.main(argv) == 0
     config, run_model, state, _ = restore_like_train(workdir)
     assert config.model_type == "ar" and config.ar.cond_t_min == 0.5 and isinstance(run_model, ARModel)
     params = state["params"]
@@ -300,7 +301,7 @@ def test_published_llama_configs_match_configs_oneflow(size):
     from oneflow_jax.models.codec import make_codec
     if not os.path.exists(f"configs/oneflow_{size}.py"):
         pytest.skip(f"configs/oneflow_{size}.py not present")
-    config = import_llama._load_config(f"configs/oneflow_{size}.py")
+    config = config_lib.load_config_file(f"configs/oneflow_{size}.py")
     cfg = config_lib.model_config(config, config.model.vocab_size, make_codec(config.codec))
     d, layers, heads, ffn, tied, factor = {"1b": (2048, 16, 32, 8192, True, 32.0),
                                            "3b": (3072, 28, 24, 8192, True, 32.0),

@@ -32,7 +32,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from oneflow_jax import cli
 from oneflow_jax.models import transformer as model_lib

@@ -28,6 +28,9 @@ class Tokenizer:
     def __init__(self, model_proto: bytes):
         self._proto = bytes(model_proto)
         self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+        sp = self._sp
+        self.vocab_size, self.pad_id, self.bos_id, self.eos_id, self.unk_id = (
+            sp.get_piece_size(), sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id())
         self.image_id = self._sp.piece_to_id(IMAGE_TOKEN)
         if self.image_id == self._sp.unk_id() or self._sp.id_to_piece(self.image_id) != IMAGE_TOKEN:
             raise ValueError(f"tokenizer model has no {IMAGE_TOKEN!r} piece; train it with train_tokenizer() or add "
@@ -45,27 +48,6 @@ class Tokenizer:
         # `decode` shows them as unknown instead of a marker without an image.
         self.unused_ids = tuple(i for i in range(self.vocab_size)
                                 if i != self.image_id and IMAGE_TOKEN in self._sp.id_to_piece(i))
-
-    # -- ids
-    @property
-    def vocab_size(self) -> int:
-        return self._sp.get_piece_size()
-
-    @property
-    def pad_id(self) -> int:
-        return self._sp.pad_id()
-
-    @property
-    def bos_id(self) -> int:
-        return self._sp.bos_id()
-
-    @property
-    def eos_id(self) -> int:
-        return self._sp.eos_id()
-
-    @property
-    def unk_id(self) -> int:
-        return self._sp.unk_id()
 
     @property
     def model_proto(self) -> bytes:

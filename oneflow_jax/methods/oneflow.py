@@ -17,7 +17,7 @@ def special_tokens(tokenizer) -> edit_flow.SpecialTokens:
 
 def pipeline_pieces(config, tokenizer, codec):
     """Noising X1 -> X_t (objective section) and Edit Flow packing (data section)."""
-    transform = edit_flow.EditFlowTransform(edit_flow.NoisingConfig.from_config(config.objective),
+    transform = edit_flow.EditFlowTransform(config.objective.noising,
                                             special_tokens(tokenizer), codec.num_patches)
     return transform, packing.EditFlowPacker.from_config(config.data, tokenizer.pad_id)
 

@@ -30,8 +30,30 @@ def unpatchify(z: np.ndarray, grid: tuple[int, int], patch_size: int) -> np.ndar
     return z.reshape(*lead, rows * p, cols * p, c)
 
 
+class PatchGeometry:
+    """The latent geometry every codec shares: square images of `image_size` pixels, `downsample`d to latents of
+    `latent_channels` channels and cut into `patch_size` x `patch_size` patches (row-major)."""
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        n = self.image_size // (self.downsample * self.patch_size)
+        return (n, n)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size * self.patch_size * self.latent_channels
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.image_size, self.image_size, self.image_channels)
+
+
 @dataclasses.dataclass(frozen=True)
-class PixelPatchCodec:
+class PixelPatchCodec(PatchGeometry):
     """Normalised pixels cut into non-overlapping patches: the identity 'VAE' used for shapes-world.
 
     pixel p in [0, 255] -> p / 127.5 - 1 in [-1, 1]; a patch is its p*p*C values flattened (row, col, channel).
@@ -45,22 +67,15 @@ class PixelPatchCodec:
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
 
-    @property
-    def grid(self) -> tuple[int, int]:
-        n = self.image_size // self.patch_size
-        return (n, n)
+    downsample = 1          # pixels are the latents
 
     @property
-    def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
+    def latent_channels(self) -> int:
+        return self.channels
 
     @property
-    def patch_dim(self) -> int:
-        return self.patch_size * self.patch_size * self.channels
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (self.image_size, self.image_size, self.channels)
+    def image_channels(self) -> int:
+        return self.channels
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images)

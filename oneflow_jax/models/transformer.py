@@ -75,16 +75,6 @@ class ModelConfig:
     def dim_per_head(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
 
-    @classmethod
-    def from_config(cls, config, **overrides) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        values = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-        kwargs = {k: v for k, v in values.items() if k in names}
-        kwargs.update(overrides)
-        if "patch_grid" in kwargs:
-            kwargs["patch_grid"] = tuple(kwargs["patch_grid"])
-        return cls(**kwargs)
-
 
 def dense_matmul(x, kernel, n_in: int):
     """x[..., *in] @ kernel[*in, *out]: the last n_in axes of x contract with the first n_in of kernel."""

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from oneflow_jax.convert import safetensors_io
-from oneflow_jax.models.codec import patchify, unpatchify
+from oneflow_jax.models.codec import PatchGeometry, patchify, unpatchify
 
 WEIGHTS_NAME, CONFIG_NAME = "diffusion_pytorch_model.safetensors", "config.json"
 
@@ -132,32 +132,23 @@ class Upsample(nn.Module):
         return _conv(self.channels, "conv")(x)
 
 
-class DownEncoderBlock2D(nn.Module):
-    """diffusers DownEncoderBlock2D: `layers` resnets, then a strided-conv downsampler unless it is the last block."""
+class ResnetStage(nn.Module):
+    """diffusers DownEncoderBlock2D (resample 'down': a strided-conv downsampler) or UpDecoderBlock2D ('up': a
+    nearest-x2 + conv upsampler): `layers` resnets, then the resampler ('': none, the last block)."""
     channels: int
     groups: int
     layers: int
-    downsample: bool
+    resample: str
 
     @nn.compact
     def __call__(self, x):
         for j in range(self.layers):
             x = ResnetBlock2D(self.channels, self.groups, name=f"resnets_{j}")(x)
-        return Downsample(self.channels, name="downsamplers_0")(x) if self.downsample else x
-
-
-class UpDecoderBlock2D(nn.Module):
-    """diffusers UpDecoderBlock2D: `layers` resnets, then a nearest-x2 + conv upsampler unless it is the last block."""
-    channels: int
-    groups: int
-    layers: int
-    upsample: bool
-
-    @nn.compact
-    def __call__(self, x):
-        for j in range(self.layers):
-            x = ResnetBlock2D(self.channels, self.groups, name=f"resnets_{j}")(x)
-        return Upsample(self.channels, name="upsamplers_0")(x) if self.upsample else x
+        if self.resample == "down":
+            return Downsample(self.channels, name="downsamplers_0")(x)
+        if self.resample == "up":
+            return Upsample(self.channels, name="upsamplers_0")(x)
+        return x
 
 
 class Encoder(nn.Module):
@@ -169,7 +160,7 @@ class Encoder(nn.Module):
         cfg, groups, n = self.cfg, self.cfg.norm_num_groups, len(self.cfg.block_out_channels)
         x = _conv(cfg.block_out_channels[0], "conv_in")(x)
         for i, ch in enumerate(cfg.block_out_channels):
-            x = DownEncoderBlock2D(ch, groups, cfg.layers_per_block, i < n - 1, name=f"down_blocks_{i}")(x)
+            x = ResnetStage(ch, groups, cfg.layers_per_block, "down" if i < n - 1 else "", name=f"down_blocks_{i}")(x)
         x = MidBlock(cfg.block_out_channels[-1], groups, cfg.mid_block_add_attention, name="mid_block")(x)
         x = nn.silu(_group_norm(groups, "conv_norm_out")(x))
         return _conv(2 * cfg.latent_channels, "conv_out")(x)
@@ -185,7 +176,7 @@ class Decoder(nn.Module):
         x = _conv(cfg.block_out_channels[-1], "conv_in")(z)
         x = MidBlock(cfg.block_out_channels[-1], groups, cfg.mid_block_add_attention, name="mid_block")(x)
         for i, ch in enumerate(reversed(cfg.block_out_channels)):
-            x = UpDecoderBlock2D(ch, groups, cfg.layers_per_block + 1, i < n - 1, name=f"up_blocks_{i}")(x)
+            x = ResnetStage(ch, groups, cfg.layers_per_block + 1, "up" if i < n - 1 else "", name=f"up_blocks_{i}")(x)
         x = nn.silu(_group_norm(groups, "conv_norm_out")(x))
         return _conv(cfg.out_channels, "conv_out")(x)
 
@@ -286,7 +277,7 @@ def load_diffusers_vae(directory: str) -> tuple[VAEConfig, dict]:
 
 
 # ------------------------------------------------------------------------------------------------------------ codec
-class VAECodec:
+class VAECodec(PatchGeometry):
     """uint8 images [..., H, W, 3] <-> normalised VAE latents cut into patch_size x patch_size patches,
     [..., num_patches, patch_dim] with patch_dim = patch_size^2 * latent_channels (row-major patches, values ordered
     (row, col, channel) as in codec.PixelPatchCodec). Runs jitted in fixed-size chunks of `batch_size` images.
@@ -325,21 +316,16 @@ class VAECodec:
         return cls(vae_config, params, config.image_size, get("patch_size", 2), get("batch_size", 8))
 
     @property
-    def grid(self) -> tuple[int, int]:
-        n = self.image_size // (self.vae_config.downsample_factor * self.patch_size)
-        return (n, n)
+    def downsample(self) -> int:
+        return self.vae_config.downsample_factor
 
     @property
-    def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
+    def latent_channels(self) -> int:
+        return self.vae_config.latent_channels
 
     @property
-    def patch_dim(self) -> int:
-        return self.patch_size * self.patch_size * self.vae_config.latent_channels
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (self.image_size, self.image_size, self.vae_config.in_channels)
+    def image_channels(self) -> int:
+        return self.vae_config.in_channels
 
     @functools.cached_property
     def _fns(self):

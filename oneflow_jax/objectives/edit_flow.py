@@ -48,12 +48,6 @@ class NoisingConfig:
     drop_text_prob: float = 0.0     # condition dropout: remove every text token (images learn v(Y) w/o caption).
     image_time_shift: float = 1.0   # an image at schedule time u is noised to t = flow_matching.shift_time(u, s).
 
-    @classmethod
-    def from_config(cls, config) -> "NoisingConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        values = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-        return cls(**{k: v for k, v in values.items() if k in names})
-
     def __post_init__(self):
         if self.schedule not in ("interleaved", "independent"):
             raise ValueError(f"objective.schedule must be 'interleaved' or 'independent', got {self.schedule!r}")

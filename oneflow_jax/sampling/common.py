@@ -33,14 +33,6 @@ class SamplerConfig:
         if self.votes < 1:
             raise ValueError(f"votes must be >= 1 (1: no vote), got {self.votes}")
 
-    @classmethod
-    def from_config(cls, config, **overrides) -> "SamplerConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        values = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-        kwargs = {k: v for k, v in values.items() if k in names}
-        kwargs.update(overrides)
-        return cls(**kwargs)
-
 
 def sample_tokens(rng, log_q, temperature: float, top_p: float):
     """Draws token ids from log-probabilities `log_q` [..., V] at `temperature`, restricted to the top-p nucleus."""
