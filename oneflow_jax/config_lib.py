@@ -172,11 +172,8 @@ class RunConfig:
     def get(self, key: str, default=None):        # read like the ConfigDict it came from
         return getattr(self, key, default)
 
-    def __contains__(self, key: str) -> bool:
-        return key in {f.name for f in dataclasses.fields(self)}
 
-
-SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+TOP_LEVEL_KEYS = {f.name for f in dataclasses.fields(RunConfig)}
 _SECTION_TYPES = {"mesh": MeshConfig, "codec": CodecConfig, "objective": ObjectiveConfig, "ar": ARConfig,
                   "data": DataConfig, "optimizer": OptimizerConfig, "sampler": SamplerConfig, "eval": EvalConfig,
                   "compare": CompareConfig}
@@ -214,7 +211,7 @@ def resolve(config) -> RunConfig:
     if isinstance(config, RunConfig):
         return config
     values = as_dict(config)
-    unknown = sorted(set(values) - set(SECTIONS))
+    unknown = sorted(set(values) - TOP_LEVEL_KEYS)
     if unknown:
         raise UserError(f"unknown top-level config key(s): {', '.join(unknown)}")
     kwargs = {}

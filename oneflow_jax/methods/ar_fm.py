@@ -11,6 +11,7 @@ from oneflow_jax.models.ar_transformer import ARModel
 from oneflow_jax.objectives import ar_objective
 from oneflow_jax.sampling import ar_sampler
 
+
 def batch_structure(config, model_cfg) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """{key: (per-row shape, dtype)} of a packed AR+FM row, from the transform and packer the train loop uses on a
     dummy text-only document. Every field is per position."""
@@ -24,5 +25,5 @@ def batch_structure(config, model_cfg) -> dict[str, tuple[tuple[int, ...], np.dt
 
 AR_FM = Method(
     name="ar", model_class=ARModel, loss=ar_objective.ar_loss, pipeline_pieces=ar_objective.pipeline_pieces,
-    batch_structure=batch_structure, sampler=ar_sampler, special_tokens=ar_objective.special_tokens, banned_tokens=lambda tok: tuple(tok.unused_ids),
-    causal=True, insert_head=False, end_token=True, torch_export=False)
+    batch_structure=batch_structure, sampler=ar_sampler, special_tokens=ar_objective.special_tokens,
+    banned_tokens=lambda tok: tuple(tok.unused_ids), causal=True, insert_head=False, end_token=True, torch_export=False)

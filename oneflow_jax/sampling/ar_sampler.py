@@ -24,7 +24,7 @@ from oneflow_jax.models import ar_transformer as ar_model
 from oneflow_jax.objectives import flow_matching
 from oneflow_jax.objectives.ar_objective import ARSpecial
 from oneflow_jax.models.transformer import attention_mask
-from oneflow_jax.sampling.common import NEG, SamplerConfig, sample_tokens
+from oneflow_jax.sampling.common import NEG, SamplerConfig, check_markers, prompt_buffers, sample_tokens
 
 
 def init_state(prompts, max_len: int, special: ARSpecial, num_patches: int, patch_dim: int, seed: int = 0):
@@ -34,15 +34,11 @@ def init_state(prompts, max_len: int, special: ARSpecial, num_patches: int, patc
     row in image mode (`pending`)."""
     b = len(prompts)
     rng = np.random.default_rng(seed)
-    st = dict(tokens=np.full((b, max_len), special.pad, np.int32), is_patch=np.zeros((b, max_len), bool),
-              patch_index=np.zeros((b, max_len), np.int32), patches=np.zeros((b, max_len, patch_dim), np.float32),
-              patch_t=np.ones((b, max_len), np.float32), block_ids=np.zeros((b, max_len), np.int32),
-              prompt_len=np.zeros(b, np.int32), pending=np.zeros(b, bool))
+    st = prompt_buffers(b, max_len, special.pad, patch_dim, block_ids=((b, max_len), np.int32),
+                        prompt_len=((b,), np.int32), pending=((b,), bool))
     for r, (tokens, images) in enumerate(prompts):
         tokens, images = list(tokens), list(images or [])
-        if sum(t == special.image for t in tokens) != len(images):
-            raise ValueError(f"prompt {r}: {sum(t == special.image for t in tokens)} <image> markers but "
-                             f"{len(images)} images")
+        check_markers(r, tokens, images, special.image)
         pos, img = 1, 0
         st["tokens"][r, 0] = special.bos
         for i, tok in enumerate(tokens):

@@ -5,6 +5,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NEG = -1e9
 INSERTION_ORDERS = ("random", "largest_gap")
@@ -44,3 +45,20 @@ def sample_tokens(rng, log_q, temperature: float, top_p: float):
         cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < cutoff, NEG, logits)
     return jax.random.categorical(rng, logits, axis=-1)
+
+
+def prompt_buffers(batch: int, max_len: int, pad_id: int, patch_dim: int, **extra) -> dict[str, np.ndarray]:
+    """The host buffers both samplers lay prompts into: tokens (pad), is_patch, patch_index, patches and patch_t
+    (1: clean), [batch, max_len(, patch_dim)]; `extra` adds zero-filled buffers by name -> (shape, dtype)."""
+    st = dict(tokens=np.full((batch, max_len), pad_id, np.int32), is_patch=np.zeros((batch, max_len), bool),
+              patch_index=np.zeros((batch, max_len), np.int32),
+              patches=np.zeros((batch, max_len, patch_dim), np.float32), patch_t=np.ones((batch, max_len), np.float32))
+    st.update({name: np.zeros(shape, dtype) for name, (shape, dtype) in extra.items()})
+    return st
+
+
+def check_markers(row: int, tokens, images, image_id: int) -> None:
+    """A prompt needs one image entry (latents or None) per `<image>` marker."""
+    n_markers = sum(t == image_id for t in tokens)
+    if n_markers != len(images):
+        raise ValueError(f"prompt {row}: {n_markers} <image> markers but {len(images)} images")

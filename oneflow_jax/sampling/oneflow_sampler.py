@@ -36,7 +36,7 @@ import numpy as np
 from oneflow_jax.objectives import edit_flow
 from oneflow_jax.objectives import flow_matching
 from oneflow_jax.objectives.edit_flow import SpecialTokens
-from oneflow_jax.sampling.common import NEG, SamplerConfig, sample_tokens
+from oneflow_jax.sampling.common import NEG, SamplerConfig, check_markers, prompt_buffers, sample_tokens
 
 # ----------------------------------------------------------------------------------------------------------------
 # Host side: prompts in, documents out.
@@ -49,15 +49,10 @@ def init_state(prompts, max_len: int, special: SpecialTokens, num_patches: int, 
     """
     b = len(prompts)
     noise_rng = np.random.default_rng(seed)
-    st = dict(tokens=np.full((b, max_len), special.pad, np.int32), is_patch=np.zeros((b, max_len), bool),
-              patch_index=np.zeros((b, max_len), np.int32), patches=np.zeros((b, max_len, patch_dim), np.float32),
-              patch_t=np.ones((b, max_len), np.float32), length=np.zeros(b, np.int32), prompt_len=np.zeros(b, np.int32))
+    st = prompt_buffers(b, max_len, special.pad, patch_dim, length=((b,), np.int32), prompt_len=((b,), np.int32))
     for r, (tokens, images) in enumerate(prompts):
-        tokens = list(tokens)
-        images = [] if images is None else list(images)
-        n_markers = sum(t == special.image for t in tokens)
-        if n_markers != len(images):
-            raise ValueError(f"prompt {r}: {n_markers} <image> markers but {len(images)} images")
+        tokens, images = list(tokens), [] if images is None else list(images)
+        check_markers(r, tokens, images, special.image)
         pos, img = 1, 0
         st["tokens"][r, 0] = special.bos
         for tok in tokens:

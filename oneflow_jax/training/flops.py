@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 
+from oneflow_jax import methods
 from oneflow_jax.models.transformer import ModelConfig
 
 BWD_MATMUL = 2.0          # backward of y = x W: dL/dx and dL/dW, each as costly as the forward
@@ -38,16 +39,11 @@ PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v
               "TPU v6 lite": 918e12, "TPU v6e": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def _method(model_type: str):
-    from oneflow_jax import methods
-    return methods.get(model_type)
-
-
 # ------------------------------------------------------------------------------------------------------ parameters
 
 def param_breakdown(cfg: ModelConfig, model_type: str = "oneflow") -> dict[str, int]:
     """Parameter count per part, exactly as models.transformer.OneFlowModel creates them (checked in tests/test_flops.py)."""
-    method = _method(model_type)
+    method = methods.get(model_type)
     d, hd, v = cfg.d_model, cfg.dim_per_head, cfg.vocab_size
     layer = (2 * d                                               # attn_norm, mlp_norm
              + d * cfg.n_heads * hd * 2                          # q, o
@@ -81,7 +77,7 @@ def params_non_embedding(cfg: ModelConfig, model_type: str = "oneflow") -> int:
 
 def forward_flops_per_position(cfg: ModelConfig, model_type: str = "oneflow") -> dict[str, float]:
     """Forward matmul FLOPs (2 m n k) of one position, by part; attention scores/values are separate."""
-    method = _method(model_type)
+    method = methods.get(model_type)
     d, hd = cfg.d_model, cfg.dim_per_head
     layer = 2 * d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 2 * 3 * d * cfg.d_ff
     return dict(backbone=cfg.n_layers * layer,
@@ -105,7 +101,7 @@ def train_flops_per_position(cfg: ModelConfig, model_type: str = "oneflow") -> d
 
 def attention_train_flops(cfg: ModelConfig, length_sq: float, model_type: str = "oneflow") -> float:
     """QK^T and AV over `length_sq` = L^2 query-key pairs, all layers, forward + backward (reference §8)."""
-    causal = 0.5 if _method(model_type).causal else 1.0
+    causal = 0.5 if methods.get(model_type).causal else 1.0
     return causal * 4.0 * length_sq * cfg.n_heads * cfg.dim_per_head * cfg.n_layers * (1.0 + BWD_ATTENTION)
 
 
@@ -141,7 +137,7 @@ def default_doc(seq_len: int, num_patches: int, model_type: str = "oneflow") -> 
     """One image plus the text that fills the rest of a clean row (what AR at the same seq_len would process):
     BOS + text + `<image>` + its patches (+ EOS for AR, whose `<image>` is its BOI; ar_objective) = seq_len. Without
     room for an image: text only."""
-    fixed = 1 + int(_method(model_type).end_token)    # BOS (+ EOS)
+    fixed = 1 + int(methods.get(model_type).end_token)    # BOS (+ EOS)
     img = num_patches + 1
     if seq_len - fixed - img < 1:
         return DocStats(seq_len - fixed, 0)
@@ -240,13 +236,13 @@ def report(config, doc: DocStats | None = None, packing_fill: float = 1.0) -> di
     row = train_flops_per_row(cfg, data.seq_len, model_type, data.max_patches_per_row)
     per_row = float(sum(row.values()))
     rows = data.global_batch_size
-    if _method(model_type).end_token:
+    if methods.get(model_type).end_token:
         seq = ar_sequence(doc, cfg.num_patches)
     else:
         seq = expected_xt(doc, cfg.num_patches, run.objective.noising)
     useful_doc = useful_train_flops_per_document(cfg, seq, model_type)
     docs_per_step = rows * data.seq_len * packing_fill / seq["length"]
-    clean_len = 1.0 + doc.text_tokens + doc.images * (cfg.num_patches + 1) + float(_method(model_type).end_token)
+    clean_len = 1.0 + doc.text_tokens + doc.images * (cfg.num_patches + 1) + float(methods.get(model_type).end_token)
     n_ne = params_non_embedding(cfg, model_type)
     return dict(
         model_type=model_type, params=params(cfg, model_type), params_non_embedding=n_ne,
