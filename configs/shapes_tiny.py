@@ -4,8 +4,9 @@ Command: ./launch/local.sh (set-up, shapes-world, training, eval), which runs
     python -m oneflow_jax.train --config configs/shapes_tiny.py --workdir workdir/shapes_tiny
     python -m oneflow_jax.eval --workdir workdir/shapes_tiny
 Wall clock: ~860 s in all for ./launch/local.sh on a fresh 2-core CPU machine (~690 s of it training).
-Expected scores (eval of 100 documents, EMA weights, seen / held-out): caption, vote of 3 ~1.00 / 0.96; caption, one
-sample ~0.91 / 0.87; generation ~0.85 / 0.89. Measured history and ablations: docs/results.md.
+Expected scores (eval of 100 documents, EMA weights, seen / held-out; they move by a few points between machines):
+caption, vote of 3 ~0.89-1.00 / 0.96-1.00; caption, one sample ~0.87-0.92 / 0.87-0.89; generation ~0.83-0.85 /
+0.87-0.89. Measured history and ablations: docs/results.md.
 Variants: --config configs/shapes_tiny.py:smoke (a few steps, for tests).
 """
 import ml_collections
