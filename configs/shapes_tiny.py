@@ -41,8 +41,8 @@ def get_config(arg: str | None = None):
 
     c.objective = ml_collections.ConfigDict(dict(
         kappa_power=1.0, schedule="interleaved", mixed_gen_prob=0.0,
-        clean_images_prob=0.6,        # share of captioning examples (clean images, noisy text); in [0, 1]
-        clean_text_prob=0.3,          # share of text-to-image examples (clean text, noisy images); the rest: `schedule`
+        # P(image-text pair -> captioning example), P(pair -> text-to-image example); the rest: `schedule`
+        task_mix=ml_collections.ConfigDict(dict(understanding=0.6, generation=0.3)),
         drop_images_prob=0.05, drop_text_prob=0.05,
         image_loss_weight=4.0,        # w in L = L_text + w * L_image; > 0
         image_loss_space="x",         # image loss in 'v' (velocity) | 'x' (clean-latent) units

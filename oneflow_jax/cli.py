@@ -70,6 +70,8 @@ def define_sampler_flags() -> None:
     """--sampler (a JSON object of sampling.common.SamplerConfig fields) and shorthands for the common ones; each
     overrides the run's config.sampler. Defined by `sample`, `eval` and `compare`."""
     from absl import flags
+    flags.DEFINE_string("sampler_preset", None, "Named sampler settings applied before --sampler: "
+                        "'alg1' (the paper's Alg. 1 exactly) or 'confident' (sampling.common.PRESETS).")
     flags.DEFINE_string("sampler", None, "JSON object of sampler overrides of the run's config.sampler, e.g. "
                         "'{\"steps\": 16, \"temperature\": 0.3}' (fields: sampling.common.SamplerConfig).")
     flags.DEFINE_integer("steps", None, "Sampler steps (shorthand for --sampler '{\"steps\": N}').")
@@ -83,16 +85,21 @@ def sampler_overrides() -> dict:
     import dataclasses
 
     from absl import flags
-    from oneflow_jax.sampling.common import SamplerConfig
+    from oneflow_jax.sampling.common import PRESETS, SamplerConfig
     f = flags.FLAGS
     overrides = {}
+    if f.sampler_preset is not None:
+        if f.sampler_preset not in PRESETS:
+            raise UserError(f"--sampler_preset must be one of {', '.join(PRESETS)}, got {f.sampler_preset!r}")
+        overrides = dict(PRESETS[f.sampler_preset])
     if f.sampler:
         try:
-            overrides = json.loads(f.sampler)
+            given = json.loads(f.sampler)
         except json.JSONDecodeError as e:
             raise UserError(f"--sampler is not JSON: {e}") from None
-        if not isinstance(overrides, dict):
+        if not isinstance(given, dict):
             raise UserError(f"--sampler must be a JSON object, got {f.sampler!r}")
+        overrides.update(given)
     overrides.update({k: f[k].value for k in SAMPLER_SHORTHANDS if f[k].value is not None})
     known = {field.name for field in dataclasses.fields(SamplerConfig)}
     unknown = sorted(set(overrides) - known)

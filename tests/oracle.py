@@ -44,8 +44,8 @@ def oracle_heads(tokens, is_patch, patch_t, patches, length, target_tokens, targ
 
 
 def make_oracle_apply(target_tokens, target_latents, vocab, image_id):
-    """An apply_fn(inputs, attention_segments) for sampler.sample_loop backed by `oracle_heads` (pure_callback)."""
-    def apply_fn(inputs, _segments):
+    """An apply_fn(inputs, live_len) for sampler.sample_loop backed by `oracle_heads` (pure_callback)."""
+    def apply_fn(inputs, _live_len):
         b, L = inputs["tokens"].shape
         dim = inputs["patches"].shape[-1]
         shapes = (jax.ShapeDtypeStruct((b, L), jnp.float32), jax.ShapeDtypeStruct((b, L), jnp.float32),

@@ -68,36 +68,49 @@ def test_deleted_image_lands_in_its_gap_as_image_token():
     np.testing.assert_array_equal(x_t["patch_index"][block], np.arange(N))
 
 
-def test_clean_images_prob_gives_clean_images_with_noisy_text():
-    toks = np.asarray([5, 6, SP.image, 7, 8, 9, 10, 11], np.int32)
+def test_understanding_examples_are_image_first_pairs_with_a_clean_image_and_noisy_text():
+    text_first = np.asarray([5, 6, 7, 8, 9, 10, 11, SP.image], np.int32)
     lat = np.random.default_rng(0).standard_normal((1, N, D)).astype(np.float32)
     rng = np.random.default_rng(0)
+    cfg = NoisingConfig(task_mix=dict(understanding=1.0))
     kept_text = []
     for _ in range(300):
-        x_t = edit_flow.noise_document(toks, lat, rng, NoisingConfig(clean_images_prob=1.0), SP)
+        x_t = edit_flow.noise_document(text_first, lat, rng, cfg, SP)
         patches = x_t["is_patch"]
+        assert x_t["tokens"][1] == SP.image                                   # laid out image first
         assert patches.sum() == N and (x_t["patch_t"][patches] == 1.0).all() and x_t["patch_weight"].sum() == 0
         np.testing.assert_array_equal(x_t["patches"][patches], lat[0])      # exactly the clean latents
+        np.testing.assert_array_equal(edit_flow.merge_bags(x_t, SP), [SP.image, 5, 6, 7, 8, 9, 10, 11])
         kept_text.append((~patches).sum() - 2)                                # minus BOS and <image>
     assert abs(np.mean(kept_text) / 7 - 0.5) < 0.05                          # t_text ~ U[0, 1], kappa = t
+    # a document with two images is never a task example: it follows the interleaved schedule as written
+    two = np.asarray([5, SP.image, 6, SP.image], np.int32)
+    lat2 = np.zeros((2, N, D), np.float32)
+    deleted = [len(edit_flow.noise_document(two, lat2, rng, cfg, SP)["del_tokens"]) for _ in range(400)]
+    assert 0.2 < np.mean(np.asarray(deleted) > 0) < 0.9
 
 
-def test_clean_text_prob_gives_whole_text_with_noisy_images():
-    toks = np.asarray([5, 6, SP.image, 7, 8, SP.image, 9], np.int32)
-    lat = np.random.default_rng(0).standard_normal((2, N, D)).astype(np.float32)
+def test_generation_examples_keep_the_caption_and_follow_the_image_schedule():
+    toks = np.asarray([SP.image, 5, 6, 7, 8], np.int32)
+    lat = np.random.default_rng(0).standard_normal((1, N, D)).astype(np.float32)
     rng = np.random.default_rng(0)
-    cfg = NoisingConfig(clean_images_prob=0.5, clean_text_prob=0.5)
-    kinds = []
-    for _ in range(400):
+    cfg = NoisingConfig(task_mix=dict(generation=1.0))
+    t_imgs = []
+    for _ in range(2000):
         x_t = edit_flow.noise_document(toks, lat, rng, cfg, SP)
+        assert list(x_t["del_tokens"]) in ([], [SP.image])                    # the text is whole
+        np.testing.assert_array_equal(edit_flow.merge_bags(x_t, SP), [5, 6, 7, 8, SP.image])   # text first
         t = x_t["patch_t"][x_t["is_patch"]].reshape(-1, N)[:, 0]
-        if len(x_t["del_tokens"]) == 0 and len(t) == 2 and (t < 1).all():
-            kinds.append("text")                # caption conditions both images, each at its own noise level
-        elif len(t) == 2 and (t == 1).all():
-            kinds.append("images")
-    assert 0.4 < kinds.count("text") / 400 < 0.6 and 0.4 < kinds.count("images") / 400 < 0.6
-    with pytest.raises(ValueError, match="sum to <= 1"):
-        NoisingConfig(clean_images_prob=0.6, clean_text_prob=0.5)
+        t_imgs += list(t) + [-1.0] * len(x_t["del_tokens"])
+    t_imgs = np.asarray(t_imgs)
+    # tau ~ U[0, 2], tau_img = tau - u: deleted w.p. 1/4, clean w.p. 1/4, else t_img in (0, 1)
+    assert abs(np.mean(t_imgs < 0) - 0.25) < 0.03 and abs(np.mean(t_imgs == 1.0) - 0.25) < 0.03
+    with pytest.raises(ValueError, match="task_mix.generation"):
+        NoisingConfig(task_mix=dict(generation=1.5))
+    with pytest.raises(ValueError, match="unknown objective.task_mix"):
+        NoisingConfig(task_mix=dict(captioning=0.5))
+    with pytest.raises(ValueError, match="must be <= 1"):
+        NoisingConfig(task_mix=dict(understanding=0.6, generation=0.5))
 
 
 def test_condition_dropout_removes_one_modality():

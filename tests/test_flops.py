@@ -82,15 +82,20 @@ def test_attention_and_heads_are_counted_at_every_position():
 @pytest.mark.parametrize("objective", [
     dict(schedule="interleaved", kappa_power=1.0),
     dict(schedule="interleaved", kappa_power=2.0, mixed_gen_prob=0.2, drop_images_prob=0.1, drop_text_prob=0.1),
-    dict(schedule="interleaved", kappa_power=1.0, clean_images_prob=0.3),
-    dict(schedule="interleaved", kappa_power=1.0, clean_images_prob=0.4, clean_text_prob=0.3, mixed_gen_prob=0.2),
+    dict(schedule="interleaved", kappa_power=1.0, task_mix=dict(understanding=0.7)),        # 2 images: no task
+    dict(schedule="interleaved", kappa_power=1.0, task_mix=dict(understanding=0.7), n_img=1),
+    dict(schedule="interleaved", kappa_power=2.0, task_mix=dict(understanding=0.4, generation=0.6),
+         mixed_gen_prob=0.2, n_img=1),
+    dict(schedule="interleaved", kappa_power=1.0, task_mix=dict(generation=0.5), n_img=1),
     dict(schedule="independent", kappa_power=1.0)])
 def test_expected_xt_matches_the_noising(objective):
+    objective = dict(objective)
+    n_img = objective.pop("n_img", 2)
     noising = edit_flow.NoisingConfig(**objective)
     special = edit_flow.SpecialTokens(bos=1, pad=0, image=4)
-    n_text, n_img, num_patches = 40, 2, 8
+    n_text, num_patches = 40, 8
     tokens = np.full(n_text + n_img, 7, np.int32)
-    tokens[[5, 30]] = special.image
+    tokens[[5, 30][:n_img]] = special.image
     latents = np.zeros((n_img, num_patches, 3), np.float32)
     rng = np.random.default_rng(0)
     lengths = np.array([len(edit_flow.noise_document(tokens, latents, rng, noising, special)["tokens"])

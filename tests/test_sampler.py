@@ -66,7 +66,7 @@ def test_image_steps_follow_the_shifted_time_grid(shift):
     grid t_k = shift_time(k / steps), so both the times fed to the network and the step sizes are checked."""
     steps = 8
 
-    def apply_fn(inputs, _segments):
+    def apply_fn(inputs, _live_len):
         b, length = inputs["tokens"].shape
         return dict(pi_logit=jnp.full((b, length), 20.0), lam=jnp.full((b, length), 1e-3),
                     q_logits=jnp.zeros((b, length, V)), velocity=jnp.broadcast_to(
@@ -135,7 +135,7 @@ def recording_oracle(targets, latents, scale_lam=1.0):
         calls.append((tokens.copy(), length.copy(), lam.copy()))
         return pi, lam * np.float32(scale_lam), q, vel
 
-    def apply_fn(inputs, _segments):
+    def apply_fn(inputs, _live_len):
         b, L = inputs["tokens"].shape
         shapes = (jax.ShapeDtypeStruct((b, L), jnp.float32), jax.ShapeDtypeStruct((b, L), jnp.float32),
                   jax.ShapeDtypeStruct((b, L, V), jnp.float32), jax.ShapeDtypeStruct((b, L, D), jnp.float32))
@@ -211,3 +211,121 @@ def test_largest_gap_order_fills_the_gap_with_the_most_missing_atoms_first():
     assert any(got < best for got, best in _insertion_gaps(targets, "random"))    # random order does not
     with pytest.raises(ValueError, match="insertion_order"):
         S.SamplerConfig(insertion_order="smallest")
+
+
+# ------------------------------------------------------------------------------------------------ confident rule
+
+def test_confident_rule_rebuilds_documents_in_logarithmically_many_evaluations():
+    """The oracle's Q is exactly its bag, so every open gap is confident: each evaluation fills every open gap at
+    once (the text at most doubles per step; a random pick from a bag splits it unevenly) and the rule stops as soon
+    as no gap expects more, without a confirming pass."""
+    rng = np.random.default_rng(4)
+    targets = [[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 4, 4, 4], [9, 8, 7], [6]]
+    latents = [np.zeros((0, N, D), np.float32) for _ in targets]
+    docs, nfe, calls = run_recorded(targets, latents, steps=8, insertion_rule="confident")
+    assert_rebuilt(docs, targets, latents)
+    lengths = np.concatenate([call_lengths(calls), [[1 + len(t) for t in targets]]])
+    assert nfe == len(calls) <= 8 < len(targets[0])                  # 13 tokens in at most 8 evaluations
+    assert (np.diff(lengths[:, 0]) >= 1).all()                       # every evaluation inserted: no confirming pass
+    assert np.diff(lengths[:, 0]).max() > 1
+    # with an image: the text is done early, its image takes `steps` Euler steps from its insertion
+    targets = [[5, 3, 6, 7]]
+    latents = [rng.standard_normal((1, N, D)).astype(np.float32)]
+    docs, nfe = run_oracle([([], None)], targets, latents, steps=8, seed=0, insertion_rule="confident")
+    assert_rebuilt(docs, targets, latents)
+    assert 8 < nfe <= 8 + 3
+
+
+def test_confident_rule_inserts_one_atom_where_q_is_spread_wider_than_the_gap():
+    """A gap missing one atom whose Q splits between two colours is not confident: only the most confident open gap
+    inserts, one atom per evaluation."""
+    def apply_fn(inputs, _live_len):
+        b, length = inputs["tokens"].shape
+        n = jnp.sum(inputs["segment_ids"] > 0, axis=1, keepdims=True)      # every gap open until BOS + 4 atoms
+        q = jnp.full((b, length, V), -1e9).at[..., 5].set(0.0).at[..., 6].set(0.0)   # two equally likely tokens
+        return dict(pi_logit=jnp.where(n < 5, -20.0, 20.0) * jnp.ones((b, length)),
+                    lam=jnp.where(n == 1, 2.0, 1.0) * jnp.ones((b, length)), q_logits=q,
+                    velocity=jnp.zeros(inputs["patches"].shape))
+
+    cfg = S.SamplerConfig(steps=4, max_len=16, insertion_rule="confident")
+    state = S.init_state([([], None)], 16, SP, N, D)
+    out, nfe = jax.jit(lambda st, r: S.sample_loop(apply_fn, st, r, cfg, SP, N))(state, jax.random.key(0))
+    # one atom per evaluation (4), then one evaluation that finds every gap closed
+    assert int(out["length"][0]) == 5 and int(nfe) == 5
+    # the same gaps with Q on one token are confident: both gaps of [BOS, a] insert at once, and as each expected one
+    # atom (lambda = 1) the text is done: BOS + 3 atoms in 2 evaluations
+    one = lambda inputs, live: {**apply_fn(inputs, live), "q_logits": jnp.full((1, 16, V), -1e9).at[..., 5].set(0.0)}
+    out, nfe = jax.jit(lambda st, r: S.sample_loop(one, st, r, cfg, SP, N))(state, jax.random.key(0))
+    assert int(out["length"][0]) == 4 and int(nfe) == 2
+
+
+# ------------------------------------------------------------------------------------------------ guidance
+
+def _random_model():
+    cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=64, num_patches=N,
+                      patch_dim=D, patch_grid=(2, 2), time_embed_dim=16)
+    model = OneFlowModel(cfg)
+    params = model.init(jax.random.key(0), dummy_batch(cfg))["params"]
+    leaves, tree = jax.tree.flatten(params)     # zero-initialised heads perturbed, so every output depends on input
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = tree.unflatten([p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    return lambda inputs: model.apply({"params": params}, inputs)
+
+
+def _plain_heads(apply, prompt, max_len=24, patch_t=None):
+    """The model's heads on a document laid out from scratch (the dropped document, built by hand)."""
+    st = S.init_state([prompt], max_len, SP, N, D)
+    if patch_t is not None:
+        st["patch_t"] = np.where(st["is_patch"], patch_t, st["patch_t"]).astype(np.float32)
+    return jax.device_get(apply(S._model_inputs({k: jnp.asarray(v) for k, v in st.items()})))
+
+
+def test_text_guidance_pass_is_the_document_without_the_prompt_images():
+    """Captioning `<image>` + generated text: the unconditional pass must equal the plain model on BOS + the
+    generated text (training's drop_images), BOS reading the first gap (owned by the prompt's `<image>`)."""
+    apply = _random_model()
+    img = np.random.default_rng(0).standard_normal((1, N, D)).astype(np.float32)
+    st = S.init_state([([3], img)], 24, SP, N, D)                       # BOS <image> block | prompt_len 6
+    st["tokens"][0, 6:9], st["length"][0] = [5, 7, 8], 9                 # three generated tokens
+    st = {k: jnp.asarray(v) for k, v in st.items()}
+    masks = S.condition_masks(st, SP)
+    pi_u, log_lam_u, log_q_u, _ = jax.device_get(
+        S.unconditional_heads(lambda x, _live: apply(x), st, masks["text"]))
+    want = _plain_heads(apply, ([5, 7, 8], None))                        # BOS 5 7 8
+    cond_pos, plain_pos = [0, 1, 6, 7, 8], [0, 0, 1, 2, 3]             # <image>'s gap is BOS's in the dropped doc
+    np.testing.assert_allclose(pi_u[0, cond_pos], want["pi_logit"][0, plain_pos], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(log_lam_u[0, cond_pos], np.log(want["lam"][0, plain_pos]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(log_q_u[0, cond_pos], jax.nn.log_softmax(want["q_logits"][0, plain_pos]),
+                               rtol=1e-5, atol=1e-5)
+    # and the conditional heads differ: the image is seen there
+    cond = jax.device_get(apply(S._model_inputs(st)))
+    assert np.abs(cond["pi_logit"][0, 6:9] - want["pi_logit"][0, 1:4]).max() > 1e-3
+
+
+def test_image_guidance_pass_is_the_document_without_its_text():
+    """Text-to-image `5 6 <image>` with the image at t = 0.3: the unconditional velocity must equal the plain model
+    on BOS + `<image>` + the same noisy block (training's drop_text)."""
+    apply = _random_model()
+    st = S.init_state([([5, 6, 3], [None])], 24, SP, N, D, seed=3)       # BOS 5 6 <image> block
+    st["patch_t"][0, 4:4 + N] = 0.3
+    block = st["patches"][0, 4:4 + N]
+    st = {k: jnp.asarray(v) for k, v in st.items()}
+    v_u = jax.device_get(S.unconditional_heads(lambda x, _live: apply(x), st, S.condition_masks(st, SP)["image"])[3])
+    want = _plain_heads(apply, ([3], [block]), patch_t=0.3)              # BOS <image> block
+    np.testing.assert_allclose(v_u[0, 4:4 + N], want["velocity"][0, 2:2 + N], rtol=1e-5, atol=1e-5)
+    cond = jax.device_get(apply(S._model_inputs(st)))
+    assert np.abs(cond["velocity"][0, 4:4 + N] - v_u[0, 4:4 + N]).max() > 1e-4
+
+
+def test_length_buckets_give_the_full_length_heads_on_the_live_positions():
+    from oneflow_jax.sampling.common import bucket_lengths, run_bucketed
+    apply = _random_model()
+    st = S.init_state([([5, 6, 3], [None]), ([7], None)], 48, SP, N, D)
+    inputs = S._model_inputs({k: jnp.asarray(v) for k, v in st.items()})
+    assert bucket_lengths(48, 3) == (16, 24, 48) and bucket_lengths(80, 1) == (80,)
+    full = jax.device_get(apply(inputs))
+    got = jax.device_get(jax.jit(lambda x, n: run_bucketed(apply, x, n, (16, 24, 48)))(inputs, st["length"]))
+    live = np.arange(48)[None, :] < st["length"][:, None]
+    for k in ("pi_logit", "lam", "q_logits", "velocity"):
+        assert got[k].shape == full[k].shape
+        np.testing.assert_allclose(got[k][live], full[k][live], rtol=1e-5, atol=1e-5)

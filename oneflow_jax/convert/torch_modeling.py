@@ -235,10 +235,9 @@ class OneFlowModel(nn.Module):
         img = self.patch_in(patches.to(self.dtype)) + t_emb + pos2d
         return torch.where(is_patch.bool()[..., None], img, tok)
 
-    def forward(self, tokens, is_patch, patch_index, patches, patch_t, segment_ids, positions,
-                attention_segments=None):
+    def forward(self, tokens, is_patch, patch_index, patches, patch_t, segment_ids, positions):
         x = self.embed_inputs(tokens, is_patch, patch_index, patches, patch_t)
-        mask = attention_mask(segment_ids if attention_segments is None else attention_segments)
+        mask = attention_mask(segment_ids)
         positions = positions.long()
         for layer in self.layers:
             x = layer(x, mask, positions)

@@ -21,13 +21,11 @@ import copy
 import json
 import math
 import os
-import time
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from oneflow_jax import cli, config_lib
-from oneflow_jax.data import datasets
 from oneflow_jax.evals import shapes_eval
 from oneflow_jax.sampling import generate
 from oneflow_jax.training import checkpointing, flops, loop
@@ -65,17 +63,6 @@ def checkpoint_steps(workdir: str) -> list[int]:
     return steps
 
 
-def caption_benchmark(run, scfg, records, n: int, seed: int = 0) -> dict:
-    """Warm (compiled) single-prompt captioning: seconds and network evaluations per caption."""
-    gen = generate.Generator(run, scfg, 1)
-    prompts = [generate.encode_prompt("<image>", [r["images"][0]], run.tokenizer, run.codec) for r in records[:n]]
-    gen(prompts[:1], seed)                     # compile
-    gen.nfe.clear()
-    t0 = time.perf_counter()
-    gen(prompts, seed)
-    return dict(latency_s=(time.perf_counter() - t0) / len(prompts), nfe=float(np.mean(gen.nfe)))
-
-
 def evaluate_checkpoint(workdir: str, step: int, config, sampler_overrides: dict | None = None) -> dict:
     """Scores of one checkpoint, cached in workdir/compare_eval/step_K.json. The sampler is the run's with
     compare.sampler_steps and then `sampler_overrides` (cli.sampler_overrides)."""
@@ -86,10 +73,10 @@ def evaluate_checkpoint(workdir: str, step: int, config, sampler_overrides: dict
     c = config_lib.resolve(config).compare
     run = generate.load_run(workdir, step)
     scfg = config_lib.sampler_config(run.config, **{"steps": c.sampler_steps, **(sampler_overrides or {})})
-    scores = shapes_eval.evaluate(run, c.eval_examples, c.num_free, scfg, c.eval_batch_size, seed=0)
-    records = datasets.load_records(run.config.data.name, run.config.eval.split, run.config.data.data_dir,
-                                    limit=c.latency_prompts)
-    out = {"step": step, "caption_benchmark": caption_benchmark(run, scfg, records, c.latency_prompts)}
+    scores = shapes_eval.evaluate(run, c.eval_examples, c.num_free, scfg, c.eval_batch_size, seed=0,
+                                  latency_requests=c.latency_prompts)
+    out = {"step": step, "caption_latency_s": scores["caption"]["latency_s"],
+           "caption_nfe": scores["caption"]["nfe_per_request"]}
     for name, (task, key) in METRICS.items():
         s = scores[task]["all"]
         out[name] = s["accuracy"] if key == "accuracy" else float(np.mean([s[a] for a in shapes_eval.ATTRS]))
@@ -142,8 +129,8 @@ def compare(config, workdir: str, sampler_overrides: dict | None = None) -> dict
             cli.say(f"compare: evaluating {name} step {step}")
             ev = evaluate_checkpoint(wd, step, config, sampler_overrides)
             points.append(dict(step=step, train_flops=step * per_step, useful_train_flops=step * useful,
-                               **{k: ev[k] for k in METRICS}, caption_latency_s=ev["caption_benchmark"]["latency_s"],
-                               caption_nfe=ev["caption_benchmark"]["nfe"]))
+                               **{k: ev[k] for k in METRICS}, caption_latency_s=ev["caption_latency_s"],
+                               caption_nfe=ev["caption_nfe"]))
         result["models"][name] = dict(params=flops.params(model.cfg, name), train_flops_per_step=per_step,
                                       useful_train_flops_per_step=useful, total_steps=run.total_steps,
                                       points=points)

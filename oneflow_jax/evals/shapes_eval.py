@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 
@@ -48,8 +49,13 @@ def _score(rows, group=None):
     return out
 
 
-def evaluate(run: generate.Run, num_examples: int, num_free: int, sampler_config, batch_size: int, seed: int = 0):
-    """Returns the score dict (also used by the train loop and the FLOP comparison)."""
+def evaluate(run: generate.Run, num_examples: int, num_free: int, sampler_config, batch_size: int, seed: int = 0,
+             latency_requests: int = 8):
+    """Returns the score dict (also used by the train loop and the FLOP comparison).
+
+    Cost, compilation excluded (each shape is compiled by a warm-up call first, reported as `compile_s`): network
+    evaluations per request, throughput at `batch_size` (requests/s over the whole task) and the median latency of
+    `latency_requests` requests sampled one at a time (batch 1; 0 = skip)."""
     from oneflow_jax.data import datasets
     cfg = run.config
     records = datasets.load_records(cfg.data.name, cfg.eval.split, cfg.data.data_dir, limit=num_examples)
@@ -59,44 +65,69 @@ def evaluate(run: generate.Run, num_examples: int, num_free: int, sampler_config
     tok, codec = run.tokenizer, run.codec
     truths = [(tuple(r["attributes"][0]), bool(r["image_held_out"][0])) for r in records]
     caption_texts = [sw.caption(sw.ImageSpec(*_objects(t))) for t, _ in truths]
+    cap_prompts = [generate.encode_prompt("<image>", [r["images"][0]], tok, codec) for r in records]
+    gen_prompts = [generate.encode_prompt(c + " <image>", [None], tok, codec) for c in caption_texts]
 
-    t0 = time.time()
-    cap_docs = gen([generate.encode_prompt("<image>", [r["images"][0]], tok, codec) for r in records], seed)
-    caption_latency = (time.time() - t0) / len(records)
-    caption_nfe = float(np.mean(gen.nfe))
+    cap_docs, cap_cost = _timed(gen, cap_prompts, seed)
     captions = [_caption_row(doc, truth, held) for (doc, _), (truth, held) in zip(cap_docs, truths)]
     single = [_caption_row(samples[0][0], truth, held) for samples, (truth, held) in zip(gen.samples, truths)]
 
-    gen.nfe.clear()
-    gen_docs = gen([generate.encode_prompt(c + " <image>", [None], tok, codec) for c in caption_texts], seed + 1)
+    gen_docs, gen_cost = _timed(gen, gen_prompts, seed + 1)
     images = []
     for (doc, ims), (truth, held) in zip(gen_docs, truths):
         pred = sw.judge_image(ims[0]) if ims else (None,) * 4
         images.append(dict(pred=tuple(pred), true=truth, held_out=held, correct=tuple(pred) == truth))
 
-    free_docs = gen([([], [])] * num_free, seed + 2) if num_free else []
+    free_docs, free_cost = _timed(gen, [([], [])] * num_free, seed + 2) if num_free else ([], {})
     agree = total = 0
     for doc, ims in free_docs:
         for text, idx in sw.document_pairs(doc):
-            if text is None or idx is None or idx >= len(ims):
-                total += 1
-                continue
             total += 1
-            agree += int(sw.parse_caption(text) is not None and sw.parse_caption(text) == tuple(sw.judge_image(ims[idx])))
+            if text is not None and idx is not None and idx < len(ims):
+                agree += int(sw.parse_caption(text) is not None and sw.parse_caption(text) == tuple(sw.judge_image(ims[idx])))
 
+    if latency_requests:
+        one = generate.Generator(run, sampler_config, 1)
+        cap_cost.update(_latency(one, cap_prompts[:latency_requests], seed))
+        gen_cost.update(_latency(one, gen_prompts[:latency_requests], seed + 1))
     return {
         "step": run.step,
         "caption": {"all": _score(captions), "seen": _score(captions, False), "held_out": _score(captions, True),
-                    "latency_s_per_example": caption_latency, "nfe": caption_nfe, "votes": sampler_config.votes},
+                    "votes": sampler_config.votes, **cap_cost},
         # the first of each image's samples alone: what one draw gives (the same as "caption" without a vote)
         "caption_one_sample": {"all": _score(single), "seen": _score(single, False),
                                "held_out": _score(single, True)},
-        "generation": {"all": _score(images), "seen": _score(images, False), "held_out": _score(images, True)},
-        "interleaved_consistency": {"n_pairs": total, "accuracy": agree / total if total else None},
+        "generation": {"all": _score(images), "seen": _score(images, False), "held_out": _score(images, True),
+                       **gen_cost},
+        "interleaved_consistency": {"n_pairs": total, "accuracy": agree / total if total else None, **free_cost},
+        "sampler": dataclasses.asdict(sampler_config),
         "examples": {"captions": [c["text"] for c in captions[:5]], "free": [d for d, _ in free_docs[:3]],
                      "caption_failures": [{"truth": truth, "document": c["text"]} for c, truth
                                           in zip(captions, caption_texts) if not c["correct"]][:MAX_FAILURES]},
     }
+
+
+def _timed(gen: generate.Generator, prompts, seed: int):
+    """Samples `prompts` after a warm-up call of the same batch shape; (documents, cost dict)."""
+    compile_s = gen.warm_up(prompts)
+    gen.nfe.clear(), gen.seconds.clear()
+    docs = gen(prompts, seed)
+    batches = len(gen.nfe)
+    return docs, {"nfe_per_batch": float(np.mean(gen.nfe)), "batch_size": gen.batch_size,
+                  "per_second": len(prompts) / max(sum(gen.seconds), 1e-9), "compile_s": compile_s,
+                  "seconds": float(sum(gen.seconds)), "batches": batches}
+
+
+def _latency(one: generate.Generator, prompts, seed: int) -> dict:
+    """Median wall clock and mean network evaluations of requests sampled one at a time (batch 1, warmed up)."""
+    one.warm_up(prompts)
+    one.nfe.clear()
+    seconds = []
+    for i, prompt in enumerate(prompts):
+        t0 = time.perf_counter()
+        one([prompt], seed + i)                  # a vote's samples run one after another, as a request would
+        seconds.append(time.perf_counter() - t0)
+    return {"latency_s": float(np.median(seconds)), "nfe_per_request": float(np.sum(one.nfe) / len(prompts))}
 
 
 def _caption_row(doc: str, truth, held: bool) -> dict:
@@ -127,7 +158,19 @@ def format_table(scores) -> str:
     acc = "n/a" if ic["accuracy"] is None else f"{ic['accuracy']:.3f}"
     lines.append(f"interleaved consistency: {acc} over {ic['n_pairs']} pairs")
     votes = scores["caption"].get("votes", 1)
-    lines.append(f"captioning: {scores['caption']['latency_s_per_example'] * 1e3:.1f} ms/example, "
-                 f"{scores['caption']['nfe']:.0f} network evaluations per batch"
-                 + (f", the most frequent of {votes} samples (caption@1: the first sample alone)" if votes > 1 else ""))
+    if votes > 1:
+        lines.append(f"caption: the most frequent of {votes} samples (caption@1: the first sample alone)")
+    lines.append(format_cost(scores))
     return "\n".join(lines)
+
+
+def format_cost(scores) -> str:
+    """One line per task: network evaluations, batch-1 latency and throughput, compilation excluded."""
+    out = []
+    for task, unit in (("caption", "captions"), ("generation", "images")):
+        c = scores[task]
+        lat = (f"{c['nfe_per_request']:.1f} evaluations and {c['latency_s'] * 1e3:.0f} ms per request at batch 1, "
+               if "latency_s" in c else "")
+        out.append(f"{task}: {lat}{c['per_second']:.1f} {unit}/s at batch {c['batch_size']} "
+                   f"({c['nfe_per_batch']:.1f} evaluations per batch; compile {c['compile_s']:.0f} s, excluded)")
+    return "\n".join(out)

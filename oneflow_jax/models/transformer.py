@@ -454,12 +454,9 @@ class OneFlowModel(MixedSequenceModel):
             self.token_head = Dense(cfg.vocab_size, ("embed", "vocab"), cfg)
         self.setup_patch_head()
 
-    def __call__(self, batch, attention_segments=None):
-        """`attention_segments` overrides segment_ids for the attention mask only (the sampler's CFG uses it to
-        hide the prompt from the unconditional pass)."""
+    def __call__(self, batch):
         x = self.embed_inputs(batch)
-        seg = batch["segment_ids"] if attention_segments is None else attention_segments
-        h = self.backbone(x, attention_mask(seg), batch["positions"])
+        h = self.backbone(x, attention_mask(batch["segment_ids"]), batch["positions"])
         ins = self.insert_head(h).astype(jnp.float32)
         return dict(pi_logit=ins[..., 0], lam=jax.nn.softplus(ins[..., 1]), q_logits=self.token_logits(h),
                     velocity=self.image_velocity(h, batch))

@@ -31,31 +31,71 @@ class SpecialTokens:
 
 
 @dataclasses.dataclass(frozen=True)
+class TaskMix:
+    """What an image-text pair (a document with exactly one image and some text) is trained as, by the task it will
+    be prompted for (`objective.task_mix`); the pair is laid out in that task's order, as Transfusion orders caption
+    and image per example.
+
+    understanding: P(the pair is a captioning example: `<image> text`, the image clean (t_img = 1, pure
+      conditioning) and the text noised at t_text ~ U[0, 1]) -- how `eval` and `sample` prompt captioning.
+    generation: P(the pair is a text-to-image example: `text <image>`, the text kept whole (the prompt) and the image
+      on the interleaved schedule's own marginal, tau_img = tau - kappa^-1(u) with tau ~ U[0, 2]: deleted into the
+      last gap's bag when tau_img < 0 (1/4 of draws: a whole caption learns to grow its `<image>`), else
+      t_img = min(tau_img, 1)).
+    Every other document (the rest of the pairs, as written, and every document with 0 or 2+ images) follows
+    `schedule` (App. D.1, image deletion included). Both 0: the paper's training.
+    """
+
+    understanding: float = 0.0
+    generation: float = 0.0
+
+    def __post_init__(self):
+        for name in ("understanding", "generation"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"objective.task_mix.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.understanding + self.generation > 1.0:
+            raise ValueError("objective.task_mix.understanding + generation must be <= 1, got "
+                             f"{self.understanding} + {self.generation}")
+
+    def draw(self, tokens: np.ndarray, is_image: np.ndarray, rng: np.random.Generator) -> str | None:
+        """'understanding', 'generation' or None (the schedule) for one document."""
+        if not (self.understanding or self.generation) or is_image.sum() != 1 or len(tokens) < 2:
+            return None
+        r = rng.uniform()
+        return "understanding" if r < self.understanding else (
+            "generation" if r < self.understanding + self.generation else None)
+
+
+def pair_layout(tokens: np.ndarray, is_image: np.ndarray, task: str) -> np.ndarray:
+    """An image-text pair in its task's order: `<image> text` for understanding, `text <image>` for generation."""
+    image, text = tokens[is_image], tokens[~is_image]
+    return np.concatenate([image, text] if task == "understanding" else [text, image])
+
+
+@dataclasses.dataclass(frozen=True)
 class NoisingConfig:
     """Host-side noising knobs (`config.objective`)."""
 
     kappa_power: float = 1.0        # kappa(t) = t^k; OneFlow uses k = 1, Edit Flows k = 3.
     schedule: str = "interleaved"   # 'interleaved' (App. D.1) or 'independent' (fixed image count only).
     mixed_gen_prob: float = 0.0     # P(tau_text ~ U[1, 2]): clean text, images still noisy.
-    clean_images_prob: float = 0.0  # P(images are clean conditioning, t_img = 1, while t_text ~ U[0, 1]): the
-                                    # image-to-text (captioning) case, which the interleaved schedule never
-                                    # produces (there tau_img <= tau_text, so a clean image implies clean text).
-    clean_text_prob: float = 0.0    # P(text is clean conditioning, t_text = 1, while every image draws its own
-                                    # t_img ~ U[0, 1]): the text-to-image case. The interleaved schedule gives it
-                                    # only when tau_text >= 1 > tau_img (1/4 of its draws; mixed_gen_prob raises
-                                    # that to 1/2 of its own share), so a caption rarely conditions a noisy image.
+    task_mix: TaskMix = TaskMix()   # image-text pairs as captioning / text-to-image examples (TaskMix); rest: schedule
     drop_images_prob: float = 0.0   # condition dropout: remove every image (text learns lambda(X), Q(X) w/o images).
     drop_text_prob: float = 0.0     # condition dropout: remove every text token (images learn v(Y) w/o caption).
     image_time_shift: float = 1.0   # an image at schedule time u is noised to t = flow_matching.shift_time(u, s).
 
     def __post_init__(self):
+        if not isinstance(self.task_mix, TaskMix):     # a ConfigDict / dict section from a config file
+            mix = dict(self.task_mix.items() if hasattr(self.task_mix, "items") else self.task_mix)
+            unknown = sorted(set(mix) - {"understanding", "generation"})
+            if unknown:
+                raise ValueError(f"unknown objective.task_mix key(s): {', '.join(unknown)} "
+                                 "(known: understanding, generation)")
+            object.__setattr__(self, "task_mix", TaskMix(**mix))
         if self.schedule not in ("interleaved", "independent"):
             raise ValueError(f"objective.schedule must be 'interleaved' or 'independent', got {self.schedule!r}")
         if self.kappa_power <= 0:
             raise ValueError(f"objective.kappa_power must be > 0, got {self.kappa_power}")
-        if min(self.clean_images_prob, self.clean_text_prob) < 0 or self.clean_images_prob + self.clean_text_prob > 1:
-            raise ValueError("objective.clean_images_prob and clean_text_prob must be >= 0 and sum to <= 1, got "
-                             f"{self.clean_images_prob} and {self.clean_text_prob}")
         if self.image_time_shift <= 0:
             raise ValueError(f"objective.image_time_shift must be > 0, got {self.image_time_shift}")
 
@@ -74,14 +114,14 @@ def insertion_rate_scale(t, k: float = 1.0):
     return k * t ** (k - 1.0) / jnp.maximum(1.0 - t ** k, 1e-12)
 
 
-def sample_times(n_images: int, rng: np.random.Generator, cfg: NoisingConfig):
-    """Returns (t_text, t_img[n_images]) with t_img < 0 meaning 'image deleted' (interleaved schedule only)."""
-    if cfg.clean_images_prob or cfg.clean_text_prob:
-        r = rng.uniform()
-        if r < cfg.clean_images_prob:
-            return rng.uniform(0.0, 1.0), np.ones(n_images)
-        if r < cfg.clean_images_prob + cfg.clean_text_prob:
-            return 1.0, rng.uniform(0.0, 1.0, size=n_images)
+def sample_times(n_images: int, rng: np.random.Generator, cfg: NoisingConfig, task: str | None = None):
+    """Returns (t_text, t_img[n_images]) with t_img < 0 meaning 'image deleted' (interleaved schedule only).
+
+    `task` ('understanding', 'generation'; TaskMix.draw) overrides the schedule for an image-text pair."""
+    if task == "understanding":
+        return rng.uniform(0.0, 1.0), np.ones(n_images)               # captioning: clean image, noisy text
+    if task == "generation":
+        return 1.0, _interleaved_image_times(rng.uniform(0.0, 2.0), n_images, rng, cfg)   # text-to-image
     if cfg.schedule == "independent":
         t_text = rng.uniform(0.0, 1.0)
         return t_text, rng.uniform(0.0, 1.0, size=n_images)
@@ -89,10 +129,13 @@ def sample_times(n_images: int, rng: np.random.Generator, cfg: NoisingConfig):
         tau_text = rng.uniform(1.0, 2.0)
     else:
         tau_text = rng.uniform(0.0, 2.0)
-    # App. D.1: tau_img = tau_text - kappa^{-1}(u); P(tau_img >= 0) = kappa(min(tau_text, 1)), the text keep rate.
+    return min(tau_text, 1.0), _interleaved_image_times(tau_text, n_images, rng, cfg)
+
+
+def _interleaved_image_times(tau_text: float, n_images: int, rng: np.random.Generator, cfg: NoisingConfig):
+    """App. D.1: tau_img = tau_text - kappa^{-1}(u), deleted (-1) below 0; P(tau_img >= 0) = kappa(min(tau_text, 1))."""
     tau_img = tau_text - kappa_inverse(rng.uniform(0.0, 1.0, size=n_images), cfg.kappa_power)
-    t_img = np.where(tau_img < 0, -1.0, np.minimum(tau_img, 1.0))
-    return min(tau_text, 1.0), t_img
+    return np.where(tau_img < 0, -1.0, np.minimum(tau_img, 1.0))
 
 
 def noise_document(tokens: np.ndarray, latents: np.ndarray, rng: np.random.Generator, cfg: NoisingConfig,
@@ -114,6 +157,11 @@ def noise_document(tokens: np.ndarray, latents: np.ndarray, rng: np.random.Gener
         raise ValueError(f"document has {n_img} <image> tokens but latents of shape {latents.shape}")
     num_patches, dim = latents.shape[1:]
 
+    # An image-text pair may be a captioning or text-to-image example, laid out in that task's order (TaskMix).
+    task = cfg.task_mix.draw(tokens, is_image, rng) if times is None else None
+    if task:
+        tokens = pair_layout(tokens, is_image, task)
+        is_image = tokens == special.image
     # Condition dropout (classifier-free guidance, Eq. 12): drop one modality of the clean document.
     image_ids = np.cumsum(is_image) - 1  # which latent block an <image> token owns
     keep_clean = np.ones(len(tokens), bool)
@@ -123,7 +171,7 @@ def noise_document(tokens: np.ndarray, latents: np.ndarray, rng: np.random.Gener
         keep_clean &= is_image
     tokens, is_image, image_ids = tokens[keep_clean], is_image[keep_clean], image_ids[keep_clean]
 
-    t_text, t_img_all = sample_times(n_img, rng, cfg) if times is None else times
+    t_text, t_img_all = sample_times(n_img, rng, cfg, task) if times is None else times
     t_img_all = np.asarray(t_img_all, np.float64).reshape(n_img)
     keep = rng.uniform(size=len(tokens)) < kappa(t_text, cfg.kappa_power)
     img_t = np.where(is_image, t_img_all[np.maximum(image_ids, 0)] if n_img else 0.0, 0.0)

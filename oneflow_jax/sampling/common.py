@@ -9,12 +9,19 @@ import numpy as np
 
 NEG = -1e9
 INSERTION_ORDERS = ("random", "largest_gap")
+INSERTION_RULES = ("alg1", "confident")
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
-    steps: int = 32
+    steps: int = 32             # h = 1 / steps: Euler steps per image (and, for rule 'alg1', text time steps)
     max_len: int = 256
+    insertion_rule: str = "alg1"    # 'alg1': the paper's Bernoulli gates on a time grid; 'confident' (oneflow_sampler)
+    gap_threshold: float = 0.5      # confident: a gap is open while 1 - pi > this (and text is done when none is)
+    parallel_confidence: float = 0.8   # confident: an open gap inserts alongside others iff max(1, lambda) / exp(H(Q))
+                                       # >= this; the most confident open gap always inserts
+    length_buckets: int = 3         # the network runs on the smallest of this many lengths (max_len / 2^k) that holds
+                                    # the live sequence; 1 = always max_len
     text_cfg: float = 1.0       # w of Eq. 12 (1 = no guidance)
     image_cfg: float = 1.0      # v = v_u + w (v_c - v_u)
     temperature: float = 1.0    # for Q
@@ -28,11 +35,51 @@ class SamplerConfig:
     image_time_shift: float = 1.0
 
     def __post_init__(self):
+        if self.insertion_rule not in INSERTION_RULES:
+            raise ValueError(f"insertion_rule must be one of {', '.join(INSERTION_RULES)}, got {self.insertion_rule!r}")
+        if self.steps < 1 or self.length_buckets < 1:
+            raise ValueError(f"steps and length_buckets must be >= 1, got {self.steps} and {self.length_buckets}")
         if self.insertion_order not in INSERTION_ORDERS:
             raise ValueError(f"insertion_order must be one of {', '.join(INSERTION_ORDERS)}, "
                              f"got {self.insertion_order!r}")
         if self.votes < 1:
             raise ValueError(f"votes must be >= 1 (1: no vote), got {self.votes}")
+
+
+# Named sampler settings (`--sampler_preset`); fields not named keep the run's config.sampler.
+PRESETS = {
+    # The paper's Alg. 1 exactly: Bernoulli(1 - pi) and Bernoulli(min(1, h kappa_dot / (1 - kappa) lambda)) in every
+    # gap on the time grid t = 0, h, ..., a ~ Q at temperature 1, no cap, no finishing, no vote, no guidance.
+    "alg1": dict(insertion_rule="alg1", max_insertions_per_step=0, finish_threshold=0.0, insertion_order="random",
+                 votes=1, temperature=1.0, top_p=1.0, text_cfg=1.0, image_cfg=1.0),
+    # Concurrent few-step insertion (oneflow_sampler, 'confident'): every confident open gap at once, one sample.
+    "confident": dict(insertion_rule="confident", max_insertions_per_step=0, finish_threshold=0.0, votes=1),
+}
+
+
+def bucket_lengths(max_len: int, count: int) -> tuple[int, ...]:
+    """The static lengths the network runs at: max_len / 2^k for k < count, rounded up to 8, ascending, unique."""
+    out = {max_len}
+    for k in range(1, count):
+        out.add(min(max_len, -(-max(max_len >> k, 1) // 8) * 8))
+    return tuple(sorted(out))
+
+
+def run_bucketed(apply_fn, inputs: dict, live_len, buckets: tuple[int, ...]):
+    """apply_fn(inputs) on the first `n` positions, n the smallest bucket >= max(live_len); outputs padded back to
+    the full length along axis 1. One branch per bucket (lax.switch), each compiled once."""
+    full = inputs["tokens"].shape[1]
+
+    def branch(n):
+        def f(inp):
+            out = apply_fn({k: v[:, :n] for k, v in inp.items()})
+            return {k: jnp.pad(v, [(0, 0), (0, full - n)] + [(0, 0)] * (v.ndim - 2)) for k, v in out.items()}
+        return f
+
+    if len(buckets) == 1:
+        return branch(full)(inputs)
+    index = jnp.searchsorted(jnp.asarray(buckets), jnp.max(live_len))
+    return jax.lax.switch(jnp.minimum(index, len(buckets) - 1), [branch(n) for n in buckets], inputs)
 
 
 def sample_tokens(rng, log_q, temperature: float, top_p: float):

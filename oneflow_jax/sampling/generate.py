@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import time
 
 import jax
 from typing import Any
@@ -71,7 +72,8 @@ def encode_prompt(text: str, images, tokenizer, codec):
 
 class Generator:
     """Jitted sampling in fixed batches (one compile per batch size) with the run's method's sampler (OneFlow's
-    concurrent sampler, or the AR+FM baseline's KV-cached decoding). `nfe` holds each batch's network evaluations."""
+    concurrent sampler, or the AR+FM baseline's KV-cached decoding). `nfe` holds each batch's network evaluations
+    and `seconds` each batch's wall clock (sampling and decoding); `compile_seconds` the first call of each shape."""
 
     def __init__(self, run: Run, sampler_config: SamplerConfig, batch_size: int):
         self.run, self.cfg, self.batch_size = run, sampler_config, batch_size
@@ -80,6 +82,18 @@ class Generator:
         self._lib = method.sampler
         self._sample = method.make_sampler(run.model, sampler_config, run.tokenizer, run.codec.num_patches)
         self.nfe: list[int] = []
+        self.seconds: list[float] = []
+        self.compile_seconds = 0.0
+        self._compiled: set = set()
+
+    def warm_up(self, prompts, params=None) -> float:
+        """Compiles (and runs once) the sampler for these prompts' batch shape, so that later calls time sampling
+        only; returns the seconds it took and adds them to `compile_seconds`."""
+        t0 = time.perf_counter()
+        self._generate(list(prompts[:self.batch_size]), 0, params, record=False)
+        took = time.perf_counter() - t0
+        self.compile_seconds += took
+        return took
 
     def __call__(self, prompts, seed: int = 0, params=None):
         """prompts: [(token ids, latents-or-None per marker)] -> [(text, [uint8 images])] in the same order.
@@ -99,21 +113,27 @@ class Generator:
             self.samples[i].append(doc)
         return [most_common_text(samples) for samples in self.samples]
 
-    def _generate(self, prompts, seed: int, params):
+    def _generate(self, prompts, seed: int, params, record: bool = True):
         params = self.run.params if params is None else params
         out = []
         codec = self.run.codec
         for start in range(0, len(prompts), self.batch_size):
+            t0 = time.perf_counter()
             chunk = list(prompts[start:start + self.batch_size])
             real = len(chunk)
             chunk += [([], [])] * (self.batch_size - real)
-            state = self._lib.init_state(chunk, self.cfg.max_len, self.special, codec.num_patches, codec.patch_dim,
-                                       seed=seed + start)
+            try:
+                state = self._lib.init_state(chunk, self.cfg.max_len, self.special, codec.num_patches,
+                                             codec.patch_dim, seed=seed + start)
+            except ValueError as e:           # a prompt that does not fit the buffer, or a marker without latents
+                raise UserError(str(e)) from None
             final, nfe = self._sample(params, state, jax.random.fold_in(jax.random.key(seed), start))
-            self.nfe.append(int(nfe))
             for tokens, latents in self._lib.extract_documents(jax.device_get(final), self.special)[:real]:
                 images = [codec.decode(lat) for lat in latents]
                 out.append((self.run.tokenizer.decode(tokens), images))
+            if record:
+                self.nfe.append(int(nfe))
+                self.seconds.append(time.perf_counter() - t0)
         return out
 
 

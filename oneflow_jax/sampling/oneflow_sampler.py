@@ -36,7 +36,8 @@ import numpy as np
 from oneflow_jax.objectives import edit_flow
 from oneflow_jax.objectives import flow_matching
 from oneflow_jax.objectives.edit_flow import SpecialTokens
-from oneflow_jax.sampling.common import NEG, SamplerConfig, check_markers, prompt_buffers, sample_tokens
+from oneflow_jax.sampling.common import (NEG, SamplerConfig, bucket_lengths, check_markers, prompt_buffers,
+                                         run_bucketed, sample_tokens)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Host side: prompts in, documents out.
@@ -108,28 +109,69 @@ def _model_inputs(state):
                 positions=jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), state["tokens"].shape))
 
 
-def _unconditional_segments(state, inputs):
-    """Hides the prompt (all but BOS) from everything else: its own segment id, so neither side attends across."""
+def dropped_view(state, inputs, drop):
+    """Model inputs with the positions where `drop` [B, L] is True removed, as training's condition dropout removes
+    them (edit_flow.noise_document): the rest moved left, contiguous RoPE positions, one document. Returns (inputs,
+    text_src, patch_src): where each position reads its heads in the compacted sequence -- a gap whose owner was
+    removed reads the nearest kept atom on its left (BOS reads the first gap after a removed prompt image)."""
+    b, length = state["tokens"].shape
+    pos = jnp.arange(length)[None, :]
+    rows = jnp.arange(b)[:, None]
+    keep = (pos < state["length"][:, None]) & ~drop
+    new_idx = jnp.cumsum(keep, axis=1) - 1
+    dest = jnp.where(keep, new_idx, length)
+    fills = dict(tokens=0, is_patch=False, patch_index=0, patches=0.0, patch_t=1.0)   # past the end: masked out
+    out = {k: jnp.full_like(inputs[k], fill).at[rows, dest].set(inputs[k], mode="drop") for k, fill in fills.items()}
+    out["segment_ids"] = (pos < jnp.sum(keep, axis=1, keepdims=True)).astype(jnp.int32)
+    out["positions"] = jnp.broadcast_to(pos, (b, length)).astype(jnp.int32)
+    text_src = jax.lax.cummax(jnp.where(keep & ~state["is_patch"], new_idx, 0), axis=1)
+    return out, text_src, jnp.maximum(new_idx, 0)
+
+
+def condition_masks(state, special: SpecialTokens):
+    """What each guidance weight's unconditional pass removes, as training's condition dropout does:
+    text CFG (drop_images_prob) the prompt's images (`<image>` tokens and blocks), image CFG (drop_text_prob) every
+    text token but BOS, generated or given; generated content otherwise stays visible."""
     pos = jnp.arange(state["tokens"].shape[1])[None, :]
-    hidden = (pos > 0) & (pos < state["prompt_len"][:, None])
-    return jnp.where(hidden & (inputs["segment_ids"] > 0), 2, inputs["segment_ids"])
+    valid = pos < state["length"][:, None]
+    image_atom = state["is_patch"] | (state["tokens"] == special.image)
+    prompt = (pos > 0) & (pos < state["prompt_len"][:, None])
+    return dict(text=valid & prompt & image_atom, image=valid & (pos > 0) & ~image_atom)
 
 
-def _guided_heads(apply_fn, state, cfg: SamplerConfig):
-    inputs = _model_inputs(state)
-    out = apply_fn(inputs, None)
+def _heads(out):
     log_q = jax.nn.log_softmax(out["q_logits"].astype(jnp.float32), axis=-1)
     log_lam = jnp.log(jnp.maximum(out["lam"].astype(jnp.float32), 1e-30))
-    velocity = out["velocity"].astype(jnp.float32)
-    if cfg.text_cfg != 1.0 or cfg.image_cfg != 1.0:
-        unc = apply_fn(inputs, _unconditional_segments(state, inputs))
-        w = cfg.text_cfg  # Eq. 12: lambda^w * lambda_u^(1-w), Q ∝ Q^w * Q_u^(1-w)
-        log_lam = w * log_lam + (1 - w) * jnp.log(jnp.maximum(unc["lam"].astype(jnp.float32), 1e-30))
-        log_q = jax.nn.log_softmax(
-            w * log_q + (1 - w) * jax.nn.log_softmax(unc["q_logits"].astype(jnp.float32), axis=-1), axis=-1)
-        v_u = unc["velocity"].astype(jnp.float32)
+    return out["pi_logit"].astype(jnp.float32), log_lam, log_q, out["velocity"].astype(jnp.float32)
+
+
+def unconditional_heads(apply_fn, state, drop, live_len=None):
+    """(pi_logit, log lambda, log Q, velocity) of the pass with `drop` removed, read back at each position of the
+    conditional sequence (dropped_view)."""
+    inputs, text_src, patch_src = dropped_view(state, _model_inputs(state), drop)
+    pi_logit, log_lam, log_q, velocity = _heads(apply_fn(inputs, live_len))
+    take = lambda x, src: jnp.take_along_axis(x, src.reshape(src.shape + (1,) * (x.ndim - 2)), axis=1)
+    return take(pi_logit, text_src), take(log_lam, text_src), take(log_q, text_src), take(velocity, patch_src)
+
+
+def _guided_heads(apply_fn, state, cfg: SamplerConfig, special: SpecialTokens):
+    """Heads of the conditional pass, with Eq. 12 text guidance (log lambda and log Q mixed geometrically with the
+    pass that does not see the prompt's images) and image guidance v = v_u + w (v_c - v_u) (the pass without text).
+    Returns (pi_logit, lambda, log Q, velocity, network evaluations)."""
+    pi_logit, log_lam, log_q, velocity = _heads(apply_fn(_model_inputs(state), state["length"]))
+    passes = 1
+    masks = condition_masks(state, special)
+    if cfg.text_cfg != 1.0:
+        _, log_lam_u, log_q_u, _ = unconditional_heads(apply_fn, state, masks["text"], state["length"])
+        w = cfg.text_cfg        # Eq. 12: lambda^w * lambda_u^(1-w), Q ∝ Q^w * Q_u^(1-w)
+        log_lam = w * log_lam + (1 - w) * log_lam_u
+        log_q = jax.nn.log_softmax(w * log_q + (1 - w) * log_q_u, axis=-1)
+        passes += 1
+    if cfg.image_cfg != 1.0:
+        v_u = unconditional_heads(apply_fn, state, masks["image"], state["length"])[3]
         velocity = v_u + cfg.image_cfg * (velocity - v_u)
-    return out["pi_logit"].astype(jnp.float32), jnp.exp(log_lam), log_q, velocity
+        passes += 1
+    return pi_logit, jnp.exp(log_lam), log_q, velocity, passes
 
 
 def _insert(state, insert, new_tok, rng, special: SpecialTokens, num_patches: int):
@@ -175,28 +217,32 @@ def _insert(state, insert, new_tok, rng, special: SpecialTokens, num_patches: in
 
 def sample_loop(apply_fn: Callable, state, rng, cfg: SamplerConfig, special: SpecialTokens, num_patches: int,
                 banned_tokens=()):
-    """Runs Alg. 1-2 to completion. apply_fn(inputs, attention_segments) -> model heads. Returns (state, nfe)."""
+    """Runs the sampler to completion. apply_fn(inputs, live_len) -> model heads (live_len [B]: positions in use, for
+    the length bucket). Returns (state, network evaluations)."""
     h = 1.0 / cfg.steps
     length = state["tokens"].shape[1]
     pos = jnp.arange(length)[None, :]
     banned = jnp.asarray([special.bos, special.pad, *banned_tokens], jnp.int32)
+    confident = cfg.insertion_rule == "confident"
 
     def pending_images(st):
         valid = pos < st["length"][:, None]
         return jnp.any(st["is_patch"] & valid & (st["patch_t"] < 1.0))
 
     cap = cfg.max_insertions_per_step
-    # Postponed insertions need up to one step per buffer position; unfinished gaps up to `steps` more.
-    max_iterations = 2 * cfg.steps + 1 + (length if cap else 0)
+    # Postponed insertions need up to one step per buffer position; unfinished gaps up to `steps` more; the
+    # confident rule inserts at least one atom per step while a gap is open, so at most one step per position.
+    max_iterations = 2 * cfg.steps + 1 + (length if cap or confident else 0)
 
     def cond(carry):
         st, i, _, _, pending_text = carry
-        return ((i < cfg.steps) | pending_images(st) | jnp.any(pending_text)) & (i < max_iterations)
+        text_time = (i < cfg.steps) & (not confident)
+        return (text_time | pending_images(st) | jnp.any(pending_text)) & (i < max_iterations)
 
     def body(carry):
         st, i, rng, nfe, pending_text = carry
         rng, r_gate, r_rate, r_tok, r_noise, r_pick = jax.random.split(rng, 6)
-        pi_logit, lam, log_q, velocity = _guided_heads(apply_fn, st, cfg)
+        pi_logit, lam, log_q, velocity, passes = _guided_heads(apply_fn, st, cfg, special)
         # 1. Euler step on every noisy image: schedule time u += h, noise level t = shift_time(u).
         valid = pos < st["length"][:, None]
         moving = st["is_patch"] & valid & (st["patch_t"] < 1.0)
@@ -207,34 +253,60 @@ def sample_loop(apply_fn: Callable, state, rng, cfg: SamplerConfig, special: Spe
         st["patches"] = jnp.where(moving[..., None], flow_matching.euler_step(st["patches"], velocity, step),
                                   st["patches"])
         st["patch_t"] = jnp.where(moving, t_next, st["patch_t"])
-        # 2. Insertions, at text time t = i h < 1 (then t = 1: rate factor 1 for postponed / unfinished gaps), in
-        #    gaps from the prompt's last atom on.
-        t = i.astype(jnp.float32) * h
-        scale = edit_flow.insertion_rate_scale(jnp.minimum(t, 1.0 - h), cfg.kappa_power)
-        gate = jax.random.uniform(r_gate, pi_logit.shape) < jax.nn.sigmoid(-pi_logit)      # 1 - pi
-        rate = (jax.random.uniform(r_rate, lam.shape) < jnp.minimum(1.0, h * scale * lam)) | (i >= cfg.steps)
+        # 2. Insertions in the gaps from the prompt's last atom on.
         text_pos = valid & ~st["is_patch"] & (pos >= st["prompt_len"][:, None] - 1)
         # If the prompt ends in an image block, its gap belongs to that image's <image> token position.
         owner = text_pos | _block_owner_of_prompt_end(st, special, num_patches, pos)
-        unfinished = jnp.zeros_like(pending_text)
-        if cfg.finish_threshold > 0:
-            unfinished = jnp.any(owner & (jax.nn.sigmoid(-pi_logit) > cfg.finish_threshold), axis=1)
-        insert = gate & rate & owner & ((i < cfg.steps) | pending_text | unfinished)[:, None]
-        pending_text = unfinished
+        log_q = jax.nn.log_softmax(log_q.at[..., banned].set(NEG), axis=-1)
+        p_open = jax.nn.sigmoid(-pi_logit)                                                   # 1 - pi
+        if confident:
+            insert, pending_text = _confident_insertions(owner, p_open, lam, log_q, cfg)
+        else:   # Alg. 1 at text time t = i h < 1 (then t = 1: rate factor 1 for postponed / unfinished gaps)
+            t = i.astype(jnp.float32) * h
+            scale = edit_flow.insertion_rate_scale(jnp.minimum(t, 1.0 - h), cfg.kappa_power)
+            gate = jax.random.uniform(r_gate, pi_logit.shape) < p_open
+            rate = (jax.random.uniform(r_rate, lam.shape) < jnp.minimum(1.0, h * scale * lam)) | (i >= cfg.steps)
+            unfinished = jnp.zeros_like(pending_text)
+            if cfg.finish_threshold > 0:
+                unfinished = jnp.any(owner & (p_open > cfg.finish_threshold), axis=1)
+            insert = gate & rate & owner & ((i < cfg.steps) | pending_text | unfinished)[:, None]
+            pending_text = unfinished
         if cap:   # keep `cap` of the chosen gaps (at random, or those with the largest rate lambda); the rest wait
             priority = -lam if cfg.insertion_order == "largest_gap" else jax.random.uniform(r_pick, insert.shape)
             rank = jnp.argsort(jnp.argsort(jnp.where(insert, priority, jnp.inf)))
             pending_text = pending_text | (jnp.sum(insert, axis=1) > cap)
             insert = insert & (rank < cap)
-        log_q = log_q.at[..., banned].set(NEG)
         new_tok = sample_tokens(r_tok, log_q, cfg.temperature, cfg.top_p).astype(jnp.int32)
         st = _insert(st, insert, new_tok, r_noise, special, num_patches)
-        return st, i + 1, rng, nfe + 1, pending_text
+        return st, i + 1, rng, nfe + passes, pending_text
 
     state = {k: jnp.asarray(v) for k, v in state.items()}
-    carry = (state, jnp.int32(0), rng, jnp.int32(0), jnp.zeros(state["length"].shape, bool))
+    carry = (state, jnp.int32(0), rng, jnp.int32(0), jnp.ones(state["length"].shape, bool) if confident
+             else jnp.zeros(state["length"].shape, bool))
     state, _, _, nfe, _ = jax.lax.while_loop(cond, body, carry)
     return state, nfe
+
+
+def _confident_insertions(owner, p_open, lam, log_q, cfg: SamplerConfig):
+    """The 'confident' rule: which gaps insert this step, and which rows still have text to write.
+
+    A gap is open while the model says it is more likely missing atoms than not (1 - pi > gap_threshold). Atoms
+    drawn in one step come from each gap's own marginal Q_i, so inserting in two gaps at once is safe only where
+    Q_i is no more spread than the gap's own count of missing atoms: the effective number of choices exp(H(Q_i))
+    against E[k_i | k_i > 0] = lambda_i (a gap missing "red circle" may split Q between the two; a gap missing one
+    colour may not split it between two colours). An open gap inserts iff max(1, lambda_i) / exp(H(Q_i)) >=
+    parallel_confidence; the most confident open gap inserts regardless, so every step makes progress. A row's
+    text is done when no gap expects more after this step: no open gap was left waiting, and every gap that took an
+    atom expected at most one (lambda_i - 1 <= gap_threshold), so a finished caption costs no evaluation to
+    confirm."""
+    entropy = -jnp.sum(jnp.exp(log_q) * log_q, axis=-1)
+    confidence = jnp.where(owner, jnp.maximum(lam, 1.0) * jnp.exp(-entropy), -1.0)
+    is_open = owner & (p_open > cfg.gap_threshold)
+    best = is_open & (confidence >= jnp.max(jnp.where(is_open, confidence, -1.0), axis=1, keepdims=True))
+    best = best & (jnp.cumsum(best, axis=1) == 1)                      # one of them on ties
+    insert = is_open & ((confidence >= cfg.parallel_confidence) | best)
+    more = is_open & (~insert | (lam - 1.0 > cfg.gap_threshold))
+    return insert, jnp.any(more, axis=1)
 
 
 def _block_owner_of_prompt_end(st, special, num_patches, pos):
@@ -245,8 +317,10 @@ def _block_owner_of_prompt_end(st, special, num_patches, pos):
 
 
 def make_sampler(model, cfg: SamplerConfig, special: SpecialTokens, num_patches: int, banned_tokens=()):
-    """jit(params, state, rng) -> (state, nfe) for a Flax OneFlowModel."""
+    """jit(params, state, rng) -> (state, nfe) for a Flax OneFlowModel; the network runs on length buckets."""
     def run(params, state, rng):
-        apply_fn = lambda inputs, seg: model.apply({"params": params}, inputs, attention_segments=seg)
+        buckets = bucket_lengths(state["tokens"].shape[1], cfg.length_buckets)
+        apply_fn = lambda inputs, live: run_bucketed(lambda x: model.apply({"params": params}, x), inputs, live,
+                                                     buckets)
         return sample_loop(apply_fn, state, rng, cfg, special, num_patches, banned_tokens)
     return jax.jit(run)
