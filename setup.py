@@ -22,6 +22,7 @@ setuptools.setup(
         "tensorboard",
         "numpy",
         "pillow",
+        "matplotlib",
         "absl-py",
         "etils[epath]",
     ],

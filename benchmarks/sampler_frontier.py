@@ -29,6 +29,8 @@ SETTINGS = {
     "alg1_32": dict(ALG1, steps=32),
     "alg1_6_t0.1": dict(ALG1, steps=6, temperature=0.1),
     "confident": dict(CONFIDENT),
+    "confident_t0.1": dict(CONFIDENT, temperature=0.1),
+    "confident_t0.5": dict(CONFIDENT, temperature=0.5),
     "confident_c0.5": dict(CONFIDENT, parallel_confidence=0.5),
     "confident_c0.65": dict(CONFIDENT, parallel_confidence=0.65),
     "confident_c1.0": dict(CONFIDENT, parallel_confidence=1.0),
@@ -39,6 +41,9 @@ SETTINGS = {
                        insertion_order="largest_gap", votes=3),      # the 2026-12-03 default (114 evaluations)
     "cap1": dict(insertion_rule="alg1", max_insertions_per_step=1, finish_threshold=0.5,
                  insertion_order="largest_gap", votes=1),
+    "run_config": {},                          # the run's own config.sampler (the AR+FM baseline: its steps)
+    "image_steps16": dict(steps=16),
+    "image_steps8": dict(steps=8),
 }
 for w in (1.5, 2.0, 3.0, 5.0):
     SETTINGS[f"confident_textcfg{w}"] = dict(CONFIDENT, text_cfg=w)

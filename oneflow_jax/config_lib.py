@@ -189,6 +189,14 @@ def as_dict(section) -> dict:
     return dict(section)
 
 
+# Fields that were removed, and what replaced them (runs written before the change fail with this hint).
+REPLACED = {
+    "objective.clean_images_prob": "objective.task_mix.understanding replaced clean_images_prob on 2026-12-03 "
+                                   "(image-text pairs only, laid out image first; docs/objective.md)",
+    "objective.clean_text_prob": "objective.task_mix.generation replaced clean_text_prob on 2026-12-03",
+}
+
+
 def make_section(cls, values, name: str):
     """`cls` from a mapping (or an instance), unknown keys and bad values as one-line UserErrors."""
     if isinstance(values, cls):
@@ -197,7 +205,8 @@ def make_section(cls, values, name: str):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise UserError(f"unknown config.{name} key(s): {', '.join(unknown)}")
+        hints = [REPLACED[f"{name}.{k}"] for k in unknown if f"{name}.{k}" in REPLACED]
+        raise UserError(f"unknown config.{name} key(s): {', '.join(unknown)}" + "".join(f"; {h}" for h in hints))
     if cls is ModelConfig and "patch_grid" in values:
         values["patch_grid"] = tuple(values["patch_grid"])
     try:

@@ -151,7 +151,12 @@ def test_train_sample_eval_on_ar_workdir(cli, tmp_path, png_path):
     assert text.startswith("<image>") and len(list(out.glob("0000_00_img*.png"))) == text.count("<image>")
     res = cli.run("eval", f"--workdir={wd}", "--num_examples=4", "--num_free=1", "--steps=2").check()
     scores = json.loads((wd / "eval" / "step_4.json").read_text())
-    assert scores["caption"]["all"]["n"] == 4 and scores["caption"]["nfe"] >= 1, res
+    assert scores["caption"]["all"]["n"] == 4 and scores["caption"]["nfe_per_batch"] >= 1, res
+    # cost as a user feels it: evaluations and latency of one request, throughput at the eval batch size
+    for task in ("caption", "generation"):
+        assert scores[task]["nfe_per_request"] >= 1 and scores[task]["latency_s"] > 0, res
+        assert scores[task]["per_second"] > 0 and scores[task]["compile_s"] > 0, res
+    assert "per request at batch 1" in res.stdout, res
 
 
 def test_compare_tiny_budget_writes_results(cli, tmp_path):

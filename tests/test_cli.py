@@ -59,10 +59,27 @@ def test_sample_prompts_file(cli, trained_run, png, tmp_path):
         assert len(list(out.glob(f"{text.stem}_img*.png"))) == _markers(text)
 
 
+def test_sample_generates_the_images_a_prompt_leaves_without_a_file(cli, trained_run, png, tmp_path):
+    """Text-to-image from --prompt (a marker with no --image), and `null` in a prompts file's images list."""
+    out = tmp_path / "t2i"
+    cli.run("sample", f"--workdir={trained_run.workdir}", f"--out={out}",
+            "--prompt=a red circle on the left and a blue square on the right <image>").check()
+    text = (out / "0000_00.txt").read_text()
+    assert text.startswith("a red circle on the left and a blue square on the right <image>")
+    assert len(list(out.glob("0000_00_img*.png"))) == _markers(out / "0000_00.txt") >= 1
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "<image> then <image>", "images": [str(png), None]}) + "\n")
+    out = tmp_path / "null"
+    cli.run("sample", f"--workdir={trained_run.workdir}", f"--prompts_file={prompts}", f"--out={out}").check()
+    assert (out / "0000_00_img0.png").exists() and (out / "0000_00_img1.png").exists()
+    given = np.asarray(Image.open(out / "0000_00_img0.png"), np.int16)
+    assert np.abs(given - np.asarray(Image.open(png), np.int16)).max() <= 2     # the given one is kept
+
+
 SAMPLE_ERRORS = {   # name: (arguments after --workdir, expected words of the error line)
     "missing_image": (["--prompt=<image>", "--image={missing}"], "image not found"),
     "undecodable_image": (["--prompt=<image>", "--image={garbage}"], "cannot decode image"),
-    "fewer_images_than_markers": (["--prompt=<image> <image>", "--image={png}"], "marker"),
+    "more_images_than_markers": (["--prompt=<image>", "--image={png}", "--image={png}"], "marker"),
     "empty_workdir": (["--prompt=<image>", "--image={png}"], "not a training run directory"),
     "nonexistent_workdir": (["--prompt=<image>", "--image={png}"], "not a training run directory"),
 }

@@ -83,7 +83,7 @@ def test_understanding_examples_are_image_first_pairs_with_a_clean_image_and_noi
         np.testing.assert_array_equal(edit_flow.merge_bags(x_t, SP), [SP.image, 5, 6, 7, 8, 9, 10, 11])
         kept_text.append((~patches).sum() - 2)                                # minus BOS and <image>
     assert abs(np.mean(kept_text) / 7 - 0.5) < 0.05                          # t_text ~ U[0, 1], kappa = t
-    # a document with two images is never a task example: it follows the interleaved schedule as written
+    # a document with two images is never a captioning example: it follows the interleaved schedule as written
     two = np.asarray([5, SP.image, 6, SP.image], np.int32)
     lat2 = np.zeros((2, N, D), np.float32)
     deleted = [len(edit_flow.noise_document(two, lat2, rng, cfg, SP)["del_tokens"]) for _ in range(400)]
@@ -103,8 +103,8 @@ def test_generation_examples_keep_the_caption_and_follow_the_image_schedule():
         t = x_t["patch_t"][x_t["is_patch"]].reshape(-1, N)[:, 0]
         t_imgs += list(t) + [-1.0] * len(x_t["del_tokens"])
     t_imgs = np.asarray(t_imgs)
-    # tau ~ U[0, 2], tau_img = tau - u: deleted w.p. 1/4, clean w.p. 1/4, else t_img in (0, 1)
-    assert abs(np.mean(t_imgs < 0) - 0.25) < 0.03 and abs(np.mean(t_imgs == 1.0) - 0.25) < 0.03
+    # deleted w.p. 1/4 (the interleaved schedule's P(tau_img < 0)), else t_img ~ U[0, 1]
+    assert abs(np.mean(t_imgs < 0) - 0.25) < 0.03 and abs(np.mean(t_imgs[t_imgs >= 0]) - 0.5) < 0.03
     with pytest.raises(ValueError, match="task_mix.generation"):
         NoisingConfig(task_mix=dict(generation=1.5))
     with pytest.raises(ValueError, match="unknown objective.task_mix"):

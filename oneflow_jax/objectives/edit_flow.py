@@ -32,22 +32,23 @@ class SpecialTokens:
 
 @dataclasses.dataclass(frozen=True)
 class TaskMix:
-    """What an image-text pair (a document with exactly one image and some text) is trained as, by the task it will
-    be prompted for (`objective.task_mix`); the pair is laid out in that task's order, as Transfusion orders caption
-    and image per example.
+    """Which documents train the two prompted tasks (`objective.task_mix`), each in that task's layout, as Transfusion
+    orders caption and image per example.
 
-    understanding: P(the pair is a captioning example: `<image> text`, the image clean (t_img = 1, pure
-      conditioning) and the text noised at t_text ~ U[0, 1]) -- how `eval` and `sample` prompt captioning.
-    generation: P(the pair is a text-to-image example: `text <image>`, the text kept whole (the prompt) and the image
-      on the interleaved schedule's own marginal, tau_img = tau - kappa^-1(u) with tau ~ U[0, 2]: deleted into the
-      last gap's bag when tau_img < 0 (1/4 of draws: a whole caption learns to grow its `<image>`), else
-      t_img = min(tau_img, 1)).
-    Every other document (the rest of the pairs, as written, and every document with 0 or 2+ images) follows
-    `schedule` (App. D.1, image deletion included). Both 0: the paper's training.
+    understanding: P(an image-text pair -- one image and some text -- is a captioning example: laid out
+      `<image> text`, the image clean (t_img = 1, pure conditioning), the text noised at t_text ~ U[0, 1]) -- how
+      `eval` and `sample` prompt captioning.
+    generation: P(a document with images and text is a text-to-image example: a pair laid out `text <image>`, a
+      longer document as written if it opens with text; the text kept whole (the prompt), and each image deleted
+      into its gap's bag with probability 1/4 -- the interleaved schedule's own deletion rate P(tau_img < 0), so a
+      whole caption learns to grow its `<image>` -- else noised at t_img ~ U[0, 1]).
+    A document drawn for neither follows `schedule` as written (App. D.1, image deletion included). Both 0: the
+    paper's training.
     """
 
     understanding: float = 0.0
     generation: float = 0.0
+    DELETE_PROB = 0.25        # P(tau_img < 0) of the interleaved schedule for kappa(t) = t
 
     def __post_init__(self):
         for name in ("understanding", "generation"):
@@ -59,15 +60,22 @@ class TaskMix:
 
     def draw(self, tokens: np.ndarray, is_image: np.ndarray, rng: np.random.Generator) -> str | None:
         """'understanding', 'generation' or None (the schedule) for one document."""
-        if not (self.understanding or self.generation) or is_image.sum() != 1 or len(tokens) < 2:
+        n_img = int(is_image.sum())
+        if not (self.understanding or self.generation) or n_img == 0 or n_img == len(tokens):
             return None
         r = rng.uniform()
-        return "understanding" if r < self.understanding else (
-            "generation" if r < self.understanding + self.generation else None)
+        if r < self.understanding:
+            return "understanding" if n_img == 1 else None
+        if r < self.understanding + self.generation:
+            return "generation" if n_img == 1 or not is_image[0] else None
+        return None
 
 
 def pair_layout(tokens: np.ndarray, is_image: np.ndarray, task: str) -> np.ndarray:
-    """An image-text pair in its task's order: `<image> text` for understanding, `text <image>` for generation."""
+    """An image-text pair in its task's order: `<image> text` for understanding, `text <image>` for generation; a
+    longer document stays as written."""
+    if is_image.sum() != 1:
+        return tokens
     image, text = tokens[is_image], tokens[~is_image]
     return np.concatenate([image, text] if task == "understanding" else [text, image])
 
@@ -120,8 +128,9 @@ def sample_times(n_images: int, rng: np.random.Generator, cfg: NoisingConfig, ta
     `task` ('understanding', 'generation'; TaskMix.draw) overrides the schedule for an image-text pair."""
     if task == "understanding":
         return rng.uniform(0.0, 1.0), np.ones(n_images)               # captioning: clean image, noisy text
-    if task == "generation":
-        return 1.0, _interleaved_image_times(rng.uniform(0.0, 2.0), n_images, rng, cfg)   # text-to-image
+    if task == "generation":                                          # text-to-image
+        t_img = rng.uniform(0.0, 1.0, size=n_images)
+        return 1.0, np.where(rng.uniform(size=n_images) < TaskMix.DELETE_PROB, -1.0, t_img)
     if cfg.schedule == "independent":
         t_text = rng.uniform(0.0, 1.0)
         return t_text, rng.uniform(0.0, 1.0, size=n_images)
@@ -157,7 +166,7 @@ def noise_document(tokens: np.ndarray, latents: np.ndarray, rng: np.random.Gener
         raise ValueError(f"document has {n_img} <image> tokens but latents of shape {latents.shape}")
     num_patches, dim = latents.shape[1:]
 
-    # An image-text pair may be a captioning or text-to-image example, laid out in that task's order (TaskMix).
+    # A document may be a captioning or text-to-image example, a pair laid out in that task's order (TaskMix).
     task = cfg.task_mix.draw(tokens, is_image, rng) if times is None else None
     if task:
         tokens = pair_layout(tokens, is_image, task)

@@ -11,7 +11,9 @@ One jitted `lax.while_loop` over a batch of prompts in fixed [B, max_len] buffer
     the block), `steps` Euler steps Y += dt v(Y, t) (dt = h, uneven under an image time shift), then once more
     with the clean latents at t_img = 1, which writes the block's final K/V into the cache and gives the logits
     after the block (last patch position). Other rows wait. An image costs steps + 1 network evaluations.
-`nfe` counts batched forward passes (prefill included). No classifier-free guidance (config text_cfg / image_cfg are
+`nfe` counts batched forward passes (prefill included). The prefill runs on the smallest of the length buckets
+(common.bucket_lengths) that holds every prompt, so prompts of similar length share one compile. No classifier-free
+guidance (config text_cfg / image_cfg are
 ignored). A prompt may end with an `<image>` whose latents are None: that image is generated first.
 """
 from __future__ import annotations
@@ -24,7 +26,8 @@ from oneflow_jax.models import ar_transformer as ar_model
 from oneflow_jax.objectives import flow_matching
 from oneflow_jax.objectives.ar_objective import ARSpecial
 from oneflow_jax.models.transformer import attention_mask
-from oneflow_jax.sampling.common import NEG, SamplerConfig, check_markers, prompt_buffers, sample_tokens
+from oneflow_jax.sampling.common import (NEG, SamplerConfig, bucket_lengths, check_markers, prompt_buffers,
+                                         sample_tokens)
 
 
 def init_state(prompts, max_len: int, special: ARSpecial, num_patches: int, patch_dim: int, seed: int = 0):
@@ -195,4 +198,9 @@ def make_sampler(model: ar_model.ARModel, cfg: SamplerConfig, special: ARSpecial
         return {k: final[k] for k in keys}, final["nfe"]
 
     jitted = jax.jit(run, static_argnums=3)
-    return lambda params, st, rng: jitted(params, st, rng, int(np.max(st["prompt_len"])))
+
+    def sample(params, st, rng):          # the prefill runs on the smallest length bucket that holds every prompt
+        buckets = bucket_lengths(st["tokens"].shape[1], cfg.length_buckets)
+        longest = int(np.max(st["prompt_len"]))
+        return jitted(params, st, rng, next(n for n in buckets if n >= longest))
+    return sample

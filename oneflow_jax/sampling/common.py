@@ -17,7 +17,7 @@ class SamplerConfig:
     steps: int = 32             # h = 1 / steps: Euler steps per image (and, for rule 'alg1', text time steps)
     max_len: int = 256
     insertion_rule: str = "alg1"    # 'alg1': the paper's Bernoulli gates on a time grid; 'confident' (oneflow_sampler)
-    gap_threshold: float = 0.5      # confident: a gap is open while 1 - pi > this (and text is done when none is)
+    gap_threshold: float = 0.5      # confident: a gap is open while E[k] = (1 - pi) lambda > this; done when none is
     parallel_confidence: float = 0.8   # confident: an open gap inserts alongside others iff max(1, lambda) / exp(H(Q))
                                        # >= this; the most confident open gap always inserts
     length_buckets: int = 3         # the network runs on the smallest of this many lengths (max_len / 2^k) that holds
@@ -52,8 +52,10 @@ PRESETS = {
     # gap on the time grid t = 0, h, ..., a ~ Q at temperature 1, no cap, no finishing, no vote, no guidance.
     "alg1": dict(insertion_rule="alg1", max_insertions_per_step=0, finish_threshold=0.0, insertion_order="random",
                  votes=1, temperature=1.0, top_p=1.0, text_cfg=1.0, image_cfg=1.0),
-    # Concurrent few-step insertion (oneflow_sampler, 'confident'): every confident open gap at once, one sample.
-    "confident": dict(insertion_rule="confident", max_insertions_per_step=0, finish_threshold=0.0, votes=1),
+    # Concurrent few-step insertion (oneflow_sampler, 'confident'): every confident open gap at once, a ~ Q, one
+    # sample.
+    "confident": dict(insertion_rule="confident", max_insertions_per_step=0, finish_threshold=0.0, votes=1,
+                      temperature=1.0, top_p=1.0),
 }
 
 

@@ -290,22 +290,24 @@ def sample_loop(apply_fn: Callable, state, rng, cfg: SamplerConfig, special: Spe
 def _confident_insertions(owner, p_open, lam, log_q, cfg: SamplerConfig):
     """The 'confident' rule: which gaps insert this step, and which rows still have text to write.
 
-    A gap is open while the model says it is more likely missing atoms than not (1 - pi > gap_threshold). Atoms
-    drawn in one step come from each gap's own marginal Q_i, so inserting in two gaps at once is safe only where
+    A gap is open while the model expects more than `gap_threshold` atoms missing there: E[k_i] = (1 - pi_i)
+    lambda_i, the two insertion heads together (a gap with 1 - pi = 0.3 but lambda = 7 is missing half a caption).
+    Atoms drawn in one step come from each gap's own marginal Q_i, so inserting in two gaps at once is safe only where
     Q_i is no more spread than the gap's own count of missing atoms: the effective number of choices exp(H(Q_i))
     against E[k_i | k_i > 0] = lambda_i (a gap missing "red circle" may split Q between the two; a gap missing one
     colour may not split it between two colours). An open gap inserts iff max(1, lambda_i) / exp(H(Q_i)) >=
     parallel_confidence; the most confident open gap inserts regardless, so every step makes progress. A row's
     text is done when no gap expects more after this step: no open gap was left waiting, and every gap that took an
-    atom expected at most one (lambda_i - 1 <= gap_threshold), so a finished caption costs no evaluation to
-    confirm."""
+    atom expected at most one more (E[k_i] - 1 <= gap_threshold), so a finished caption costs no evaluation to
+    confirm it."""
     entropy = -jnp.sum(jnp.exp(log_q) * log_q, axis=-1)
     confidence = jnp.where(owner, jnp.maximum(lam, 1.0) * jnp.exp(-entropy), -1.0)
-    is_open = owner & (p_open > cfg.gap_threshold)
+    expected = p_open * lam
+    is_open = owner & (expected > cfg.gap_threshold)
     best = is_open & (confidence >= jnp.max(jnp.where(is_open, confidence, -1.0), axis=1, keepdims=True))
     best = best & (jnp.cumsum(best, axis=1) == 1)                      # one of them on ties
     insert = is_open & ((confidence >= cfg.parallel_confidence) | best)
-    more = is_open & (~insert | (lam - 1.0 > cfg.gap_threshold))
+    more = is_open & (~insert | (expected - 1.0 > cfg.gap_threshold))
     return insert, jnp.any(more, axis=1)
 
 

@@ -128,8 +128,9 @@ def train_flops_per_step(model_cfg: ModelConfig, data_cfg, model_type: str = "on
 
 @dataclasses.dataclass(frozen=True)
 class DocStats:
-    """An average clean document: text tokens (without `<image>` tokens) and images (one image and some text: an
-    image-text pair, which objective.task_mix may train as a captioning or text-to-image example, edit_flow.TaskMix)."""
+    """An average clean document: text tokens (without `<image>` tokens) and images (objective.task_mix may train it
+    as a captioning example if it is a pair, one image and some text, or as a text-to-image one; edit_flow.TaskMix).
+    A document with several images is taken to open with text."""
     text_tokens: float
     images: float
 
@@ -167,16 +168,16 @@ def expected_xt(doc: DocStats, num_patches: int, noising) -> dict[str, float]:
     t, w = _schedule_grid(noising)
     img_keep = np.ones_like(t) if noising.schedule == "independent" else t ** noising.kappa_power
     mix = noising.task_mix
-    pair = doc.images == 1 and doc.text_tokens >= 1
-    und, gen = (mix.understanding, mix.generation) if pair else (0.0, 0.0)
+    und = mix.understanding if doc.images == 1 and doc.text_tokens >= 1 else 0.0
+    gen = mix.generation if doc.images >= 1 and doc.text_tokens >= 1 else 0.0
     w = (1.0 - und - gen) * w
     if und:                           # captioning examples: the image clean, t_text ~ U[0, 1]
         n = len(t) - (noising.schedule != "independent")
         t = np.concatenate([t, (np.arange(n) + 0.5) / n])
         w = np.concatenate([w, np.full(n, und / n)])
         img_keep = np.concatenate([img_keep, np.ones(n)])
-    if gen:                           # text-to-image: text whole, the image kept w.p. E[kappa(min(tau, 1))], tau ~ U[0, 2]
-        kept = 0.5 / (noising.kappa_power + 1.0) + 0.5
+    if gen:                           # text-to-image: text whole, each image kept w.p. 1 - TaskMix.DELETE_PROB
+        kept = 1.0 - type(mix).DELETE_PROB
         t, w, img_keep = np.append(t, 1.0), np.append(w, gen), np.append(img_keep, kept)
     keep = t ** noising.kappa_power
     d_img = noising.drop_images_prob
