@@ -4,8 +4,8 @@ objectives/ar_objective.py, sampling/ar_sampler.py).
 
 Command: python -m oneflow_jax.train --config configs/ar_shapes_tiny.py --workdir workdir/ar_shapes_tiny
     then python -m oneflow_jax.eval --workdir workdir/ar_shapes_tiny
-Wall clock and scores: not measured on their own with these settings; configs/compare_shapes.py trains and scores
-this model next to OneFlow (docs/results.md, "FLOP comparison").
+Scores (2026-12-03, seed 0, 100 eval documents, EMA; docs/results.md, "Sampling frontier"): caption 0.99, generation
+0.97, interleaved consistency 0.92; training ~13 min on a 2-core CPU beside other runs.
 Variants: --config configs/ar_shapes_tiny.py:smoke (a few steps, for tests).
 """
 import ml_collections
@@ -19,4 +19,5 @@ def get_config(arg: str | None = None):
     # cond_t_min: an image followed by text draws t_img ~ U(cond_t_min, 1), others U(0, 1); in [0, 1)
     c.ar = ml_collections.ConfigDict(dict(cond_t_min=0.5))
     # objective.image_loss_weight stays shapes_tiny's (equal weights); OneFlow's noising knobs are unused by AR
+    c.sampler.temperature = 0.1       # next-token temperature (AR's sampler ignores the insertion-rule fields)
     return c

@@ -62,14 +62,17 @@ def get_config(arg: str | None = None):
         max_consecutive_nonfinite=5))   # stop after this many skipped (non-finite) steps in a row
 
     c.sampler = ml_collections.ConfigDict(dict(
-        steps=32,                     # sampler iterations (h = 1 / steps)
+        insertion_rule="confident",   # 'confident': every confident open gap per evaluation | 'alg1': the paper's gates
+        steps=32,                     # Euler steps per image, h = 1 / steps (and Alg. 1's text time steps)
         max_len=80,                   # positions of the sampler's buffer, prompt included
+        gap_threshold=0.5,            # confident: a gap is open while its expected missing atoms (1 - pi) lambda > this
+        parallel_confidence=0.8,      # confident: open gaps insert together where max(1, lambda) / exp(H(Q)) >= this
         text_cfg=1.0, image_cfg=1.0, top_p=1.0,
-        temperature=0.1,              # temperature of Q, the token distribution; > 0 (1 = Alg. 1)
-        max_insertions_per_step=1,    # insertions per sequence and step, the rest postponed; 0 = no cap (Alg. 1)
-        finish_threshold=0.5,         # after t = 1 keep stepping while a gap has 1 - pi above this; 0 = off (Alg. 1)
-        insertion_order="largest_gap",    # which capped insertions go first: 'random' | 'largest_gap' (largest lambda)
-        votes=3))                     # captioning prompts sampled this many times, the most frequent text kept; 1 = off
+        temperature=1.0,              # temperature of Q, the token distribution; > 0 (1 = Alg. 1)
+        max_insertions_per_step=0,    # insertions per sequence and step, the rest postponed; 0 = no cap (Alg. 1)
+        finish_threshold=0.0,         # alg1: after t = 1 keep stepping while a gap has 1 - pi above this; 0 = off
+        insertion_order="random",     # which capped insertions go first: 'random' | 'largest_gap' (largest lambda)
+        votes=1))                     # captioning prompts sampled this many times, the most frequent text kept; 1 = off
 
     c.eval = ml_collections.ConfigDict(dict(num_examples=100, batch_size=50, split="eval"))
 

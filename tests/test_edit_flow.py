@@ -222,3 +222,12 @@ def test_pixel_codec_round_trip():
     assert lat.shape == (2, 4, 48) and lat.min() >= -1 and lat.max() <= 1
     np.testing.assert_array_equal(codec.decode(lat), img)
     np.testing.assert_array_equal(lat[0, 1], (img[0, :4, 4:8].astype(np.float32) / 127.5 - 1).reshape(-1))
+
+
+def test_a_run_config_with_the_replaced_clean_images_prob_says_what_replaced_it():
+    from oneflow_jax import config_lib
+    from oneflow_jax.cli import UserError
+    config = config_lib.load_config_file("configs/shapes_tiny.py")
+    config.objective.clean_images_prob = 0.6
+    with pytest.raises(UserError, match="task_mix.understanding replaced clean_images_prob"):
+        config_lib.resolve(config)

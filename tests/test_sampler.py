@@ -329,3 +329,16 @@ def test_length_buckets_give_the_full_length_heads_on_the_live_positions():
     for k in ("pi_logit", "lam", "q_logits", "velocity"):
         assert got[k].shape == full[k].shape
         np.testing.assert_allclose(got[k][live], full[k][live], rtol=1e-5, atol=1e-5)
+
+
+def test_confident_rule_stops_a_row_whose_buffer_is_full():
+    """A model that always wants more text: the row fills its buffer and stops, instead of running to the cap."""
+    def apply_fn(inputs, _live_len):
+        b, length = inputs["tokens"].shape
+        return dict(pi_logit=jnp.full((b, length), -20.0), lam=jnp.full((b, length), 3.0),
+                    q_logits=jnp.zeros((b, length, V)).at[..., 5].set(20.0), velocity=jnp.zeros(inputs["patches"].shape))
+
+    cfg = S.SamplerConfig(steps=4, max_len=16, insertion_rule="confident")
+    out, nfe = jax.jit(lambda st, r: S.sample_loop(apply_fn, st, r, cfg, SP, N))(
+        S.init_state([([], None)], 16, SP, N, D), jax.random.key(0))
+    assert int(out["length"][0]) == 16 and int(nfe) <= 6      # 1 -> 2 -> 4 -> 8 -> 16, then one that finds it full

@@ -277,8 +277,10 @@ def sample_loop(apply_fn: Callable, state, rng, cfg: SamplerConfig, special: Spe
             pending_text = pending_text | (jnp.sum(insert, axis=1) > cap)
             insert = insert & (rank < cap)
         new_tok = sample_tokens(r_tok, log_q, cfg.temperature, cfg.top_p).astype(jnp.int32)
-        st = _insert(st, insert, new_tok, r_noise, special, num_patches)
-        return st, i + 1, rng, nfe + passes, pending_text
+        grown = _insert(st, insert, new_tok, r_noise, special, num_patches)
+        # A row that chose insertions of which none fit its buffer is full: it has no more text to write.
+        pending_text = pending_text & ((grown["length"] > st["length"]) | ~jnp.any(insert, axis=1))
+        return grown, i + 1, rng, nfe + passes, pending_text
 
     state = {k: jnp.asarray(v) for k, v in state.items()}
     carry = (state, jnp.int32(0), rng, jnp.int32(0), jnp.ones(state["length"].shape, bool) if confident
