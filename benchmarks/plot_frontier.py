@@ -3,9 +3,10 @@ latency, generation accuracy against evaluations per image, and interleaved cons
 sampler setting), seeds as separate points.
 
 python benchmarks/plot_frontier.py benchmarks/results/F.jsonl [more.jsonl ...] --out docs/images/frontier.png
-    [--label WORKDIR_SUBSTRING=NAME ...]
+    [--label WORKDIR_SUBSTRING=NAME ...] [--markdown]
 
-Reads the JSON lines of benchmarks/sampler_frontier.py.
+Reads the JSON lines of benchmarks/sampler_frontier.py; --markdown also prints the table of docs/results.md (per
+model and setting: the mean over seeds, and the range when there are several).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ def main():
     p.add_argument("files", nargs="+")
     p.add_argument("--out", required=True)
     p.add_argument("--label", action="append", default=[], help="WORKDIR_SUBSTRING=NAME: the model name in the legend")
+    p.add_argument("--markdown", action="store_true", help="print the table of docs/results.md")
     args = p.parse_args()
     labels = dict(x.split("=", 1) for x in args.label)
     rows = [json.loads(line) for f in args.files for line in open(f) if line.strip()]
@@ -54,6 +56,33 @@ def main():
     fig.tight_layout(rect=(0, 0.06 + 0.03 * (len(names) // 4), 1, 1))
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out} ({len(rows)} rows)")
+    if args.markdown:
+        print(markdown(rows, model))
+
+
+COLUMNS = (("caption_at1", "caption@1", "{:.2f}"), ("generation", "generation", "{:.2f}"),
+           ("interleaved", "interleaved", "{:.2f}"), ("caption_nfe", "evals/caption", "{:.1f}"),
+           ("caption_latency_ms", "caption ms", "{:.0f}"), ("captions_per_s", "captions/s", "{:.1f}"),
+           ("image_nfe", "evals/image", "{:.0f}"), ("image_latency_ms", "image ms", "{:.0f}"),
+           ("images_per_s", "images/s", "{:.1f}"))
+
+
+def markdown(rows, model) -> str:
+    """One row per (model, setting): the mean over seeds (checkpoints), the range in brackets when there are more."""
+    lines = ["| model | sampler | seeds | " + " | ".join(c[1] for c in COLUMNS) + " |",
+             "|---|---|---:|" + "---:|" * len(COLUMNS)]
+    for m, s in dict.fromkeys((model(r), r["setting"]) for r in rows):
+        group = [r for r in rows if model(r) == m and r["setting"] == s]
+        cells = []
+        for key, _, fmt in COLUMNS:
+            vals = [r[key] for r in group if r.get(key) is not None]
+            if not vals:
+                cells.append("")
+                continue
+            mean = fmt.format(sum(vals) / len(vals))
+            cells.append(mean if len(vals) == 1 else f"{mean} ({fmt.format(min(vals))}-{fmt.format(max(vals))})")
+        lines.append(f"| {m} | {s} | {len(group)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ SETTINGS = {
     "alg1_32": dict(ALG1, steps=32),
     "alg1_6_t0.1": dict(ALG1, steps=6, temperature=0.1),
     "confident": dict(CONFIDENT),
-    "confident_t0.1": dict(CONFIDENT, temperature=0.1),
-    "confident_t0.5": dict(CONFIDENT, temperature=0.5),
+    "confident_t1": dict(CONFIDENT, temperature=1.0),
+    "confident_t0.3": dict(CONFIDENT, temperature=0.3),
     "confident_c0.5": dict(CONFIDENT, parallel_confidence=0.5),
     "confident_g0.25": dict(CONFIDENT, gap_threshold=0.25),
     "confident_g0.1": dict(CONFIDENT, gap_threshold=0.1),
@@ -89,6 +89,7 @@ def main():
                    caption=cap["all"]["accuracy"], generation=gen["all"]["accuracy"],
                    generation_seen=gen["seen"]["accuracy"], interleaved=free["accuracy"], pairs=free["n_pairs"],
                    caption_nfe=cap["nfe_per_request"], caption_latency_ms=1e3 * cap["latency_s"],
+                   caption_nfe_per_batch=cap["nfe_per_batch"], batch_size=cap["batch_size"],
                    captions_per_s=cap["per_second"], image_nfe=gen["nfe_per_request"],
                    image_latency_ms=1e3 * gen["latency_s"], images_per_s=gen["per_second"],
                    examples=s["examples"]["captions"][:2] + s["examples"]["free"][:2])

@@ -68,7 +68,7 @@ def get_config(arg: str | None = None):
         gap_threshold=0.5,            # confident: a gap is open while its expected missing atoms (1 - pi) lambda > this
         parallel_confidence=0.8,      # confident: open gaps insert together where max(1, lambda) / exp(H(Q)) >= this
         text_cfg=1.0, image_cfg=1.0, top_p=1.0,
-        temperature=1.0,              # temperature of Q, the token distribution; > 0 (1 = Alg. 1)
+        temperature=0.1,              # temperature of Q, the token distribution; > 0 (1 = Alg. 1)
         max_insertions_per_step=0,    # insertions per sequence and step, the rest postponed; 0 = no cap (Alg. 1)
         finish_threshold=0.0,         # alg1: after t = 1 keep stepping while a gap has 1 - pi above this; 0 = off
         insertion_order="random",     # which capped insertions go first: 'random' | 'largest_gap' (largest lambda)

@@ -215,7 +215,7 @@ def test_largest_gap_order_fills_the_gap_with_the_most_missing_atoms_first():
 
 # ------------------------------------------------------------------------------------------------ confident rule
 
-def test_confident_rule_rebuilds_documents_in_logarithmically_many_evaluations():
+def test_confident_rule_rebuilds_documents_in_far_fewer_evaluations_than_atoms():
     """The oracle's Q is exactly its bag, so every open gap is confident: each evaluation fills every open gap at
     once (the text at most doubles per step; a random pick from a bag splits it unevenly) and the rule stops as soon
     as no gap expects more, without a confirming pass."""

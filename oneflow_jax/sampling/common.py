@@ -52,10 +52,10 @@ PRESETS = {
     # gap on the time grid t = 0, h, ..., a ~ Q at temperature 1, no cap, no finishing, no vote, no guidance.
     "alg1": dict(insertion_rule="alg1", max_insertions_per_step=0, finish_threshold=0.0, insertion_order="random",
                  votes=1, temperature=1.0, top_p=1.0, text_cfg=1.0, image_cfg=1.0),
-    # Concurrent few-step insertion (oneflow_sampler, 'confident'): every confident open gap at once, a ~ Q, one
-    # sample.
+    # Concurrent few-step insertion (oneflow_sampler, 'confident'): every confident open gap at once, Q at
+    # temperature 0.1, one sample (docs/results.md, "Sampling frontier").
     "confident": dict(insertion_rule="confident", max_insertions_per_step=0, finish_threshold=0.0, votes=1,
-                      temperature=1.0, top_p=1.0),
+                      temperature=0.1, top_p=1.0),
 }
 
 

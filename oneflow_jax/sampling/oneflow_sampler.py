@@ -167,10 +167,13 @@ def _guided_heads(apply_fn, state, cfg: SamplerConfig, special: SpecialTokens):
         log_lam = w * log_lam + (1 - w) * log_lam_u
         log_q = jax.nn.log_softmax(w * log_q + (1 - w) * log_q_u, axis=-1)
         passes += 1
-    if cfg.image_cfg != 1.0:
-        v_u = unconditional_heads(apply_fn, state, masks["image"], state["length"])[3]
+    if cfg.image_cfg != 1.0:       # only while some image is still noisy (captioning batches never pay for it)
+        pos = jnp.arange(state["tokens"].shape[1])[None, :]
+        noisy = jnp.any(state["is_patch"] & (pos < state["length"][:, None]) & (state["patch_t"] < 1.0))
+        v_u = jax.lax.cond(noisy, lambda: unconditional_heads(apply_fn, state, masks["image"], state["length"])[3],
+                           lambda: velocity)
         velocity = v_u + cfg.image_cfg * (velocity - v_u)
-        passes += 1
+        passes += noisy.astype(jnp.int32)
     return pi_logit, jnp.exp(log_lam), log_q, velocity, passes
 
 
