@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 PANELS = (("caption_nfe", "caption_at1", "network evaluations per caption (batch 1)", "caption accuracy, one sample"),
           ("caption_latency_ms", "caption_at1", "caption latency at batch 1 (ms)", "caption accuracy, one sample"),
@@ -30,11 +31,16 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--label", action="append", default=[], help="WORKDIR_SUBSTRING=NAME: the model name in the legend")
     p.add_argument("--markdown", action="store_true", help="print the table of docs/results.md")
+    p.add_argument("--settings", default=None, help="comma-separated settings to draw (default: all)")
     args = p.parse_args()
     labels = dict(x.split("=", 1) for x in args.label)
     rows = [json.loads(line) for f in args.files for line in open(f) if line.strip()]
+    if args.settings:
+        keep = args.settings.split(",")
+        rows = [r for r in rows if r["setting"] in keep]
     model = lambda r: next((name for key, name in labels.items() if key in r["workdir"]), r["workdir"])
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4.2))
+    fig, grid = plt.subplots(2, 2, figsize=(11, 9))
+    axes = grid.ravel()
     groups = sorted({(model(r), r["setting"]) for r in rows})
     markers = "osD^vP*Xh<>p"
     settings = sorted({g[1] for g in groups})
@@ -47,13 +53,15 @@ def main():
                 ax.scatter(*zip(*pts), marker=markers[settings.index(s) % len(markers)],
                            color=colors[models.index(m) % len(colors)], label=f"{m}: {s}", alpha=0.8)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=min(4, len(names)), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06 + 0.03 * (len(names) // 4), 1, 1))
+    fig.legend(handles, names, loc="lower center", ncol=min(3, len(names)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.03 + 0.018 * (len(names) // 3 + 1), 1, 1))
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out} ({len(rows)} rows)")
     if args.markdown:

@@ -42,7 +42,7 @@ def get_config(arg: str | None = None):
     c.objective = ml_collections.ConfigDict(dict(
         kappa_power=1.0, schedule="interleaved", mixed_gen_prob=0.0,
         # P(image-text pair -> captioning example), P(pair -> text-to-image example); the rest: `schedule`
-        task_mix=ml_collections.ConfigDict(dict(understanding=0.6, generation=0.3)),
+        task_mix=ml_collections.ConfigDict(dict(understanding=0.7, generation=0.3)),
         drop_images_prob=0.05, drop_text_prob=0.05,
         image_loss_weight=4.0,        # w in L = L_text + w * L_image; > 0
         image_loss_space="x",         # image loss in 'v' (velocity) | 'x' (clean-latent) units
@@ -67,7 +67,8 @@ def get_config(arg: str | None = None):
         max_len=80,                   # positions of the sampler's buffer, prompt included
         gap_threshold=0.5,            # confident: a gap is open while its expected missing atoms (1 - pi) lambda > this
         parallel_confidence=0.8,      # confident: open gaps insert together where max(1, lambda) / exp(H(Q)) >= this
-        text_cfg=1.0, image_cfg=1.0, top_p=1.0,
+        text_cfg=1.0, top_p=1.0,
+        image_cfg=1.5,                # v = v_u + w (v_c - v_u), v_u without the text; 1 = no guidance
         temperature=0.1,              # temperature of Q, the token distribution; > 0 (1 = Alg. 1)
         max_insertions_per_step=0,    # insertions per sequence and step, the rest postponed; 0 = no cap (Alg. 1)
         finish_threshold=0.0,         # alg1: after t = 1 keep stepping while a gap has 1 - pi above this; 0 = off
