@@ -18,9 +18,13 @@ the vote over several samples (`votes`) lives in sampling/generate.py:
   * `finish_threshold` = p: once t reaches 1, sequences in which some gap still has 1 - pi > p take more steps.
     Alg. 1 gives each gap one last chance at t = 1 - h, so a gap the model is sure is unfinished can end empty.
   After the last step (t = 1) the rate factor is 1: a postponed or unfinished gap inserts iff Bernoulli(1 - pi).
-Text CFG is Eq. 12 (geometric mixing of lambda and Q between the conditional and the prompt-hidden pass), image CFG
-mixes velocities. Everything lives in fixed [B, max_len] buffers so the loop is one jitted `lax.while_loop` that
-compiles once per shape and runs a batch of prompts at once.
+  * `insertion_rule` = "confident" replaces step 2 and the text time grid: every open gap whose Q is no wider than
+    its own count of missing atoms inserts at once (`_confident_insertions`); images keep their Euler steps.
+Text CFG is Eq. 12 (geometric mixing of lambda and Q between the conditional pass and the one without the prompt's
+images), image CFG mixes velocities with the pass without text; both unconditional passes lay the document out again
+as training's condition dropout does (`dropped_view`). Everything lives in fixed [B, max_len] buffers so the loop is
+one jitted `lax.while_loop` that compiles once per shape and runs a batch of prompts at once; each network
+evaluation runs on the smallest length bucket that holds the live sequence (`common.run_bucketed`).
 
 The state is a dict of arrays: tokens, is_patch, patch_index, patches [B, L, D], patch_t, length [B] (positions in
 use) and prompt_len [B] (the fixed prefix: insertions happen only in the gap after its last atom and later).
