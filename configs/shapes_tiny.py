@@ -3,9 +3,10 @@
 Command: ./launch/local.sh (set-up, shapes-world, training, eval), which runs
     python -m oneflow_jax.train --config configs/shapes_tiny.py --workdir workdir/shapes_tiny
     python -m oneflow_jax.eval --workdir workdir/shapes_tiny
-Wall clock: ~690 s of training and ~66 s of eval on a quiet 2-core CPU (about 14 min in all with set-up).
-Expected scores (eval of 100 documents, EMA weights, seen / held-out, two training seeds): caption (one sample, ~7
-network evaluations) 0.92-0.96 / 0.93; generation 0.87-0.89 / 0.89-0.94; interleaved consistency 0.06-0.07.
+Wall clock: 401 s in all for ./launch/local.sh on a quiet 2-core CPU with its venv installed (training at 13-14
+steps/s; 5-8 steps/s on a busy machine). Expected scores (eval of 100 documents, EMA weights, seen / held-out, three
+trainings): caption (one sample, ~7 network evaluations) 0.87-0.96 / 0.81-0.93; generation 0.87-0.94 / 0.89-0.94;
+interleaved consistency 0.04-0.07.
 Measured history and ablations: docs/results.md.
 Variants: --config configs/shapes_tiny.py:smoke (a few steps, for tests).
 """
