@@ -53,7 +53,7 @@ def evaluate(run: generate.Run, num_examples: int, num_free: int, sampler_config
              latency_requests: int = 8):
     """Returns the score dict (also used by the train loop and the FLOP comparison).
 
-    Cost, compilation excluded (each shape is compiled by a warm-up call first, reported as `compile_s`): network
+    Cost, compilation excluded (each shape is compiled by a warm-up call first, whose time is `warmup_s`): network
     evaluations per request, throughput at `batch_size` (requests/s over the whole task) and the median latency of
     `latency_requests` requests sampled one at a time (batch 1; 0 = skip)."""
     from oneflow_jax.data import datasets
@@ -109,12 +109,12 @@ def evaluate(run: generate.Run, num_examples: int, num_free: int, sampler_config
 
 def _timed(gen: generate.Generator, prompts, seed: int):
     """Samples `prompts` after a warm-up call of the same batch shape; (documents, cost dict)."""
-    compile_s = gen.warm_up(prompts)
+    warmup_s = gen.warm_up(prompts)
     gen.nfe.clear(), gen.seconds.clear()
     docs = gen(prompts, seed)
     batches = len(gen.nfe)
     return docs, {"nfe_per_batch": float(np.mean(gen.nfe)), "batch_size": gen.batch_size,
-                  "per_second": len(prompts) / max(sum(gen.seconds), 1e-9), "compile_s": compile_s,
+                  "per_second": len(prompts) / max(sum(gen.seconds), 1e-9), "warmup_s": warmup_s,
                   "seconds": float(sum(gen.seconds)), "batches": batches}
 
 
@@ -172,5 +172,5 @@ def format_cost(scores) -> str:
         lat = (f"{c['nfe_per_request']:.1f} evaluations and {c['latency_s'] * 1e3:.0f} ms per request at batch 1, "
                if "latency_s" in c else "")
         out.append(f"{task}: {lat}{c['per_second']:.1f} {unit}/s at batch {c['batch_size']} "
-                   f"({c['nfe_per_batch']:.1f} evaluations per batch; compile {c['compile_s']:.0f} s, excluded)")
+                   f"({c['nfe_per_batch']:.1f} evaluations per batch; warm-up, compile included, {c['warmup_s']:.0f} s apart)")
     return "\n".join(out)
