@@ -73,7 +73,7 @@ def encode_prompt(text: str, images, tokenizer, codec):
 class Generator:
     """Jitted sampling in fixed batches (one compile per batch size) with the run's method's sampler (OneFlow's
     concurrent sampler, or the AR+FM baseline's KV-cached decoding). `nfe` holds each batch's network evaluations
-    and `seconds` each batch's wall clock (sampling and decoding); `compile_seconds` the first call of each shape."""
+    and `seconds` each batch's wall clock (sampling and decoding); `warm_up` compiles a batch shape untimed."""
 
     def __init__(self, run: Run, sampler_config: SamplerConfig, batch_size: int):
         self.run, self.cfg, self.batch_size = run, sampler_config, batch_size
@@ -83,17 +83,13 @@ class Generator:
         self._sample = method.make_sampler(run.model, sampler_config, run.tokenizer, run.codec.num_patches)
         self.nfe: list[int] = []
         self.seconds: list[float] = []
-        self.compile_seconds = 0.0
-        self._compiled: set = set()
 
     def warm_up(self, prompts, params=None) -> float:
         """Compiles (and runs once) the sampler for these prompts' batch shape, so that later calls time sampling
-        only; returns the seconds it took and adds them to `compile_seconds`."""
+        only; returns the seconds it took (not recorded in `nfe` / `seconds`)."""
         t0 = time.perf_counter()
         self._generate(list(prompts[:self.batch_size]), 0, params, record=False)
-        took = time.perf_counter() - t0
-        self.compile_seconds += took
-        return took
+        return time.perf_counter() - t0
 
     def __call__(self, prompts, seed: int = 0, params=None):
         """prompts: [(token ids, latents-or-None per marker)] -> [(text, [uint8 images])] in the same order.

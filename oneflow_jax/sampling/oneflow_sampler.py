@@ -143,6 +143,12 @@ def condition_masks(state, special: SpecialTokens):
     return dict(text=valid & prompt & image_atom, image=valid & (pos > 0) & ~image_atom)
 
 
+def _noisy_patches(state):
+    """[B, L]: the patches of images still being denoised (t_img < 1) within the live sequence."""
+    pos = jnp.arange(state["tokens"].shape[1])[None, :]
+    return state["is_patch"] & (pos < state["length"][:, None]) & (state["patch_t"] < 1.0)
+
+
 def _heads(out):
     log_q = jax.nn.log_softmax(out["q_logits"].astype(jnp.float32), axis=-1)
     log_lam = jnp.log(jnp.maximum(out["lam"].astype(jnp.float32), 1e-30))
@@ -172,8 +178,7 @@ def _guided_heads(apply_fn, state, cfg: SamplerConfig, special: SpecialTokens):
         log_q = jax.nn.log_softmax(w * log_q + (1 - w) * log_q_u, axis=-1)
         passes += 1
     if cfg.image_cfg != 1.0:       # only while some image is still noisy (captioning batches never pay for it)
-        pos = jnp.arange(state["tokens"].shape[1])[None, :]
-        noisy = jnp.any(state["is_patch"] & (pos < state["length"][:, None]) & (state["patch_t"] < 1.0))
+        noisy = jnp.any(_noisy_patches(state))
         v_u = jax.lax.cond(noisy, lambda: unconditional_heads(apply_fn, state, masks["image"], state["length"])[3],
                            lambda: velocity)
         velocity = v_u + cfg.image_cfg * (velocity - v_u)
@@ -232,10 +237,6 @@ def sample_loop(apply_fn: Callable, state, rng, cfg: SamplerConfig, special: Spe
     banned = jnp.asarray([special.bos, special.pad, *banned_tokens], jnp.int32)
     confident = cfg.insertion_rule == "confident"
 
-    def pending_images(st):
-        valid = pos < st["length"][:, None]
-        return jnp.any(st["is_patch"] & valid & (st["patch_t"] < 1.0))
-
     cap = cfg.max_insertions_per_step
     # Postponed insertions need up to one step per buffer position; unfinished gaps up to `steps` more; the
     # confident rule inserts at least one atom per step while a gap is open, so at most one step per position.
@@ -244,7 +245,7 @@ def sample_loop(apply_fn: Callable, state, rng, cfg: SamplerConfig, special: Spe
     def cond(carry):
         st, i, _, _, pending_text = carry
         text_time = (i < cfg.steps) & (not confident)
-        return (text_time | pending_images(st) | jnp.any(pending_text)) & (i < max_iterations)
+        return (text_time | jnp.any(_noisy_patches(st)) | jnp.any(pending_text)) & (i < max_iterations)
 
     def body(carry):
         st, i, rng, nfe, pending_text = carry
@@ -252,7 +253,7 @@ def sample_loop(apply_fn: Callable, state, rng, cfg: SamplerConfig, special: Spe
         pi_logit, lam, log_q, velocity, passes = _guided_heads(apply_fn, st, cfg, special)
         # 1. Euler step on every noisy image: schedule time u += h, noise level t = shift_time(u).
         valid = pos < st["length"][:, None]
-        moving = st["is_patch"] & valid & (st["patch_t"] < 1.0)
+        moving = _noisy_patches(st)
         st = dict(st)
         u_next = flow_matching.unshift_time(st["patch_t"], cfg.image_time_shift) + h
         t_next = jnp.where(u_next > 1.0 - 1e-4, 1.0, flow_matching.shift_time(u_next, cfg.image_time_shift))

@@ -177,7 +177,7 @@ def expected_xt(doc: DocStats, num_patches: int, noising) -> dict[str, float]:
         w = np.concatenate([w, np.full(n, und / n)])
         img_keep = np.concatenate([img_keep, np.ones(n)])
     if gen:                           # text-to-image: text whole, each image kept w.p. 1 - TaskMix.DELETE_PROB
-        kept = 1.0 - type(mix).DELETE_PROB
+        kept = 1.0 - mix.DELETE_PROB
         t, w, img_keep = np.append(t, 1.0), np.append(w, gen), np.append(img_keep, kept)
     keep = t ** noising.kappa_power
     d_img = noising.drop_images_prob
