@@ -117,7 +117,9 @@ class Generator:
             t0 = time.perf_counter()
             chunk = list(prompts[start:start + self.batch_size])
             real = len(chunk)
-            chunk += [([], [])] * (self.batch_size - real)
+            # Pad with copies of the first prompt: a batch runs until its slowest row, and an empty prompt (a whole
+            # free document) would be slower than most real rows.
+            chunk += [chunk[0]] * (self.batch_size - real)
             try:
                 state = self._lib.init_state(chunk, self.cfg.max_len, self.special, codec.num_patches,
                                              codec.patch_dim, seed=seed + start)
