@@ -1,14 +1,14 @@
-"""OneFlow vs AR+FM on shapes-world at equal model size and matched training FLOPs (oneflow_jax/evals/compare.py;
-reference §7-8).
+"""OneFlow vs AR+FM on shapes-world at matched training FLOPs, each model tuned alike, three widths, two seeds
+(oneflow_jax/evals/compare.py; reference §7-8; the issue's harness).
 
-Command: python -m oneflow_jax.compare --config configs/compare_shapes.py --workdir W [--config.budget=2.0]
-    (writes W/compare.json, compare.md, compare.png; resumable)
-Wall clock: ~21 min in all on a 2-core CPU at budget 1 when last measured (2026-11-21, with the shapes_tiny settings
-of that day); not re-measured with the current ones.
-Expected scores: not measured with the current settings. The last run (older settings) left AR+FM at caption 1.00
-and OneFlow at 0.08 after 900 steps each, generation ~0.02-0.04 for both: docs/results.md, "FLOP comparison".
-Both runs share everything below (shapes_tiny's model, codec, data, optimizer, sampler); model_type is set per run.
-`budget` scales compare.steps. Variant :tiny is for tests (a few steps of a tiny model).
+Command: python -m oneflow_jax.compare --config configs/compare_shapes.py --workdir W [--config.budget=0.5 ...]
+    (writes W/compare.json, compare.md, compare_curves.png, compare_parity.png; resumable: rerun to continue)
+Wall clock (2-core CPU): ~4 min per d64 training, ~5 min per d128, ~10 min per d256, ~1 min per evaluation; the
+tuning (8 d64 runs) ~35 min, the smallest pair of the sweep < 30 min, the whole sweep a few hours in the background.
+Scores: docs/results.md, "FLOP comparison".
+Every run is shapes_tiny's recipe (configs/shapes_tiny.py; AR's extras from configs/ar_shapes_tiny.py) at
+d_model = width, d_ff = patch head hidden = ff_mult x width; model_type, lr, image-loss weight and seed set per run.
+Variant :tiny is for tests (a few steps of a tiny model, one width, one tuning value).
 """
 import ml_collections
 
@@ -18,22 +18,29 @@ from oneflow_jax.config_lib import sibling_config
 def get_config(arg: str | None = None):
     c = sibling_config(__file__, "ar_shapes_tiny.py").get_config("smoke" if arg == "tiny" else None)  # + config.ar
     c.model_type = "oneflow"          # set per run by compare.py
-    c.budget = 1.0
-    c.log_every = 25
-    # shapes_tiny's model and codec at 16 rows of 128 positions, sized for a 2-core CPU
-    c.data.update(seq_len=128, global_batch_size=16)
-    c.sampler.update(max_len=128, votes=1)      # one sample per caption: the comparison of the paper
+    c.budget = 1.0                    # scales compare.steps
+    c.log_every = 100
     c.compare = ml_collections.ConfigDict(dict(
-        steps=900,                    # training steps of each model at budget 1
-        num_checkpoints=4,            # checkpoints evaluated per model, evenly spaced
-        eval_examples=48, eval_batch_size=48, num_free=0,
-        sampler_steps=16,             # OneFlow iterations / AR Euler steps per image
-        latency_prompts=4))           # single-prompt captioning latency (after a warm-up)
+        steps=3000,                   # training steps of every run at budget 1 (batch 8 x 128 positions)
+        widths=(64, 128, 256),        # d_model of each size (n_layers, n_heads as the shared config)
+        ff_mult=3,                    # d_ff and patch_head_hidden = ff_mult x width
+        seeds=(0, 1),                 # training seeds of the sweep (the first one also tunes)
+        tune=ml_collections.ConfigDict(dict(
+            lr=(1e-3, 2e-3, 4e-3),    # tried at the smallest width, image-loss weight = objective.image_loss_weight
+            image_loss_weight=(1.0, 4.0))),   # then tried at each model's best lr
+        eval_fractions=(0.125, 0.25, 0.5, 0.75, 1.0),   # checkpoints evaluated, as fractions of the steps
+        parity_levels=(0.5, 0.75, 0.9, 1.0),           # parity targets, as fractions of the other model's final score
+        metric_set="shapes_world",    # compare.METRIC_SETS: how a checkpoint is scored
+        eval_examples=100, eval_batch_size=50,   # eval documents per checkpoint, sampled this many at a time
+        latency_prompts=4,            # prompts timed one at a time (batch 1) per task and checkpoint
+        useful_flops_batches=50))     # training batches read to measure the useful FLOPs of packed documents
     if arg == "tiny":
-        c.compare.update(steps=4, num_checkpoints=2, eval_examples=4, eval_batch_size=4, latency_prompts=2,
-                         sampler_steps=4)
+        c.compare.update(steps=4, widths=(32,), seeds=(0,), eval_fractions=(0.5, 1.0), eval_examples=4,
+                         eval_batch_size=4, latency_prompts=1, useful_flops_batches=2)
+        c.compare.tune.update(lr=(2e-3,), image_loss_weight=(4.0,))
+        c.model.n_layers = 1
         c.data.update(seq_len=64, global_batch_size=4)
-        c.sampler.update(max_len=64)
+        c.sampler.update(max_len=64, steps=4)
     elif arg:
         raise ValueError(f"unknown variant {arg!r} of compare_shapes (known: tiny)")
     return c

@@ -1,9 +1,11 @@
-"""OneFlow vs the AR+FM baseline at equal model size and matched training FLOPs (evals/compare.py):
+"""OneFlow vs the AR+FM baseline at matched training FLOPs, tuned alike, over model sizes and seeds
+(evals/compare.py, evals/compare_report.py):
 
     python -m oneflow_jax.compare --config configs/compare_shapes.py --workdir W [--config.budget=0.5 ...]
         [--sampler '{"temperature": 0.3}']
 
-Trains both models (resumable), evaluates every checkpoint and writes W/compare.json, W/compare.md, W/compare.png.
+Tunes lr and image-loss weight for each model, trains the sweep (resumable), evaluates every checkpoint and writes
+W/compare.json, W/compare.md, W/compare_curves.png and W/compare_parity.png (rewritten after every run).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from oneflow_jax.evals import compare
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A comparison config (configs/compare_shapes.py[:variant]).",
                                 lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory of the comparison: W/oneflow, W/ar, W/compare.*")
+flags.DEFINE_string("workdir", None, "Directory of the comparison: W/runs/..., W/compare.*")
 cli.define_sampler_flags()
 
 
@@ -24,11 +26,6 @@ def main(argv):
     cli.no_extra_args(argv)
     if FLAGS.config is None or FLAGS.workdir is None:
         raise cli.UserError("--config and --workdir are required")
-    if "compare" not in FLAGS.config or "budget" not in FLAGS.config:
-        raise cli.UserError("--config must be a comparison config (with 'budget' and 'compare'), e.g. "
-                            "configs/compare_shapes.py")
-    if FLAGS.config.budget <= 0:
-        raise cli.UserError(f"config.budget must be > 0, got {FLAGS.config.budget}")
     compare.compare(FLAGS.config, FLAGS.workdir, cli.sampler_overrides())
 
 

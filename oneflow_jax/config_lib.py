@@ -137,13 +137,19 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CompareConfig:
-    steps: int = 900                # training steps of each model at budget 1
-    num_checkpoints: int = 4        # evaluated checkpoints per model
-    eval_examples: int = 48
-    eval_batch_size: int = 48
-    num_free: int = 0               # documents generated from an empty prompt per checkpoint
-    sampler_steps: int = 16         # OneFlow iterations / AR Euler steps per image
-    latency_prompts: int = 4        # single-prompt captioning latency (after a warm-up)
+    """The FLOP comparison (evals/compare.py); configs/compare_shapes.py says what each field is."""
+    steps: int = 3000
+    widths: tuple = (64, 128, 256)
+    ff_mult: int = 3
+    seeds: tuple = (0, 1)
+    tune: dict = dataclasses.field(default_factory=lambda: dict(lr=(1e-3, 2e-3, 4e-3), image_loss_weight=(1.0, 4.0)))
+    eval_fractions: tuple = (0.125, 0.25, 0.5, 0.75, 1.0)
+    parity_levels: tuple = (0.5, 0.75, 0.9, 1.0)
+    metric_set: str = "shapes_world"
+    eval_examples: int = 100
+    eval_batch_size: int = 50
+    latency_prompts: int = 4
+    useful_flops_batches: int = 50
 
 
 @dataclasses.dataclass(frozen=True)

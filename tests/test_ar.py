@@ -1,5 +1,5 @@
 """The AR+FM baseline (reference §7): sequence/targets/mask, loss gradients, KV-cached sampler, and the train /
-sample / eval / compare CLIs on AR workdirs."""
+sample / eval CLIs on AR workdirs (the comparison: test_compare.py)."""
 from __future__ import annotations
 
 import json
@@ -157,31 +157,6 @@ def test_train_sample_eval_on_ar_workdir(cli, tmp_path, png_path):
         assert scores[task]["nfe_per_request"] >= 1 and scores[task]["latency_s"] > 0, res
         assert scores[task]["per_second"] > 0 and scores[task]["warmup_s"] > 0, res
     assert "per request at batch 1" in res.stdout, res
-
-
-def test_compare_tiny_budget_writes_results(cli, tmp_path):
-    wd = tmp_path / "cmp"
-    cli.run("compare", "--config=configs/compare_shapes.py:tiny", f"--workdir={wd}").check()
-    result = json.loads((wd / "compare.json").read_text())
-    assert set(result["parity_flop_ratio"]) == {"caption_accuracy", "caption_attributes", "generation_accuracy",
-                                                "generation_attributes"}
-    for name in ("oneflow", "ar"):
-        points = result["models"][name]["points"]
-        assert [p["step"] for p in points] == [2, 4]
-        assert points[-1]["train_flops"] == 4 * result["models"][name]["train_flops_per_step"]
-        assert points[-1]["caption_nfe"] >= 1 and points[-1]["caption_latency_s"] > 0
-    assert (wd / "compare.md").read_text().startswith("# OneFlow vs AR+FM")
-    assert (wd / "compare.png").stat().st_size > 0
-    again = cli.run("compare", "--config=configs/compare_shapes.py:tiny", f"--workdir={wd}").check()
-    assert "compare: training" not in again.stdout, again            # resumable: finished runs are skipped
-    assert json.loads((wd / "compare.json").read_text())["models"] == result["models"]
-
-
-def test_parity_ratio_interpolates():
-    from oneflow_jax.evals.compare import parity_ratio
-    assert parity_ratio([(1.0, 0.1), (3.0, 0.5)], 0.3, 4.0) == pytest.approx(2.0 / 4.0)
-    assert parity_ratio([(1.0, 0.1), (3.0, 0.2)], 0.3, 4.0) is None
-    assert parity_ratio([(1.0, 0.4)], 0.3, 4.0) == pytest.approx(0.25)
 
 
 @pytest.fixture(scope="module")

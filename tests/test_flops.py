@@ -62,14 +62,34 @@ def test_analytic_flops_match_xla_cost_analysis(model_kw, max_patches):
     assert abs(analytic / xla - 1) < 0.10, (analytic, xla)
 
 
+def test_ar_step_computes_dense_attention():
+    """The AR baseline's compiled step computes every attention score (a masked dense softmax): the device count,
+    attention not halved, is the one that matches XLA's; the causal-skipping count is below both."""
+    config = load_config("configs/ar_shapes_tiny.py")
+    config.model.update(vocab_size=512, scan_layers=False, remat="none", d_model=64, n_heads=2, n_kv_heads=2,
+                        d_ff=128, patch_head_hidden=64)
+    config.mesh.data = 1
+    config.data.update(global_batch_size=4, seq_len=256, max_patches_per_row=48)
+    result = aot.compile_train_step(config, jax.devices()[:1])
+    xla = aot.xla_flops(result.compiled)
+    dense = flops.train_flops_per_step(result.model_cfg, config.data, "ar")
+    causal = flops.train_flops_per_step(result.model_cfg, config.data, "ar", causal_skipping=True)
+    assert abs(dense / xla - 1) < 0.10, (dense, xla)
+    assert causal < 0.9 * dense and abs(dense / xla - 1) < abs(causal / xla - 1), (dense, causal, xla)
+    assert dense == pytest.approx(flops.train_flops_per_step(result.model_cfg, config.data, "oneflow")
+                                  - 4 * 256 * 3 * 2 * 64 * 2, rel=1e-9)        # only the insert head differs
+
+
 def test_attention_and_heads_are_counted_at_every_position():
     cfg = tiny_model_config()
     row = flops.train_flops_per_row(cfg, 128)
     assert row["attention"] == 4 * 128 ** 2 * cfg.n_heads * cfg.dim_per_head * cfg.n_layers * 3
     assert row["token_head"] == 2 * cfg.d_model * cfg.vocab_size * 128 * 3
     assert row["patch_in"] == 2 * cfg.patch_dim * cfg.d_model * 128 * 2       # data input: no input gradient
-    ar = flops.train_flops_per_row(cfg, 128, "ar")
-    assert ar["attention"] == row["attention"] / 2 and ar["insert_head"] == 0
+    ar = flops.train_flops_per_row(cfg, 128, "ar")                      # dense, as XLA computes it
+    assert ar["attention"] == row["attention"] and ar["insert_head"] == 0
+    assert flops.train_flops_per_row(cfg, 128, "ar", causal_skipping=True)["attention"] == row["attention"] / 2
+    assert flops.train_flops_per_row(cfg, 128, causal_skipping=True)["attention"] == row["attention"]
     assert flops.params(cfg, "ar") == flops.params(cfg) - (2 * cfg.d_model + 2)
     data = config_lib.DataConfig(seq_len=128, global_batch_size=8)
     assert flops.train_flops_per_step(cfg, data) == pytest.approx(8 * sum(row.values()))

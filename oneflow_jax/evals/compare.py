@@ -1,58 +1,149 @@
-"""OneFlow vs the AR+FM baseline at equal model size and matched training FLOPs (reference §7-8, paper Table 1).
+"""OneFlow vs the AR+FM baseline at matched training FLOPs, tuned alike, over model sizes and seeds (reference §7-8,
+paper Table 1). `python -m oneflow_jax.compare --config configs/compare_shapes.py --workdir W` runs it:
 
-    python -m oneflow_jax.compare --config configs/compare_shapes.py --workdir W [--config.budget=0.5 ...]
+1. Tuning, at the smallest width (compare.tune): each model trains at every compare.tune.lr (image-loss weight =
+   the config's), then at every other compare.tune.image_loss_weight with its best lr; best = the highest mean of the
+   metric set's tuning metrics at the final checkpoint. Each model then uses its own best (lr, weight).
+2. The sweep: for each seed (outer, so that every size has one seed before any has two), each width, each model: a
+   training of compare.steps * budget steps on the same data stream (data.shuffle_seed), evaluated at
+   compare.eval_fractions of it. A sweep run equal to a tuning run (seed 0, smallest width) is that run.
+3. The report (evals/compare_report.py): curves of score vs training FLOPs, parity read along them, the cost of
+   each model where both reach the same quality; W/compare.json, W/compare.md, W/compare_*.png.
 
-1. Trains OneFlow (W/oneflow) and AR (W/ar) with the same backbone, codec, data and optimizer (config = the shared
-   run config; model_type is set per run), total_steps = compare.steps * budget, a checkpoint at each
-   1/compare.num_checkpoints of it (all kept).
-2. Evaluates every checkpoint (shapes_eval.evaluate on compare.eval_examples eval documents: caption / generation accuracy
-   and per-attribute accuracy) and times captioning one prompt at a time after a warm-up (latency, network
-   evaluations). Results are cached per checkpoint in W/<model>/compare_eval/step_K.json.
-3. x axis = cumulative training FLOPs = step * flops.train_flops_per_step (device-computed; the useful count, no
-   padding, is reported too). Parity FLOP ratio per metric: the FLOPs at which OneFlow's curve (linearly
-   interpolated) first reaches AR's final score, / AR's final FLOPs (null if never reached or AR's final score is 0;
-   if OneFlow's first checkpoint already reaches it, that checkpoint's FLOPs: an upper bound). Paper Table 1: CIDEr 0.32, DPG 0.49.
-Writes W/compare.json, W/compare.md (table) and W/compare.png (score vs FLOPs, log x, one line per model).
-Resumable: finished trainings and evaluations are skipped, an interrupted training resumes from its checkpoint.
+Every run lives in W/runs/<width>/<model>_lr<lr>_w<weight>_s<seed> and every evaluation is cached there
+(compare_eval/step_K.json): rerunning the command resumes an interrupted training and skips finished work, and the
+report is rewritten after each run, so a partial sweep is readable while the rest trains.
+
+FLOPs (training/flops.py): x = step * the device FLOPs of one step (every position of every packed row, dense
+attention for both models: what XLA computes). Reported too: the count with AR's causal attention halved (what a
+causal-skipping kernel would compute) and the useful count measured on the documents actually packed
+(flops.measured_useful_flops: each document's own length, no padding).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
+import time
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 from oneflow_jax import cli, config_lib
-from oneflow_jax.evals import shapes_eval
-from oneflow_jax.sampling import generate
+from oneflow_jax.evals import compare_report
 from oneflow_jax.training import checkpointing, flops, loop
-from oneflow_jax.training.train_state import build_model
 
 MODELS = ("oneflow", "ar")
-METRICS = {  # name -> path into shapes_eval.evaluate's scores (accuracy: exact match; attributes: mean of the 4)
-    "caption_accuracy": ("caption", "accuracy"), "caption_attributes": ("caption", "attributes"),
-    "generation_accuracy": ("generation", "accuracy"), "generation_attributes": ("generation", "attributes"),
-}
-COLORS = {"oneflow": (31, 119, 180), "ar": (214, 39, 40)}
 
 
-def run_configs(config) -> dict:
-    """{model: run config}: the shared config with model_type, scaled total_steps and the checkpoint schedule."""
-    c = config_lib.resolve(config).compare
-    total = max(int(round(c.steps * config.budget)), c.num_checkpoints)
-    every = int(math.ceil(total / c.num_checkpoints))
-    out = {}
-    for name in MODELS:
-        run = copy.deepcopy(config)
-        run.model_type = name
-        run.total_steps, run.ckpt_every, run.keep_checkpoints = total, every, c.num_checkpoints + 1
-        run.sample_every = 0
-        out[name] = run
-    return out
+# ------------------------------------------------------------------------------------------------ metric sets
 
+class ShapesWorldMetrics:
+    """shapes-world's exact scores (evals/shapes_eval.py) and the captioning / generation cost at batch 1."""
+    names = ("caption_accuracy", "generation_accuracy", "caption_attributes", "generation_attributes")
+    headline = ("caption_accuracy", "generation_accuracy")
+    cost = ("caption_nfe", "caption_latency_s", "generation_nfe", "generation_latency_s")
+
+    @staticmethod
+    def evaluate(run, c, sampler_config) -> dict:
+        from oneflow_jax.evals import shapes_eval
+        scores = shapes_eval.evaluate(run, c.eval_examples, 0, sampler_config, c.eval_batch_size, seed=0,
+                                      latency_requests=c.latency_prompts)
+        out = {}
+        for task in ("caption", "generation"):
+            s = scores[task]["all"]
+            out[f"{task}_accuracy"] = s["accuracy"]
+            out[f"{task}_attributes"] = float(np.mean([s[a] for a in shapes_eval.ATTRS]))
+            out[f"{task}_seen"] = scores[task]["seen"]["accuracy"] if scores[task]["seen"] else None
+            out[f"{task}_held_out"] = scores[task]["held_out"]["accuracy"] if scores[task]["held_out"] else None
+            out[f"{task}_nfe"] = scores[task].get("nfe_per_request")
+            out[f"{task}_latency_s"] = scores[task].get("latency_s")
+        return out
+
+
+# A dataset's metrics plug in here (compare.metric_set): names / headline / cost tuples and evaluate(run, c, scfg).
+METRIC_SETS = {"shapes_world": ShapesWorldMetrics}
+
+
+# ------------------------------------------------------------------------------------------------ the runs
+
+@dataclasses.dataclass(frozen=True, order=True)
+class RunSpec:
+    width: int
+    model: str
+    lr: float
+    image_loss_weight: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"d{self.width}/{self.model}_lr{self.lr:g}_w{self.image_loss_weight:g}_s{self.seed}"
+
+
+def settings(config):
+    """The comparison section, checked: one line for what is wrong."""
+    if "compare" not in config or "budget" not in config:
+        raise cli.UserError("--config must be a comparison config (with 'budget' and 'compare'), e.g. "
+                            "configs/compare_shapes.py")
+    c = config.compare
+    if config.budget <= 0:
+        raise cli.UserError(f"config.budget must be > 0, got {config.budget}")
+    if c.metric_set not in METRIC_SETS:
+        raise cli.UserError(f"compare.metric_set {c.metric_set!r} is not one of {sorted(METRIC_SETS)}")
+    if not c.widths or not c.seeds or not c.tune.lr or not c.tune.image_loss_weight:
+        raise cli.UserError("compare.widths, compare.seeds, compare.tune.lr and compare.tune.image_loss_weight "
+                            "need at least one value each")
+    if any(not 0 < f <= 1 for f in c.eval_fractions):
+        raise cli.UserError(f"compare.eval_fractions must lie in (0, 1], got {tuple(c.eval_fractions)}")
+    if any(w % config.model.n_heads for w in c.widths):
+        raise cli.UserError(f"every compare.widths value must be a multiple of model.n_heads={config.model.n_heads}")
+    return c
+
+
+def total_steps(config) -> int:
+    return max(int(round(config.compare.steps * config.budget)), 1)
+
+
+def eval_steps(config) -> list[int]:
+    n = total_steps(config)
+    return sorted({max(1, int(round(f * n))) for f in config.compare.eval_fractions} | {n})
+
+
+def run_config(config, spec: RunSpec):
+    """The run config of one training: the shared config, the model's type, the width (d_ff and the patch head's
+    hidden layer at compare.ff_mult x width), lr, image-loss weight, seed, and a checkpoint at every eval step."""
+    run = copy.deepcopy(config)
+    c = run.compare
+    run.model_type, run.seed = spec.model, spec.seed
+    run.model.update(d_model=spec.width, d_ff=c.ff_mult * spec.width, patch_head_hidden=c.ff_mult * spec.width)
+    run.optimizer.lr, run.objective.image_loss_weight = spec.lr, spec.image_loss_weight
+    steps = eval_steps(config)
+    run.total_steps = total_steps(config)
+    run.ckpt_every = math.gcd(*steps)
+    run.keep_checkpoints = run.total_steps // run.ckpt_every + 1        # all kept: each is a point of the curve
+    run.sample_every = 0
+    return run
+
+
+def tuning_specs(config, best: dict | None = None) -> list[RunSpec]:
+    """The tuning runs: every lr at the config's image-loss weight, then (given `best` = {model: lr}) every other
+    weight at the model's best lr."""
+    c, w0 = config.compare, float(config.objective.image_loss_weight)
+    width = min(c.widths)
+    if best is None:
+        return [RunSpec(width, m, float(lr), w0, c.seeds[0]) for m in MODELS for lr in c.tune.lr]
+    return [RunSpec(width, m, best[m], float(w), c.seeds[0]) for m in MODELS for w in c.tune.image_loss_weight
+            if float(w) != w0]
+
+
+def sweep_specs(config, best: dict) -> list[RunSpec]:
+    """{model: (lr, weight)} -> the sweep's runs, seeds outermost."""
+    c = config.compare
+    return [RunSpec(int(w), m, *best[m], int(s)) for s in c.seeds for w in c.widths for m in MODELS]
+
+
+# ------------------------------------------------------------------------------------------------ train and evaluate
 
 def checkpoint_steps(workdir: str) -> list[int]:
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
@@ -63,134 +154,138 @@ def checkpoint_steps(workdir: str) -> list[int]:
     return steps
 
 
-def evaluate_checkpoint(workdir: str, step: int, config, sampler_overrides: dict | None = None) -> dict:
-    """Scores of one checkpoint, cached in workdir/compare_eval/step_K.json. The sampler is the run's with
-    compare.sampler_steps and then `sampler_overrides` (cli.sampler_overrides)."""
-    path = os.path.join(workdir, "compare_eval", f"step_{step}.json")
-    if os.path.exists(path):
+def ensure_trained(config, spec: RunSpec, workdir: str, progress: str) -> bool:
+    """Trains the run to its last step unless its checkpoints are there; False if it was preempted."""
+    run = run_config(config, spec)
+    wd = os.path.join(workdir, "runs", spec.name)
+    if (checkpoint_steps(wd) or [0])[-1] >= run.total_steps:
+        return True
+    cli.say(f"compare: {progress} training {spec.name} ({run.total_steps} steps)")
+    loop.train(run, wd)
+    reached = (checkpoint_steps(wd) or [0])[-1]
+    if reached < run.total_steps:         # SIGTERM: train saved and returned; a rerun resumes
+        cli.say(f"compare: {spec.name} stopped at step {reached} of {run.total_steps} (preempted); rerun the same "
+                "command to resume")
+        return False
+    return True
+
+
+def evaluate(config, spec: RunSpec, workdir: str, steps, sampler_overrides: dict | None = None) -> list[dict]:
+    """The metric set's scores at each of `steps`, cached per checkpoint in the run's compare_eval/step_K.json."""
+    from oneflow_jax.sampling import generate
+    c = config.compare
+    wd = os.path.join(workdir, "runs", spec.name)
+    out = []
+    for step in steps:
+        path = os.path.join(wd, "compare_eval", f"step_{step}.json")
+        if not os.path.exists(path):
+            t0 = time.perf_counter()
+            run = generate.load_run(wd, step)
+            scfg = config_lib.sampler_config(run.config, **(sampler_overrides or {}))
+            scores = dict(step=step, **METRIC_SETS[c.metric_set].evaluate(run, c, scfg))
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path + ".tmp", "w") as f:
+                json.dump(scores, f, indent=1)
+            os.replace(path + ".tmp", path)
+            cli.say(f"compare: {spec.name} step {step}: " + ", ".join(
+                f"{k} {scores[k]:.3f}" for k in METRIC_SETS[c.metric_set].headline) +
+                f" ({time.perf_counter() - t0:.0f} s)")
         with open(path) as f:
-            return json.load(f)
-    c = config_lib.resolve(config).compare
-    run = generate.load_run(workdir, step)
-    scfg = config_lib.sampler_config(run.config, **{"steps": c.sampler_steps, **(sampler_overrides or {})})
-    scores = shapes_eval.evaluate(run, c.eval_examples, c.num_free, scfg, c.eval_batch_size, seed=0,
-                                  latency_requests=c.latency_prompts)
-    out = {"step": step, "caption_latency_s": scores["caption"]["latency_s"],
-           "caption_nfe": scores["caption"]["nfe_per_request"]}
-    for name, (task, key) in METRICS.items():
-        s = scores[task]["all"]
-        out[name] = s["accuracy"] if key == "accuracy" else float(np.mean([s[a] for a in shapes_eval.ATTRS]))
-    out["eval"] = {k: scores[k] for k in ("caption", "generation", "interleaved_consistency")}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(path + ".tmp", path)
+            out.append(json.load(f))
     return out
 
 
-def parity_ratio(oneflow_curve, ar_final_score: float, ar_final_flops: float):
-    """FLOPs at which OneFlow's score curve [(flops, score)] first reaches `ar_final_score` / AR's final FLOPs."""
-    if ar_final_score <= 0:
-        return None               # AR scored nothing: no parity point to reach
-    prev = None
-    for f, s in oneflow_curve:
-        if s >= ar_final_score:
-            if prev is None or s == prev[1]:
-                return f / ar_final_flops
-            f0, s0 = prev
-            return (f0 + (ar_final_score - s0) / (s - s0) * (f - f0)) / ar_final_flops
-        prev = (f, s)
-    return None
+def flop_counts(config, spec: RunSpec, workdir: str) -> dict:
+    """Per-step FLOP counts of a run (cached in its compare_flops.json: measuring the useful count reads batches)."""
+    wd = os.path.join(workdir, "runs", spec.name)
+    path = os.path.join(wd, "compare_flops.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    run = config_lib.resolve(run_config(config, spec))
+    tok = loop.load_run_tokenizer(run, wd)
+    from oneflow_jax.training.train_state import build_model
+    model, codec = build_model(run, tok.vocab_size)
+    out = dict(params=flops.params(model.cfg, spec.model),
+               params_non_embedding=flops.params_non_embedding(model.cfg, spec.model),
+               train_flops_per_step=flops.train_flops_per_step(model.cfg, run.data, spec.model),
+               train_flops_per_step_causal=flops.train_flops_per_step(model.cfg, run.data, spec.model,
+                                                                      causal_skipping=True),
+               **flops.measured_useful_flops(run, model.cfg, tok, codec, config.compare.useful_flops_batches))
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    return out
+
+
+def run_record(config, spec: RunSpec, workdir: str, steps, sampler_overrides=None) -> dict:
+    counts = flop_counts(config, spec, workdir)
+    points = []
+    for ev in evaluate(config, spec, workdir, steps, sampler_overrides):
+        points.append(dict(ev, train_flops=ev["step"] * counts["train_flops_per_step"],
+                           train_flops_causal=ev["step"] * counts["train_flops_per_step_causal"],
+                           useful_train_flops=ev["step"] * counts["useful_train_flops_per_step"]))
+    return dict(dataclasses.asdict(spec), name=spec.name, **counts, points=points)
+
+
+# ------------------------------------------------------------------------------------------------ the whole thing
+
+def tuning_score(record: dict, metric_set) -> float:
+    """The mean of the metric set's headline metrics at the run's final checkpoint."""
+    return float(np.mean([record["points"][-1][m] for m in metric_set.headline]))
+
+
+def best_settings(records: dict, specs, metric_set) -> dict:
+    """{model: (lr, image-loss weight)} of each model's best-scoring run among `specs` (ties: the first)."""
+    best = {}
+    for m in MODELS:
+        runs = [s for s in specs if s.model == m]
+        top = max(runs, key=lambda s: tuning_score(records[s.name], metric_set))   # max keeps the first of ties
+        best[m] = (top.lr, top.image_loss_weight)
+    return best
 
 
 def compare(config, workdir: str, sampler_overrides: dict | None = None) -> dict | None:
-    """Trains what is missing, evaluates every checkpoint, writes the results; None if a training was preempted."""
-    runs = run_configs(config)
-    for name, run in runs.items():
-        wd = os.path.join(workdir, name)
-        if (checkpoint_steps(wd) or [0])[-1] < run.total_steps:
-            cli.say(f"compare: training {name} to step {run.total_steps} in {wd}")
-            loop.train(run, wd)
-            reached = (checkpoint_steps(wd) or [0])[-1]
-            if reached < run.total_steps:   # preempted (SIGTERM: train saved and returned): stop, rerun resumes
-                cli.say(f"compare: {name} stopped at step {reached} of {run.total_steps} (preempted); "
-                               "rerun the same command to resume")
-                return None
-    result = {"budget": config.budget, "models": {}, "parity_flop_ratio": {},
-              "paper_parity_flop_ratio": {"cider": 0.32, "dpg": 0.49}}
-    for name, run in runs.items():
-        wd = os.path.join(workdir, name)
-        tok = loop.load_run_tokenizer(run, wd)
-        model, _ = build_model(run, tok.vocab_size)
-        per_step = flops.train_flops_per_step(model.cfg, config_lib.resolve(run).data, name)
-        useful = flops.report(run)["train_flops_per_step_useful"]
-        points = []
-        for step in checkpoint_steps(wd):
-            cli.say(f"compare: evaluating {name} step {step}")
-            ev = evaluate_checkpoint(wd, step, config, sampler_overrides)
-            points.append(dict(step=step, train_flops=step * per_step, useful_train_flops=step * useful,
-                               **{k: ev[k] for k in METRICS}, caption_latency_s=ev["caption_latency_s"],
-                               caption_nfe=ev["caption_nfe"]))
-        result["models"][name] = dict(params=flops.params(model.cfg, name), train_flops_per_step=per_step,
-                                      useful_train_flops_per_step=useful, total_steps=run.total_steps,
-                                      points=points)
-    of, ar = result["models"]["oneflow"]["points"], result["models"]["ar"]["points"]
-    for metric in METRICS:
-        result["parity_flop_ratio"][metric] = parity_ratio(
-            [(p["train_flops"], p[metric]) for p in of], ar[-1][metric], ar[-1]["train_flops"]) if of and ar else None
-    with open(os.path.join(workdir, "compare.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(workdir, "compare.md"), "w") as f:
-        f.write(markdown(result))
-    plot(result, os.path.join(workdir, "compare.png"))
-    cli.say(markdown(result))
+    """Tunes, trains and evaluates what is missing, writes the report after each run; None if preempted."""
+    c = settings(config)
+    metric_set = METRIC_SETS[c.metric_set]
+    final = [total_steps(config)]
+    records: dict[str, dict] = {}
+    state = dict(best=None, tuning=[], sweep=[])      # what the report shows: run names in order, the chosen settings
+    meta = dict(commit=compare_report.git_commit(), budget=config.budget, metric_set=c.metric_set,
+                config=json.loads(config_lib.config_to_json(config)), sampler_overrides=sampler_overrides or {})
+
+    def report():
+        result = compare_report.build(records, state, config, metric_set, meta)
+        compare_report.write(result, workdir)
+        return result
+
+    def do(specs, steps, label):
+        for i, spec in enumerate(specs):
+            if not ensure_trained(config, spec, workdir, f"[{label} {i + 1}/{len(specs)}]"):
+                return False
+            records[spec.name] = run_record(config, spec, workdir, steps, sampler_overrides)
+            report()
+        return True
+
+    t0 = time.perf_counter()
+    lr_runs = tuning_specs(config)
+    state["tuning"] = [s.name for s in lr_runs]
+    if not do(lr_runs, final, "tuning lr"):
+        return None
+    best_lr = {m: lw[0] for m, lw in best_settings(records, lr_runs, metric_set).items()}
+    weight_runs = tuning_specs(config, best_lr)
+    state["tuning"] += [s.name for s in weight_runs]
+    if not do(weight_runs, final, "tuning image-loss weight"):
+        return None
+    state["best"] = best_settings(records, [s for s in lr_runs + weight_runs if s.lr == best_lr[s.model]],
+                                  metric_set)
+    cli.say("compare: tuned " + ", ".join(f"{m}: lr {lr:g}, image-loss weight {w:g}"
+                                          for m, (lr, w) in state["best"].items()))
+    sweep = sweep_specs(config, state["best"])
+    state["sweep"] = [s.name for s in sweep]
+    if not do(sweep, eval_steps(config), "sweep"):
+        return None
+    result = report()
+    cli.say(compare_report.markdown(result))
+    cli.say(f"compare: done in {time.perf_counter() - t0:.0f} s; {workdir}/compare.md")
     return result
-
-
-def markdown(result) -> str:
-    cols = list(METRICS) + ["caption_latency_s", "caption_nfe"]
-    lines = [f"# OneFlow vs AR+FM (budget {result['budget']})", "",
-             "| model | step | train FLOPs | useful FLOPs | " + " | ".join(cols) + " |",
-             "|---|---:|---:|---:|" + "---:|" * len(cols)]
-    for name, m in result["models"].items():
-        for p in m["points"]:
-            vals = " | ".join(f"{p[c]:.3f}" if c != "caption_latency_s" else f"{p[c] * 1e3:.0f} ms" for c in cols)
-            lines.append(f"| {name} | {p['step']} | {p['train_flops']:.3g} | {p['useful_train_flops']:.3g} | {vals} |")
-    lines += ["", "Parity FLOP ratio (OneFlow FLOPs to reach AR's final score / AR's final FLOPs; paper: CIDEr 0.32, "
-              "DPG 0.49):", ""]
-    for k, v in result["parity_flop_ratio"].items():
-        lines.append(f"- {k}: {'not reached' if v is None else f'{v:.3f}'}")
-    return "\n".join(lines) + "\n"
-
-
-def plot(result, path: str, panel=(360, 260)) -> None:
-    """Score vs cumulative training FLOPs (log x), one panel per metric, one line per model (PIL, no matplotlib)."""
-    pw, ph = panel
-    img = Image.new("RGB", (2 * pw, 2 * ph + 20), "white")
-    d = ImageDraw.Draw(img)
-    all_f = [p["train_flops"] for m in result["models"].values() for p in m["points"]] or [1.0]
-    lo, hi = math.log10(min(all_f)), math.log10(max(all_f))
-    hi = hi if hi > lo else lo + 1
-    for i, metric in enumerate(METRICS):
-        ox, oy = (i % 2) * pw, (i // 2) * ph + 20
-        x0, x1, y0, y1 = ox + 45, ox + pw - 15, oy + ph - 35, oy + 20
-        d.rectangle([x0, y1, x1, y0], outline="black")
-        d.text((ox + 50, oy + 4), metric, fill="black")
-        for v in (0.0, 0.5, 1.0):
-            y = y0 + v * (y1 - y0)
-            d.text((ox + 18, y - 6), f"{v:.1f}", fill="black")
-        ticks = [e for e in range(math.floor(lo), math.ceil(hi) + 1) if lo <= e <= hi] or [lo, hi]
-        for e in ticks:
-            x = x0 + (e - lo) / (hi - lo) * (x1 - x0)
-            d.line([x, y0, x, y0 + 4], fill="black")
-            d.text((x - 16, y0 + 8), f"{10 ** e:.1e}", fill="black")
-        d.text((x1 - 70, y0 + 20), "training FLOPs", fill="black")
-        for name, m in result["models"].items():
-            pts = [(x0 + (math.log10(p["train_flops"]) - lo) / (hi - lo) * (x1 - x0), y0 + p[metric] * (y1 - y0))
-                   for p in m["points"]]
-            if len(pts) > 1:
-                d.line(pts, fill=COLORS[name], width=2)
-            for x, y in pts:
-                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=COLORS[name])
-    d.text((10, 4), "score vs training FLOPs (log x):  blue = OneFlow, red = AR+FM", fill="black")
-    img.save(path)

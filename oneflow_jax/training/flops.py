@@ -5,10 +5,12 @@ Two counts (reference §8, MaxText's convention: matmuls x3 for forward + backwa
   * device FLOPs: what one train step really computes. Every packed row has `data.seq_len` positions, padding
     included, and models/transformer.py runs everything at every position: the Q head over the whole vocabulary, the insert and
     velocity heads, patch-in and the t_img MLP (also at text positions, unless data.max_patches_per_row > 0 limits
-    them to that many slots per row), and dense attention over the whole row (4 L^2 H d_head forward;
-    bidirectional, so no causal halving). `train_flops_per_step` is this number.
-  * useful FLOPs: the same network on an *average document's* X_t only, no padding, attention inside the document
-    only, each head only where its loss reads it. Under the interleaved schedule (reference §4) the text keep rate is
+    them to that many slots per row), and dense attention over the whole row (4 L^2 H d_head forward, for both
+    methods: XLA's masked attention computes every score, causal or not). `train_flops_per_step` is this number;
+    `causal_skipping=True` halves a causal method's attention (what a block-skipping kernel would compute).
+  * useful FLOPs: the same network on the documents' X_t only, no padding, attention inside the document only
+    (halved for causal), each head only where its loss reads it: `measured_useful_flops` on the batches a run really
+    packs (the FLOP comparison), `report` analytically for an average document (DocStats). Under the interleaved schedule (reference §4) the text keep rate is
     E[kappa(min(tau, 1))], tau ~ U[0, 2]: with kappa(t) = t that is 3/4, not 1/2 (t_text = 1 half the time); the
     independent schedule (t ~ U[0, 1]) gives the 1/2 of the paper's FLOP argument.
 Model FLOPs only: rematerialisation re-runs the forward pass but is not counted (MFU, not HFU). Backward = 2x the
@@ -17,8 +19,8 @@ gradient, 1x. Attention backward = 2x forward (XLA's dense attention; FlashAtten
 
 The train loop logs throughput with `train_flops_per_step(model.cfg, config.data, config.model_type)` once and
 `throughput_metrics(...)` per log window. Every count takes the method's name (methods.METHODS); what differs is what
-the Method says: causal attention (halved), no insert head, an EOS (the AR+FM baseline, reference §7: next-token LM
-over the clean sequence BOS, text, `<image>` = BOI + patches, EOS; objectives/ar_objective.py).
+the Method says: causal attention (halved where counted as skipped), no insert head, an EOS (the AR+FM baseline,
+reference §7: next-token LM over the clean sequence BOS, text, `<image>` = BOI + patches, EOS; objectives/ar_objective.py).
 """
 from __future__ import annotations
 
@@ -99,28 +101,33 @@ def train_flops_per_position(cfg: ModelConfig, model_type: str = "oneflow") -> d
             for k, v in forward_flops_per_position(cfg, model_type).items()}
 
 
-def attention_train_flops(cfg: ModelConfig, length_sq: float, model_type: str = "oneflow") -> float:
-    """QK^T and AV over `length_sq` = L^2 query-key pairs, all layers, forward + backward (reference §8)."""
-    causal = 0.5 if methods.get(model_type).causal else 1.0
-    return causal * 4.0 * length_sq * cfg.n_heads * cfg.dim_per_head * cfg.n_layers * (1.0 + BWD_ATTENTION)
+def attention_train_flops(cfg: ModelConfig, length_sq: float, model_type: str = "oneflow",
+                          causal_skipping: bool = False) -> float:
+    """QK^T and AV over `length_sq` = L^2 query-key pairs, all layers, forward + backward (reference §8). Every pair
+    is computed (XLA's dense masked attention, for both methods); `causal_skipping` halves a causal method's pairs,
+    what a kernel that skips masked blocks would compute."""
+    half = 0.5 if causal_skipping and methods.get(model_type).causal else 1.0
+    return half * 4.0 * length_sq * cfg.n_heads * cfg.dim_per_head * cfg.n_layers * (1.0 + BWD_ATTENTION)
 
 
 _IMAGE_PARTS = ("patch_in", "time_mlp_in", "time_mlp_out", "patch_hidden", "patch_out")
 
 
 def train_flops_per_row(cfg: ModelConfig, seq_len: int, model_type: str = "oneflow",
-                        patch_slots: int = 0) -> dict[str, float]:
+                        patch_slots: int = 0, causal_skipping: bool = False) -> dict[str, float]:
     """Device FLOPs of one packed row: every part at every one of the seq_len positions, dense attention; with
     `patch_slots` > 0 (data.max_patches_per_row) the image parts at that many positions only."""
     per_pos = train_flops_per_position(cfg, model_type)
     out = {k: v * (patch_slots if patch_slots and k in _IMAGE_PARTS else seq_len) for k, v in per_pos.items()}
-    out["attention"] = attention_train_flops(cfg, float(seq_len) ** 2, model_type)
+    out["attention"] = attention_train_flops(cfg, float(seq_len) ** 2, model_type, causal_skipping)
     return out
 
 
-def train_flops_per_step(model_cfg: ModelConfig, data_cfg, model_type: str = "oneflow") -> float:
-    """Device-computed training FLOPs of one global step: global_batch_size rows of data.seq_len positions."""
-    row = train_flops_per_row(model_cfg, data_cfg.seq_len, model_type, data_cfg.max_patches_per_row)
+def train_flops_per_step(model_cfg: ModelConfig, data_cfg, model_type: str = "oneflow",
+                         causal_skipping: bool = False) -> float:
+    """Device-computed training FLOPs of one global step: global_batch_size rows of data.seq_len positions (with
+    `causal_skipping`, a causal method's attention halved: the second count of the FLOP comparison)."""
+    row = train_flops_per_row(model_cfg, data_cfg.seq_len, model_type, data_cfg.max_patches_per_row, causal_skipping)
     return float(sum(row.values())) * data_cfg.global_batch_size
 
 
@@ -209,12 +216,47 @@ def ar_sequence(doc: DocStats, num_patches: int) -> dict[str, float]:
 def useful_train_flops_per_document(cfg: ModelConfig, seq: dict[str, float], model_type: str = "oneflow") -> float:
     """Training FLOPs of one document of the given sequence moments: the backbone at every position, the text heads
     (Q, insert) at text positions, the image parts (patch-in, t_img MLP, velocity) at patch positions, attention over
-    the document only."""
+    the document only (causal attention halved: useful work skips the masked half)."""
     per_pos = train_flops_per_position(cfg, model_type)
     text_part = per_pos["token_head"] + per_pos["insert_head"]
     image_part = sum(per_pos[k] for k in _IMAGE_PARTS)
     return (per_pos["backbone"] * seq["length"] + text_part * seq["text_positions"]
-            + image_part * seq["patch_positions"] + attention_train_flops(cfg, seq["length_sq"], model_type))
+            + image_part * seq["patch_positions"]
+            + attention_train_flops(cfg, seq["length_sq"], model_type, causal_skipping=True))
+
+
+def packed_documents(batch: dict) -> list[dict[str, float]]:
+    """The sequence moments of every document of a packed batch (segment_ids, is_patch): its length, length^2,
+    text positions and patch positions, as useful_train_flops_per_document takes them."""
+    seg, is_patch = np.asarray(batch["segment_ids"]), np.asarray(batch["is_patch"], bool)
+    docs = []
+    for row, patches in zip(seg, is_patch):
+        for s in np.unique(row[row > 0]):
+            where = row == s
+            n, p = float(np.count_nonzero(where)), float(np.count_nonzero(where & patches))
+            docs.append(dict(length=n, length_sq=n * n, text_positions=n - p, patch_positions=p))
+    return docs
+
+
+def measured_useful_flops(config, model_cfg: ModelConfig, tokenizer, codec, num_batches: int = 50) -> dict:
+    """The useful count measured on the documents the run really packs: its first `num_batches` training batches
+    (the run's pipeline and seed), each document at its own X_t (OneFlow) or clean sequence (AR) length. Returns the
+    useful FLOPs per step, the documents and positions per row, and the fraction of row positions filled."""
+    from oneflow_jax.data import input_pipeline
+    it = input_pipeline.create_train_iterator(config, process_index=0, process_count=1, codec=codec,
+                                              tokenizer=tokenizer, seed=config.seed)
+    useful = n_docs = filled = 0.0
+    rows = 0
+    for _ in range(num_batches):
+        docs = packed_documents(next(it))
+        rows += config.data.global_batch_size
+        n_docs += len(docs)
+        filled += sum(d["length"] for d in docs)
+        useful += sum(useful_train_flops_per_document(model_cfg, d, config.model_type) for d in docs)
+    steps = float(num_batches)
+    return dict(useful_train_flops_per_step=useful / steps, documents_per_row=n_docs / rows,
+                positions_per_document=filled / max(n_docs, 1.0), packing_fill=filled / (rows * config.data.seq_len),
+                useful_flops_batches=num_batches)
 
 
 # ------------------------------------------------------------------------------------------------ from a run config

@@ -1,0 +1,323 @@
+"""The FLOP comparison's report (evals/compare.py runs the trainings): seed-averaged curves of score vs training
+FLOPs, parity read along them, the cost where both models reach the same quality; compare.json, compare.md and the
+figures compare_curves.png (score vs FLOPs per size) and compare_parity.png (parity ratio vs model size).
+
+Parity (paper Table 1 reads it at AR's final score): for a target score s, F_m(s) is the training FLOPs at which
+model m's curve first reaches s (linear interpolation between evaluated checkpoints), and the ratio is
+F_oneflow(s) / F_ar(s): below 1, OneFlow needs fewer FLOPs. Targets are fractions (compare.parity_levels) of AR's
+final score and, for the reverse reading, of OneFlow's final score. A curve that reaches s at its first checkpoint
+gives an upper bound on its F (marked <= / >= in the ratio); one that never reaches s gives a bound from its last
+checkpoint (> / <). The paper's own definition, F_oneflow(AR's final score) / AR's total FLOPs, is `paper`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import numpy as np
+
+MODELS = ("oneflow", "ar")
+LABELS = {"oneflow": "OneFlow", "ar": "AR+FM"}
+COLORS = {"oneflow": "tab:blue", "ar": "tab:red"}
+PAPER = {"CIDEr": 0.32, "DPG": 0.49, "FID": 0.97}
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (with '+dirty' for uncommitted changes), None outside a git checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------------ curves
+
+def mean_curve(records: list[dict], metrics, cost) -> list[dict]:
+    """Seed-averaged points at the steps every record has: each metric's mean and [min, max] over seeds."""
+    steps = sorted(set.intersection(*[{p["step"] for p in r["points"]} for r in records]))
+    out = []
+    for step in steps:
+        pts = [next(p for p in r["points"] if p["step"] == step) for r in records]
+        point = {k: float(np.mean([p[k] for p in pts])) for k in ("train_flops", "train_flops_causal",
+                                                                  "useful_train_flops")}
+        point.update(step=step, seeds=len(pts))
+        for m in metrics:
+            vals = [p[m] for p in pts]
+            point[m], point[m + "_range"] = float(np.mean(vals)), [float(min(vals)), float(max(vals))]
+        for k in cost:
+            vals = [p[k] for p in pts if p.get(k) is not None]
+            point[k] = float(np.mean(vals)) if vals else None
+        out.append(point)
+    return out
+
+
+def first_reach(curve: list[tuple[float, float]], target: float):
+    """(FLOPs at which the curve [(flops, score)] first reaches `target`, how): 'exact' (interpolated), 'upper'
+    (its first point already does: at most that), or (None, 'never')."""
+    prev = None
+    for f, s in curve:
+        if s >= target:
+            if prev is None:
+                return f, "upper"
+            f0, s0 = prev
+            return f0 + (target - s0) / (s - s0) * (f - f0), "exact"
+        prev = (f, s)
+    return None, "never"
+
+
+def parity_at(of: list, ar: list, target: float) -> dict:
+    """F_oneflow(target) / F_ar(target) with what kind of number it is: '=', '<=', '>=', '~' (both upper bounds),
+    '>' (OneFlow never reaches it: bound from its last FLOPs), '<' (AR never does), or None if neither does."""
+    f_of, how_of = first_reach(of, target)
+    f_ar, how_ar = first_reach(ar, target)
+    if how_of == "never" and how_ar == "never":
+        return dict(target=target, ratio=None, kind=None)
+    if how_of == "never":
+        return dict(target=target, ratio=of[-1][0] / f_ar, kind=">")
+    if how_ar == "never":
+        return dict(target=target, ratio=f_of / ar[-1][0], kind="<")
+    kind = {("exact", "exact"): "=", ("upper", "exact"): "<=", ("exact", "upper"): ">=", ("upper", "upper"): "~"}
+    return dict(target=target, ratio=f_of / f_ar, kind=kind[how_of, how_ar], oneflow_flops=f_of, ar_flops=f_ar)
+
+
+def parity(of_points, ar_points, metric: str, levels) -> dict:
+    """Parity of one metric along the curves (see the module docstring)."""
+    of = [(p["train_flops"], p[metric]) for p in of_points]
+    ar = [(p["train_flops"], p[metric]) for p in ar_points]
+    out = {"ar_final": ar[-1][1], "oneflow_final": of[-1][1]}
+    if ar[-1][1] > 0:
+        out["of_ar_final"] = {f"{lv:g}": parity_at(of, ar, lv * ar[-1][1]) for lv in levels}
+        f_of, how = first_reach(of, ar[-1][1])
+        out["paper"] = dict(ratio=(f_of / ar[-1][0]) if f_of is not None else of[-1][0] / ar[-1][0],
+                            kind={"exact": "=", "upper": "<=", "never": ">"}[how])
+    if of[-1][1] > 0:
+        out["of_oneflow_final"] = {f"{lv:g}": parity_at(of, ar, lv * of[-1][1]) for lv in levels}
+    return out
+
+
+def equal_quality_cost(of_points, ar_points, metric: str, cost) -> dict | None:
+    """Each model's first evaluated checkpoint reaching the quality both reach (the lower final score): its step,
+    FLOPs, score and sampling cost."""
+    q = min(of_points[-1][metric], ar_points[-1][metric])
+    if q <= 0:
+        return None
+    out = {"quality": q}
+    for name, pts in (("oneflow", of_points), ("ar", ar_points)):
+        p = next(p for p in pts if p[metric] >= q)
+        out[name] = {k: p[k] for k in ("step", "train_flops", metric, *cost)}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the result
+
+def build(records: dict, state: dict, config, metric_set, meta: dict) -> dict:
+    """compare.json's content from the run records so far (compare.compare's `records`, `state`)."""
+    c = config.compare
+    levels = [float(x) for x in c.parity_levels]
+    result = dict(meta, models=list(MODELS), widths=[int(w) for w in c.widths], seeds=[int(s) for s in c.seeds],
+                  metrics=list(metric_set.names), headline=list(metric_set.headline), cost=list(metric_set.cost),
+                  parity_levels=levels, paper_parity_flop_ratio=PAPER, best=state.get("best"),
+                  tuning=[], runs={}, curves={}, parity={}, parity_per_seed={}, equal_quality={})
+    for name in state.get("tuning", []):
+        if name in records:
+            r = records[name]
+            result["tuning"].append(dict(name=name, model=r["model"], lr=r["lr"], image_loss_weight=r["image_loss_weight"],
+                                         **{m: r["points"][-1][m] for m in metric_set.headline},
+                                         score=float(np.mean([r["points"][-1][m] for m in metric_set.headline]))))
+    for name in state.get("sweep", []):
+        if name in records:
+            result["runs"][name] = records[name]
+    for w in result["widths"]:
+        by_model = {m: [r for r in result["runs"].values() if r["width"] == w and r["model"] == m] for m in MODELS}
+        if not all(by_model.values()):
+            continue
+        key = f"d{w}"
+        curves = {m: dict(params=by_model[m][0]["params"], seeds=[r["seed"] for r in by_model[m]],
+                          points=mean_curve(by_model[m], metric_set.names, metric_set.cost)) for m in MODELS}
+        result["curves"][key] = curves
+        of, ar = curves["oneflow"]["points"], curves["ar"]["points"]
+        result["parity"][key] = {m: parity(of, ar, m, levels) for m in metric_set.headline}
+        result["equal_quality"][key] = {m: equal_quality_cost(of, ar, m, metric_set.cost) for m in metric_set.headline}
+        seeds = sorted({r["seed"] for r in by_model["oneflow"]} & {r["seed"] for r in by_model["ar"]})
+        per_seed = {}
+        for s in seeds:
+            pair = {m: next(r for r in by_model[m] if r["seed"] == s)["points"] for m in MODELS}
+            per_seed[str(s)] = {m: parity(pair["oneflow"], pair["ar"], m, levels) for m in metric_set.headline}
+        result["parity_per_seed"][key] = per_seed
+    return result
+
+
+def write(result: dict, workdir: str) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    for name, text in (("compare.json", json.dumps(result, indent=1)), ("compare.md", markdown(result))):
+        with open(os.path.join(workdir, name + ".tmp"), "w") as f:
+            f.write(text)
+        os.replace(os.path.join(workdir, name + ".tmp"), os.path.join(workdir, name))
+    if result["curves"]:
+        plot_curves(result, os.path.join(workdir, "compare_curves.png"))
+        plot_parity(result, os.path.join(workdir, "compare_parity.png"))
+
+
+# ------------------------------------------------------------------------------------------------ markdown
+
+def fmt_ratio(entry: dict | None) -> str:
+    if not entry or entry.get("ratio") is None:
+        return "neither reaches"
+    kind = entry["kind"]
+    return f"{'' if kind == '=' else kind + ' '}{entry['ratio']:.2f}"
+
+
+def markdown(result: dict) -> str:
+    head = result["headline"]
+    lines = [f"# OneFlow vs AR+FM at matched training FLOPs (commit {result.get('commit')}, budget "
+             f"{result['budget']}, metric set {result['metric_set']})", ""]
+    if result["tuning"]:
+        lines += ["## Tuning (smallest width, final checkpoint)", "",
+                  "| model | lr | image-loss weight | " + " | ".join(head) + " | score |",
+                  "|---|---:|---:|" + "---:|" * (len(head) + 1)]
+        for t in result["tuning"]:
+            lines.append(f"| {LABELS[t['model']]} | {t['lr']:g} | {t['image_loss_weight']:g} | "
+                         + " | ".join(f"{t[m]:.3f}" for m in head) + f" | {t['score']:.3f} |")
+        if result.get("best"):
+            lines += ["", "Chosen: " + ", ".join(f"{LABELS[m]} lr {lr:g}, weight {w:g}"
+                                                 for m, (lr, w) in result["best"].items()), ""]
+    if result["parity"]:
+        levels = [f"{lv:g}" for lv in result["parity_levels"]]
+        lines += ["## Parity FLOP ratio (OneFlow FLOPs / AR FLOPs to first reach a score; < 1: OneFlow cheaper)", "",
+                  "Targets: fractions of AR's final score; `paper`: FLOPs OneFlow needs to reach AR's final score / "
+                  "AR's total FLOPs (paper Table 1: CIDEr 0.32, DPG 0.49, FID 0.97). Seed-averaged curves; the "
+                  "per-seed range in brackets.", "",
+                  "| size | params | metric | AR final | OneFlow final | " + " | ".join(f"{lv} x AR" for lv in levels)
+                  + " | paper |", "|---|---:|---|---:|---:|" + "---:|" * (len(levels) + 1)]
+        for key, per_metric in result["parity"].items():
+            params = result["curves"][key]["oneflow"]["params"]
+            for m, p in per_metric.items():
+                cells = []
+                for lv in levels:
+                    cell = fmt_ratio(p.get("of_ar_final", {}).get(lv))
+                    seeds = [s[m].get("of_ar_final", {}).get(lv) for s in result["parity_per_seed"][key].values()]
+                    if len(seeds) > 1:
+                        cell += " [" + ", ".join(fmt_ratio(s) for s in seeds) + "]"
+                    cells.append(cell)
+                lines.append(f"| {key} | {params / 1e6:.2f}M | {m} | {p['ar_final']:.3f} | {p['oneflow_final']:.3f} | "
+                             + " | ".join(cells) + f" | {fmt_ratio(p.get('paper'))} |")
+        lines += ["", "Reverse reading (targets: fractions of OneFlow's final score):", "",
+                  "| size | metric | " + " | ".join(f"{lv} x OneFlow" for lv in levels) + " |",
+                  "|---|---|" + "---:|" * len(levels)]
+        for key, per_metric in result["parity"].items():
+            for m, p in per_metric.items():
+                lines.append(f"| {key} | {m} | " + " | ".join(fmt_ratio(p.get("of_oneflow_final", {}).get(lv))
+                                                             for lv in levels) + " |")
+    if result["equal_quality"]:
+        cost = result["cost"]
+        lines += ["", "## Cost at equal quality (each model's first checkpoint reaching the lower final score)", "",
+                  "| size | metric | quality | model | step | train FLOPs | " + " | ".join(cost) + " |",
+                  "|---|---|---:|---|---:|---:|" + "---:|" * len(cost)]
+        for key, per_metric in result["equal_quality"].items():
+            for m, e in per_metric.items():
+                if not e:
+                    continue
+                for model in MODELS:
+                    row = e[model]
+                    lines.append(f"| {key} | {m} | {e['quality']:.3f} | {LABELS[model]} | {row['step']} | "
+                                 f"{row['train_flops']:.3g} | " + " | ".join(_num(row.get(k)) for k in cost) + " |")
+    if result["runs"]:
+        lines += ["", "## Runs (FLOPs per training step: device = dense attention, as run; causal = AR's attention "
+                  "halved; useful = the packed documents only)", "",
+                  "| run | params | device | causal | useful | documents / row | positions / document | fill | "
+                  + " | ".join(f"final {m}" for m in head) + " |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(head)]
+        for name, r in sorted(result["runs"].items()):
+            lines.append(f"| {name} | {r['params'] / 1e6:.2f}M | {r['train_flops_per_step']:.3g} | "
+                         f"{r['train_flops_per_step_causal']:.3g} | {r['useful_train_flops_per_step']:.3g} | "
+                         f"{r['documents_per_row']:.2f} | {r['positions_per_document']:.1f} | {r['packing_fill']:.2f} | "
+                         + " | ".join(f"{r['points'][-1][m]:.3f}" for m in head) + " |")
+    if result["curves"]:
+        lines += ["", "## Curves (seed mean [min, max])", "",
+                  "| size | model | step | train FLOPs | " + " | ".join(head) + " |",
+                  "|---|---|---:|---:|" + "---:|" * len(head)]
+        for key, curves in result["curves"].items():
+            for model in MODELS:
+                for p in curves[model]["points"]:
+                    cells = [f"{p[m]:.3f}" + (f" [{p[m + '_range'][0]:.2f}, {p[m + '_range'][1]:.2f}]"
+                                              if p["seeds"] > 1 else "") for m in head]
+                    lines.append(f"| {key} | {LABELS[model]} | {p['step']} | {p['train_flops']:.3g} | "
+                                 + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _num(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v * 1e3:.0f} ms" if isinstance(v, float) and v < 1 and v != 0 else f"{v:.3g}"
+
+
+# ------------------------------------------------------------------------------------------------ figures
+
+def plot_curves(result: dict, path: str) -> None:
+    """Score vs training FLOPs (log x): one row per headline metric, one column per size, seed band."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    head, keys = result["headline"], list(result["curves"])
+    fig, axes = plt.subplots(len(head), len(keys), figsize=(3.6 * len(keys), 2.8 * len(head)), squeeze=False)
+    for j, key in enumerate(keys):
+        for i, m in enumerate(head):
+            ax = axes[i][j]
+            for model in MODELS:
+                pts = result["curves"][key][model]["points"]
+                x = [p["train_flops"] for p in pts]
+                ax.plot(x, [p[m] for p in pts], "o-", color=COLORS[model], label=LABELS[model], ms=3)
+                if any(p["seeds"] > 1 for p in pts):
+                    ax.fill_between(x, [p[m + "_range"][0] for p in pts], [p[m + "_range"][1] for p in pts],
+                                    color=COLORS[model], alpha=0.2, lw=0)
+            ax.set_xscale("log")
+            ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3)
+            params = result["curves"][key]["oneflow"]["params"]
+            ax.set_title(f"{key} ({params / 1e6:.1f}M params)", fontsize=9)
+            if j == 0:
+                ax.set_ylabel(m.replace("_", " "), fontsize=9)
+            if i == len(head) - 1:
+                ax.set_xlabel("training FLOPs (device count)", fontsize=9)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_parity(result: dict, path: str) -> None:
+    """Parity FLOP ratio at 1.0 x and 0.9 x AR's final score vs model size, one line per metric (log-log)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    keys = list(result["parity"])
+    sizes = [result["curves"][k]["oneflow"]["params"] for k in keys]
+    for i, m in enumerate(result["headline"]):
+        for lv, style in (("1", "o-"), ("0.9", "s--")):
+            ys = [result["parity"][k][m].get("of_ar_final", {}).get(lv, {}).get("ratio") for k in keys]
+            xs = [s for s, y in zip(sizes, ys) if y is not None]
+            ys = [y for y in ys if y is not None]
+            if ys:
+                ax.plot(xs, ys, style, color=f"C{i}", label=f"{m} at {lv} x AR final")
+    ax.axhline(1.0, color="gray", lw=1)
+    for name, v in PAPER.items():
+        ax.axhline(v, color="black", lw=0.6, ls=":")
+        ax.text(min(sizes) if sizes else 1, v, f" paper {name} {v}", fontsize=7, va="bottom")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("OneFlow FLOPs / AR FLOPs")
+    ax.set_title("FLOPs to reach AR's score (< 1: OneFlow cheaper)", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

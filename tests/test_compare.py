@@ -1,0 +1,148 @@
+"""The FLOP comparison (evals/compare.py, evals/compare_report.py): parity read along curves, the tuning choice, run
+configs, the useful FLOPs of really packed documents, and the compare CLI end to end (tiny, resumable)."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from oneflow_jax.evals import compare, compare_report
+
+pytest.register_assert_rewrite("cli_utils")
+from cli_utils import assert_one_line_error  # noqa: E402
+
+pytest_plugins = ("cli_utils",)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(arg=None):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("compare_cfg", os.path.join(REPO, "configs/compare_shapes.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def test_first_reach_interpolates_and_says_when_it_is_a_bound():
+    curve = [(1.0, 0.2), (3.0, 0.6), (5.0, 0.5), (9.0, 0.9)]
+    assert compare_report.first_reach(curve, 0.4) == (pytest.approx(2.0), "exact")
+    assert compare_report.first_reach(curve, 0.55) == (pytest.approx(2.75), "exact")   # the first crossing
+    assert compare_report.first_reach(curve, 0.1) == (1.0, "upper")
+    assert compare_report.first_reach(curve, 0.95) == (None, "never")
+
+
+def test_parity_kinds_and_the_papers_definition():
+    of = [(1.0, 0.1), (2.0, 0.5), (4.0, 0.8)]
+    ar = [(1.0, 0.4), (2.0, 0.8), (4.0, 1.0)]
+    p = compare_report.parity_at(of, ar, 0.6)                 # OneFlow 2 + 2/3, AR 1.5
+    assert p["kind"] == "=" and p["ratio"] == pytest.approx((2 + 2 / 3) / 1.5)
+    assert compare_report.parity_at(of, ar, 0.9) == dict(target=0.9, ratio=pytest.approx(4.0 / 3.0), kind=">")
+    assert compare_report.parity_at(of, ar, 0.3)["kind"] == ">="          # AR at most its first FLOPs: ratio at least
+    assert compare_report.parity_at(ar, of, 0.9)["kind"] == "<"           # roles swapped: the other never does
+    assert compare_report.parity_at(of, ar, 1.5)["ratio"] is None
+    points = lambda c: [dict(train_flops=f, acc=s) for f, s in c]
+    out = compare_report.parity(points(of), points(ar), "acc", [0.5, 1.0])
+    assert out["of_ar_final"]["0.5"]["ratio"] == pytest.approx(2.0 / 1.25)   # target 0.5
+    assert out["of_ar_final"]["1"]["kind"] == ">"
+    assert out["paper"] == dict(ratio=1.0, kind=">")                       # OneFlow's 4 FLOPs / AR's 4, not reached
+    assert out["of_oneflow_final"]["1"]["ratio"] == pytest.approx(4.0 / 2.0)   # AR reaches 0.8 at 2
+
+
+def test_mean_curve_and_equal_quality_cost():
+    def rec(scores):
+        return dict(points=[dict(step=s, train_flops=10.0 * s, train_flops_causal=9.0 * s, useful_train_flops=5.0 * s,
+                                 acc=a, nfe=n) for s, a, n in scores])
+    curve = compare_report.mean_curve([rec([(1, 0.2, 4), (2, 0.6, 6)]), rec([(1, 0.4, 6), (2, 0.8, None)])],
+                                      ["acc"], ["nfe"])
+    assert [p["step"] for p in curve] == [1, 2] and curve[1]["seeds"] == 2
+    assert curve[0]["acc"] == pytest.approx(0.3) and curve[0]["acc_range"] == [0.2, 0.4]
+    assert curve[1]["nfe"] == 6.0 and curve[0]["nfe"] == 5.0
+    of = [dict(step=1, train_flops=1, acc=0.3, nfe=7), dict(step=2, train_flops=2, acc=0.9, nfe=7)]
+    ar = [dict(step=1, train_flops=1, acc=0.7, nfe=15), dict(step=2, train_flops=2, acc=0.8, nfe=15)]
+    e = compare_report.equal_quality_cost(of, ar, "acc", ["nfe"])
+    assert e["quality"] == 0.8 and e["oneflow"]["step"] == 2 and e["ar"]["step"] == 2 and e["ar"]["nfe"] == 15
+
+
+def test_tuning_then_sweep_specs_and_the_best_choice():
+    config = load_config()
+    lr_runs = compare.tuning_specs(config)
+    assert {(s.model, s.lr, s.width, s.seed) for s in lr_runs} == {
+        (m, lr, 64, 0) for m in compare.MODELS for lr in (1e-3, 2e-3, 4e-3)}
+    scores = {1e-3: 0.2, 2e-3: 0.7, 4e-3: 0.5}
+    records = {s.name: dict(points=[dict(caption_accuracy=scores[s.lr] + (0.1 if s.model == "ar" and s.lr == 4e-3
+                                                                           else 0.0),
+                                         generation_accuracy=0.5)]) for s in lr_runs}
+    best = compare.best_settings(records, lr_runs, compare.ShapesWorldMetrics)
+    assert best == {"oneflow": (2e-3, 4.0), "ar": (2e-3, 4.0)}        # 4e-3 + 0.1 ties AR's 2e-3: the first wins
+    weight_runs = compare.tuning_specs(config, {m: lr for m, (lr, _) in best.items()})
+    assert [(s.model, s.lr, s.image_loss_weight) for s in weight_runs] == [("oneflow", 2e-3, 1.0), ("ar", 2e-3, 1.0)]
+    sweep = compare.sweep_specs(config, {"oneflow": (2e-3, 1.0), "ar": (4e-3, 4.0)})
+    assert [s.seed for s in sweep] == [0] * 6 + [1] * 6                   # every size gets a seed before any two
+    assert sweep[0].name == "d64/oneflow_lr0.002_w1_s0" and sweep[1].name == "d64/ar_lr0.004_w4_s0"
+    run = compare.run_config(config, sweep[5])
+    assert (run.model_type, run.model.d_model, run.model.d_ff, run.optimizer.lr) == ("ar", 256, 768, 4e-3)
+    steps = compare.eval_steps(config)
+    assert steps == [375, 750, 1500, 2250, 3000] and run.ckpt_every == 375 and run.sample_every == 0
+    assert run.keep_checkpoints >= len(steps)
+
+
+@pytest.mark.parametrize("method", ["oneflow", "ar"])
+def test_useful_flops_are_measured_on_the_packed_documents(cli, method):
+    from oneflow_jax import config_lib
+    from oneflow_jax.data import input_pipeline
+    from oneflow_jax.training import flops
+    from oneflow_jax.training.train_state import build_model
+    config = compare.run_config(load_config("tiny"), compare.RunSpec(32, method, 2e-3, 4.0, 0))
+    config.data.data_dir = str(cli.data_dir)
+    run = config_lib.resolve(config)
+    tok = input_pipeline.get_tokenizer(run.data)
+    model, codec = build_model(run, tok.vocab_size)
+    out = flops.measured_useful_flops(run, model.cfg, tok, codec, num_batches=3)
+    batch = next(input_pipeline.create_train_iterator(run, process_index=0, process_count=1, codec=codec,
+                                                      tokenizer=tok, seed=run.seed))
+    docs = flops.packed_documents(batch)
+    seg = np.asarray(batch["segment_ids"])
+    assert len(docs) == sum(len(np.unique(r[r > 0])) for r in seg)
+    assert sum(d["length"] for d in docs) == np.count_nonzero(seg)
+    assert sum(d["patch_positions"] for d in docs) == np.count_nonzero(np.asarray(batch["is_patch"]) & (seg > 0))
+    device = flops.train_flops_per_step(model.cfg, run.data, method)
+    assert 0 < out["useful_train_flops_per_step"] < device
+    assert 0 < out["packing_fill"] <= 1 and out["documents_per_row"] >= 1
+
+
+def test_compare_cli_tiny_end_to_end_and_resumable(cli, tmp_path):
+    wd = tmp_path / "cmp"
+    first = cli.run("compare", "--config=configs/compare_shapes.py:tiny", f"--workdir={wd}").check()
+    assert "compare: [tuning lr 1/2] training d32/oneflow_lr0.002_w4_s0" in first.stdout, first
+    result = json.loads((wd / "compare.json").read_text())
+    assert result["best"] == {"oneflow": [0.002, 4.0], "ar": [0.002, 4.0]}
+    assert set(result["parity"]["d32"]) == {"caption_accuracy", "generation_accuracy"}
+    assert result["config"]["compare"]["widths"] == [32] and "commit" in result
+    for model in ("oneflow", "ar"):
+        run = result["runs"][f"d32/{model}_lr0.002_w4_s0"]
+        assert [p["step"] for p in run["points"]] == [2, 4]
+        p = run["points"][-1]
+        assert p["train_flops"] == 4 * run["train_flops_per_step"]
+        assert p["useful_train_flops"] < p["train_flops"]
+        assert (p["train_flops_causal"] < p["train_flops"]) == (model == "ar")
+        assert p["caption_nfe"] >= 1 and p["caption_latency_s"] > 0
+    md = (wd / "compare.md").read_text()
+    assert md.startswith("# OneFlow vs AR+FM") and "## Parity FLOP ratio" in md and "## Tuning" in md
+    for png in ("compare_curves.png", "compare_parity.png"):
+        assert (wd / png).read_bytes()[:4] == b"\x89PNG"
+    os.remove(wd / "runs/d32/ar_lr0.002_w4_s0/compare_eval/step_2.json")
+    again = cli.run("compare", "--config=configs/compare_shapes.py:tiny", f"--workdir={wd}").check()
+    assert "] training" not in again.stdout and "train step" not in again.stdout, again   # finished: skipped
+    evaluated = [line for line in again.stdout.splitlines() if line.startswith("compare: d32/")]
+    assert len(evaluated) == 1 and "d32/ar_lr0.002_w4_s0 step 2:" in evaluated[0], again.stdout
+    assert json.loads((wd / "compare.json").read_text())["runs"].keys() == result["runs"].keys()
+
+
+def test_compare_cli_bad_config_is_one_line(cli, tmp_path):
+    res = cli.run("compare", "--config=configs/compare_shapes.py:tiny", "--config.compare.metric_set=cider",
+                  f"--workdir={tmp_path}")
+    assert_one_line_error(res, "compare.metric_set 'cider' is not one of")
+    res = cli.run("compare", "--config=configs/shapes_tiny.py", f"--workdir={tmp_path}")
+    assert_one_line_error(res, "must be a comparison config")
