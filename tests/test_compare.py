@@ -146,3 +146,16 @@ def test_compare_cli_bad_config_is_one_line(cli, tmp_path):
     assert_one_line_error(res, "compare.metric_set 'cider' is not one of")
     res = cli.run("compare", "--config=configs/shapes_tiny.py", f"--workdir={tmp_path}")
     assert_one_line_error(res, "must be a comparison config")
+
+
+def test_flops_cli_measures_packed_documents(cli):
+    """`flops --measure_batches`: OneFlow's rows hold more (shorter, noised) documents than AR's clean ones."""
+    out = {}
+    for name in ("shapes_tiny", "ar_shapes_tiny"):
+        res = cli.run("flops", f"--config=configs/{name}.py:smoke", "--measure_batches=4", "--json").check()
+        out[name] = json.loads(res.stdout.strip().splitlines()[-1])
+    of, ar = out["shapes_tiny"], out["ar_shapes_tiny"]
+    assert of["measured_documents_per_row"] > 1.2 * ar["measured_documents_per_row"], (of, ar)
+    assert of["measured_positions_per_document"] < ar["measured_positions_per_document"]
+    for o in (of, ar):
+        assert 0 < o["measured_useful_flops_fraction"] < 1 and o["measured_useful_flops_batches"] == 4
