@@ -130,6 +130,9 @@ def test_compare_cli_tiny_end_to_end_and_resumable(cli, tmp_path):
         assert p["caption_nfe"] >= 1 and p["caption_latency_s"] > 0
     md = (wd / "compare.md").read_text()
     assert md.startswith("# OneFlow vs AR+FM") and "## Parity FLOP ratio" in md and "## Tuning" in md
+    rows = [json.loads(line) for line in (wd / "compare.jsonl").read_text().splitlines()]
+    assert sorted(r["kind"] for r in rows) == ["parity"] * 2 + ["run"] * 2 + ["tuning"] * 2
+    assert all(r["commit"] == result["commit"] and r["date"] for r in rows)
     for png in ("compare_curves.png", "compare_parity.png"):
         assert (wd / png).read_bytes()[:4] == b"\x89PNG"
     os.remove(wd / "runs/d32/ar_lr0.002_w4_s0/compare_eval/step_2.json")

@@ -1,6 +1,7 @@
 """The FLOP comparison's report (evals/compare.py runs the trainings): seed-averaged curves of score vs training
 FLOPs, parity read along them, the cost where both models reach the same quality; compare.json, compare.md and the
-figures compare_curves.png (score vs FLOPs per size) and compare_parity.png (parity ratio vs model size).
+figures compare_curves.png (score vs FLOPs per size) and compare_parity.png (parity ratio vs model size), and
+compare.jsonl (the raw rows, as benchmarks/results/ keeps them).
 
 Parity (paper Table 1 reads it at AR's final score): for a target score s, F_m(s) is the training FLOPs at which
 model m's curve first reaches s (linear interpolation between evaluated checkpoints), and the ratio is
@@ -153,9 +154,27 @@ def build(records: dict, state: dict, config, metric_set, meta: dict) -> dict:
     return result
 
 
+def json_lines(result: dict) -> str:
+    """compare.jsonl: one row per run (its points), per tuning run and per parity reading, each with the date, commit
+    and budget (the raw rows docs/results.md cites; the config is in compare.json)."""
+    import datetime
+    base = dict(date=datetime.date.today().isoformat(), commit=result.get("commit"), budget=result["budget"],
+                metric_set=result["metric_set"])
+    rows = [dict(base, kind="tuning", **t) for t in result["tuning"]]
+    rows += [dict(base, kind="run", **r) for r in result["runs"].values()]
+    for key, per_metric in result["parity"].items():
+        for m, p in per_metric.items():
+            rows.append(dict(base, kind="parity", size=key, params=result["curves"][key]["oneflow"]["params"],
+                             metric=m, seeds=result["curves"][key]["oneflow"]["seeds"], **p,
+                             per_seed={s: v[m] for s, v in result["parity_per_seed"][key].items()},
+                             equal_quality=result["equal_quality"][key][m]))
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+
+
 def write(result: dict, workdir: str) -> None:
     os.makedirs(workdir, exist_ok=True)
-    for name, text in (("compare.json", json.dumps(result, indent=1)), ("compare.md", markdown(result))):
+    for name, text in (("compare.json", json.dumps(result, indent=1)), ("compare.md", markdown(result)),
+                       ("compare.jsonl", json_lines(result))):
         with open(os.path.join(workdir, name + ".tmp"), "w") as f:
             f.write(text)
         os.replace(os.path.join(workdir, name + ".tmp"), os.path.join(workdir, name))
