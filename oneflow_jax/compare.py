@@ -5,7 +5,8 @@
         [--sampler '{"temperature": 0.3}']
 
 Tunes lr and image-loss weight for each model, trains the sweep (resumable), evaluates every checkpoint and writes
-W/compare.json, W/compare.md, W/compare_curves.png and W/compare_parity.png (rewritten after every run).
+W/compare.json, W/compare.md, W/compare.jsonl, W/compare_curves.png and W/compare_parity.png (rewritten after every
+run). --report_only trains nothing and reports the finished runs.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A comparison config (configs/compare_shapes.py[:variant]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory of the comparison: W/runs/..., W/compare.*")
+flags.DEFINE_bool("report_only", False, "Train nothing: report the finished runs (e.g. while a sweep still trains).")
 cli.define_sampler_flags()
 
 
@@ -26,7 +28,7 @@ def main(argv):
     cli.no_extra_args(argv)
     if FLAGS.config is None or FLAGS.workdir is None:
         raise cli.UserError("--config and --workdir are required")
-    compare.compare(FLAGS.config, FLAGS.workdir, cli.sampler_overrides())
+    compare.compare(FLAGS.config, FLAGS.workdir, cli.sampler_overrides(), FLAGS.report_only)
 
 
 if __name__ == "__main__":

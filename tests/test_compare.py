@@ -143,6 +143,13 @@ def test_compare_cli_tiny_end_to_end_and_resumable(cli, tmp_path):
     assert json.loads((wd / "compare.json").read_text())["runs"].keys() == result["runs"].keys()
 
 
+def test_compare_report_only_trains_nothing(cli, tmp_path):
+    res = cli.run("compare", "--config=configs/compare_shapes.py:tiny", f"--workdir={tmp_path}", "--report_only").check()
+    assert "training" not in res.stdout and not (tmp_path / "runs").exists(), res
+    result = json.loads((tmp_path / "compare.json").read_text())
+    assert result["runs"] == {} and result["best"] is None and result["tuning"] == []
+
+
 def test_compare_cli_bad_config_is_one_line(cli, tmp_path):
     res = cli.run("compare", "--config=configs/compare_shapes.py:tiny", "--config.compare.metric_set=cider",
                   f"--workdir={tmp_path}")

@@ -244,8 +244,9 @@ def best_settings(records: dict, specs, metric_set) -> dict:
     return best
 
 
-def compare(config, workdir: str, sampler_overrides: dict | None = None) -> dict | None:
-    """Tunes, trains and evaluates what is missing, writes the report after each run; None if preempted."""
+def compare(config, workdir: str, sampler_overrides: dict | None = None, report_only: bool = False) -> dict | None:
+    """Tunes, trains and evaluates what is missing, writes the report after each run; None if preempted. With
+    `report_only`, nothing is trained: the report covers the runs that are finished (evaluating what is not cached)."""
     c = settings(config)
     metric_set = METRIC_SETS[c.metric_set]
     final = [total_steps(config)]
@@ -261,31 +262,36 @@ def compare(config, workdir: str, sampler_overrides: dict | None = None) -> dict
 
     def do(specs, steps, label):
         for i, spec in enumerate(specs):
-            if not ensure_trained(config, spec, workdir, f"[{label} {i + 1}/{len(specs)}]"):
+            if report_only:
+                wd = os.path.join(workdir, "runs", spec.name)
+                if (checkpoint_steps(wd) or [0])[-1] < total_steps(config):
+                    continue
+            elif not ensure_trained(config, spec, workdir, f"[{label} {i + 1}/{len(specs)}]"):
                 return False
             records[spec.name] = run_record(config, spec, workdir, steps, sampler_overrides)
             report()
-        return True
+        return not report_only or all(s.name in records for s in specs)
 
     t0 = time.perf_counter()
     lr_runs = tuning_specs(config)
     state["tuning"] = [s.name for s in lr_runs]
     if not do(lr_runs, final, "tuning lr"):
-        return None
+        return report() if report_only else None
     best_lr = {m: lw[0] for m, lw in best_settings(records, lr_runs, metric_set).items()}
     weight_runs = tuning_specs(config, best_lr)
     state["tuning"] += [s.name for s in weight_runs]
     if not do(weight_runs, final, "tuning image-loss weight"):
-        return None
+        return report() if report_only else None
     state["best"] = best_settings(records, [s for s in lr_runs + weight_runs if s.lr == best_lr[s.model]],
                                   metric_set)
     cli.say("compare: tuned " + ", ".join(f"{m}: lr {lr:g}, image-loss weight {w:g}"
                                           for m, (lr, w) in state["best"].items()))
     sweep = sweep_specs(config, state["best"])
     state["sweep"] = [s.name for s in sweep]
-    if not do(sweep, eval_steps(config), "sweep"):
+    if not do(sweep, eval_steps(config), "sweep") and not report_only:
         return None
     result = report()
     cli.say(compare_report.markdown(result))
-    cli.say(f"compare: done in {time.perf_counter() - t0:.0f} s; {workdir}/compare.md")
+    cli.say(f"compare: {'reported' if report_only else 'done'} in {time.perf_counter() - t0:.0f} s; "
+            f"{workdir}/compare.md")
     return result
