@@ -27,6 +27,7 @@ def get_config(arg: str | None = None):
         seeds=(0, 1),                 # training seeds of the sweep (the first one also tunes)
         tune=ml_collections.ConfigDict(dict(
             lr=(1e-3, 2e-3, 4e-3),    # tried at the smallest width, image-loss weight = objective.image_loss_weight
+            extend=2,                 # times an lr past the grid's edge (x2 or /2) is tried when the best is on it
             image_loss_weight=(1.0, 4.0))),   # then tried at each model's best lr
         eval_fractions=(0.125, 0.25, 0.5, 0.75, 1.0),   # checkpoints evaluated, as fractions of the steps
         parity_levels=(0.5, 0.75, 0.9, 1.0),           # parity targets, as fractions of the other model's final score
@@ -37,7 +38,7 @@ def get_config(arg: str | None = None):
     if arg == "tiny":
         c.compare.update(steps=4, widths=(32,), seeds=(0,), eval_fractions=(0.5, 1.0), eval_examples=4,
                          eval_batch_size=4, latency_prompts=1, useful_flops_batches=2)
-        c.compare.tune.update(lr=(2e-3,), image_loss_weight=(4.0,))
+        c.compare.tune.update(lr=(2e-3,), image_loss_weight=(4.0,), extend=0)
         c.model.n_layers = 1
         c.data.update(seq_len=64, global_batch_size=4)
         c.sampler.update(max_len=64, steps=4)

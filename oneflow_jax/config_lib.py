@@ -112,6 +112,7 @@ class DataConfig:
     tokenizer_path: str | None = None       # None: trained once for the dataset and cached in its data dir
     tokenizer_vocab_size: int | None = None  # None: the dataset's default
     latents: bool = False           # records hold precomputed latents instead of pixels
+    max_unreadable_fraction: float = 0.05   # stop with an error once more of the split than this is unreadable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +143,8 @@ class CompareConfig:
     widths: tuple = (64, 128, 256)
     ff_mult: int = 3
     seeds: tuple = (0, 1)
-    tune: dict = dataclasses.field(default_factory=lambda: dict(lr=(1e-3, 2e-3, 4e-3), image_loss_weight=(1.0, 4.0)))
+    tune: dict = dataclasses.field(default_factory=lambda: dict(lr=(1e-3, 2e-3, 4e-3), extend=2,
+                                                                 image_loss_weight=(1.0, 4.0)))
     eval_fractions: tuple = (0.125, 0.25, 0.5, 0.75, 1.0)
     parity_levels: tuple = (0.5, 0.75, 0.9, 1.0)
     metric_set: str = "shapes_world"

@@ -76,6 +76,9 @@ def test_tuning_then_sweep_specs_and_the_best_choice():
                                          generation_accuracy=0.5)]) for s in lr_runs}
     best = compare.best_settings(records, lr_runs, compare.ShapesWorldMetrics)
     assert best == {"oneflow": (2e-3, 4.0), "ar": (2e-3, 4.0)}        # 4e-3 + 0.1 ties AR's 2e-3: the first wins
+    assert compare.edge_extensions(config, lr_runs, {"oneflow": 2e-3, "ar": 2e-3}) == []
+    past = compare.edge_extensions(config, lr_runs, {"oneflow": 4e-3, "ar": 1e-3})
+    assert [(s.model, s.lr) for s in past] == [("oneflow", 8e-3), ("ar", 5e-4)]
     weight_runs = compare.tuning_specs(config, {m: lr for m, (lr, _) in best.items()})
     assert [(s.model, s.lr, s.image_loss_weight) for s in weight_runs] == [("oneflow", 2e-3, 1.0), ("ar", 2e-3, 1.0)]
     sweep = compare.sweep_specs(config, {"oneflow": (2e-3, 1.0), "ar": (4e-3, 4.0)})

@@ -2,8 +2,9 @@
 paper Table 1). `python -m oneflow_jax.compare --config configs/compare_shapes.py --workdir W` runs it:
 
 1. Tuning, at the smallest width (compare.tune): each model trains at every compare.tune.lr (image-loss weight =
-   the config's), then at every other compare.tune.image_loss_weight with its best lr; best = the highest mean of the
-   metric set's tuning metrics at the final checkpoint. Each model then uses its own best (lr, weight).
+   the config's), and past the grid's edge (x2 or /2, up to compare.tune.extend times) while its best lr lies on
+   it; then at every other compare.tune.image_loss_weight with its best lr; best = the highest mean of the metric
+   set's headline metrics at the final checkpoint. Each model then uses its own best (lr, weight).
 2. The sweep: for each seed (outer, so that every size has one seed before any has two), each width, each model: a
    training of compare.steps * budget steps on the same data stream (data.shuffle_seed), evaluated at
    compare.eval_fractions of it. A sweep run equal to a tuning run (seed 0, smallest width) is that run.
@@ -135,6 +136,20 @@ def tuning_specs(config, best: dict | None = None) -> list[RunSpec]:
         return [RunSpec(width, m, float(lr), w0, c.seeds[0]) for m in MODELS for lr in c.tune.lr]
     return [RunSpec(width, m, best[m], float(w), c.seeds[0]) for m in MODELS for w in c.tune.image_loss_weight
             if float(w) != w0]
+
+
+def edge_extensions(config, lr_runs, best_lr: dict) -> list[RunSpec]:
+    """One more lr per model whose best lr lies at an edge of those tried (x2 past the largest, /2 past the
+    smallest), so that the optimum is bracketed; [] when every best lr is inside."""
+    w0, width, seed = float(config.objective.image_loss_weight), min(config.compare.widths), config.compare.seeds[0]
+    out = []
+    for m in MODELS:
+        lrs = sorted({s.lr for s in lr_runs if s.model == m})
+        if best_lr[m] == lrs[-1]:
+            out.append(RunSpec(width, m, lrs[-1] * 2, w0, seed))
+        elif best_lr[m] == lrs[0] and len(lrs) > 1:
+            out.append(RunSpec(width, m, lrs[0] / 2, w0, seed))
+    return out
 
 
 def sweep_specs(config, best: dict) -> list[RunSpec]:
@@ -278,6 +293,15 @@ def compare(config, workdir: str, sampler_overrides: dict | None = None, report_
     if not do(lr_runs, final, "tuning lr"):
         return report() if report_only else None
     best_lr = {m: lw[0] for m, lw in best_settings(records, lr_runs, metric_set).items()}
+    for _ in range(c.tune.get("extend", 0)):         # the best lr at an edge of the grid: try past it
+        extra = edge_extensions(config, lr_runs, best_lr)
+        if not extra:
+            break
+        lr_runs += extra
+        state["tuning"] += [s.name for s in extra]
+        if not do(extra, final, "tuning lr, past the edge"):
+            return report() if report_only else None
+        best_lr = {m: lw[0] for m, lw in best_settings(records, lr_runs, metric_set).items()}
     weight_runs = tuning_specs(config, best_lr)
     state["tuning"] += [s.name for s in weight_runs]
     if not do(weight_runs, final, "tuning image-loss weight"):
