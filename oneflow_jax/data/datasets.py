@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from oneflow_jax.data import records
 from oneflow_jax.data import shapes_world as sw
 from oneflow_jax.data import tokenizer as tokenizer_lib
 
@@ -357,15 +358,23 @@ def split_filepaths(builder: tfds.core.DatasetBuilder, split: str) -> list[str]:
 
 
 def iter_texts(builder: tfds.core.DatasetBuilder, split: str = "train", limit: int | None = None):
-    """Yields the `text` of each record without decoding images (for tokenizer training)."""
-    from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
+    """Yields the `text` of each readable record without decoding images (for tokenizer training); unreadable
+    shards and records are skipped (data/records.py) and counted in the log."""
     from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
-    source = array_record_data_source.ArrayRecordDataSource(split_filepaths(builder, split))
-    n = len(source) if limit is None else min(limit, len(source))
-    for start in range(0, n, 1024):
-        for raw in source.__getitems__(list(range(start, min(n, start + 1024)))):
+    shards = records.open_shards(split_filepaths(builder, split))
+    n = len(shards) if limit is None else min(limit, len(shards))
+    bad = 0
+    for i in range(n):
+        raw = shards.read(i)
+        try:
             feature = tf_example_pb2.Example.FromString(raw).features.feature["text"]
-            yield feature.bytes_list.value[0].decode("utf-8")
+            text = feature.bytes_list.value[0].decode("utf-8")
+        except Exception:  # pylint: disable=broad-except  (None, unparsable, no text, not UTF-8)
+            bad += 1
+            continue
+        yield text
+    if bad:
+        logging.warning("%s/%s: skipped %d unreadable or malformed record(s) of %d", builder.name, split, bad, n)
 
 
 def dataset_tokenizer(name: str, data_dir: str | None = None, config=None, *, vocab_size: int | None = None,
@@ -399,21 +408,34 @@ def load_records(name: str = "shapes_world", split: str = "eval", data_dir: str 
     shapes-world records: {'text', 'kind', 'images': uint8 [n, 32, 32, 3], 'held_out': bool,
     'image_held_out': [n] bool, 'attributes': [(left_color, left_shape, right_color, right_shape)] * n}.
     """
-    from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
     builder = ensure_prepared(name, data_dir, config, **kwargs)
-    source = array_record_data_source.ArrayRecordDataSource(split_filepaths(builder, split))
-    n = len(source) if limit is None else min(limit, len(source))
+    shards = records.open_shards(split_filepaths(builder, split))
+    want = len(shards) if limit is None else min(limit, len(shards))
     image_feature = builder.info.features["images"].feature
     if isinstance(image_feature, F.Tensor):  # latents
         empty = np.zeros((0,) + tuple(image_feature.shape), np.float32)
     else:
         empty = np.zeros((0, 0, 0, 3), np.uint8)
-    out = []
-    for i in range(n):
-        ex = decode_record(builder.info.features, source[i])
+    out, bad, i = [], 0, 0
+    for i in range(len(shards)):             # the first `limit` readable records
+        if len(out) == want:
+            break
+        raw = shards.read(i)
+        try:
+            ex = decode_record(builder.info.features, raw)
+        except Exception:  # pylint: disable=broad-except  (None: unreadable; or unparsable bytes)
+            bad += 1
+            continue
         images = ex["images"]
         ex["images"] = np.stack(images) if len(images) else empty
         if "image_held_out" in ex:
             ex["image_held_out"] = np.asarray(ex["image_held_out"], bool)
         out.append(ex)
+    if bad:
+        logging.warning("%s/%s: skipped %d unreadable or malformed record(s) of %d", name, split, bad, i + 1)
+        try:
+            records.check_loss(bad, i + 1, records.DEFAULT_MAX_UNREADABLE, f"{name}/{split}")
+        except ValueError as e:
+            from oneflow_jax.cli import UserError  # pylint: disable=g-import-not-at-top
+            raise UserError(str(e)) from None
     return out

@@ -2,7 +2,8 @@
 
 Stages (docs/data.md has the full picture):
 
-    MapDataset.source(ArrayRecordDataSource)         raw serialized records of one split
+    records.open_shards(files).records()             raw serialized records of one split (data/records.py: unreadable
+                                                     shards skipped whole, unreadable records as skip markers)
       .map(_Decode)                                  tfds decode + validation (records are read lazily, by index)
       [_MemoizedMapDataset]                          data.cache_decoded: each record decoded once per process
       .shuffle(shuffle_seed).repeat(num_epochs)      seeded global shuffle, reshuffled every epoch
@@ -41,10 +42,10 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from oneflow_jax.data import datasets
-from oneflow_jax.data import packing
+from oneflow_jax.data import packing, records
 from oneflow_jax.data import tokenizer as tokenizer_lib
 
-SKIP_REASONS = ("corrupt", "invalid", "overlong", "transform_error")
+SKIP_REASONS = ("unreadable", "corrupt", "invalid", "overlong", "transform_error")
 COUNTER_NAMES = tuple(f"skipped_{r}" for r in SKIP_REASONS) + ("truncated", "documents", "rows")
 _COUNTS_KEY = "_counts"
 
@@ -131,6 +132,8 @@ class _Decode:
                 raise ValueError(f"image {im.dtype}{im.shape}, expected uint8{self._image_shape}")
 
     def __call__(self, raw):
+        if isinstance(raw, dict):           # a skip marker (records.UNREADABLE: its chunk failed its checksum)
+            return raw
         if self._features is None:
             self._features = tfds.features.FeatureConnector.from_json(json.loads(self._features_json))
         try:
@@ -412,13 +415,15 @@ class _MemoizedMapDataset(grain.MapDataset):
 
 
 def global_record_stream(filepaths: Sequence[str], *, shuffle_seed: int, num_epochs: int | None = None,
-                         decode: Callable | None = None, cache: bool = False) -> grain.MapDataset:
+                         decode: Callable | None = None, cache: bool = False,
+                         max_unreadable_fraction: float = records.DEFAULT_MAX_UNREADABLE) -> grain.MapDataset:
     """(global position, record) over all hosts: a seeded global shuffle, a different permutation per epoch. The
-    record is the raw bytes, or `decode(raw)`; with `cache` each record is decoded once (then kept in memory)."""
-    source = grain.sources.ArrayRecordDataSource(list(filepaths))
-    if len(source) == 0:  # pylint: disable=g-explicit-length-test
+    record is the raw bytes (a skip marker where unreadable: data/records.py), or `decode(raw)`; with `cache` each
+    record is decoded once (then kept in memory). Shards that cannot be opened are skipped (records.open_shards)."""
+    shards = records.open_shards(filepaths, max_unreadable_fraction)
+    if len(shards) == 0:
         raise ValueError(f"no records in {list(filepaths)}")
-    ds = grain.MapDataset.source(source)
+    ds = shards.records()
     if decode is not None:
         ds = ds.map(decode)
     if cache:
@@ -446,7 +451,8 @@ def build_pipeline(filepaths: Sequence[str], features: tfds.features.FeaturesDic
                    seed: int, process_index: int = 0, process_count: int = 1, num_streams: int = 0,
                    num_epochs: int | None = None, latents: bool = False, overlong: str = "truncate",
                    num_workers: int = 0, prefetch: int = 2, read_threads: int = 0,
-                   cache_decoded: bool = False) -> TrainIterator:
+                   cache_decoded: bool = False,
+                   max_unreadable_fraction: float = records.DEFAULT_MAX_UNREADABLE) -> TrainIterator:
     """The full pipeline over explicit ArrayRecord files (`create_train_iterator` resolves them from a config).
 
     The global batch is `num_streams` (0: one per row) blocks of `global_batch_size / num_streams` rows; this host
@@ -465,12 +471,12 @@ def build_pipeline(filepaths: Sequence[str], features: tfds.features.FeaturesDic
     _check_features(features, latents, codec)
     rows_per_stream = global_batch_size // num_streams
     decode = _Decode(json.dumps(features.to_json()), latents, codec.image_shape, (codec.num_patches, codec.patch_dim))
-    records = global_record_stream(filepaths, shuffle_seed=shuffle_seed, num_epochs=num_epochs, decode=decode,
-                                   cache=cache_decoded)
+    stream = global_record_stream(filepaths, shuffle_seed=shuffle_seed, num_epochs=num_epochs, decode=decode,
+                                  cache=cache_decoded, max_unreadable_fraction=max_unreadable_fraction)
     tokenize = _Tokenize(tokenizer, codec, latents, transform.cost, tuple(packer.limits), overlong)
     noise = _Transform(transform, seed)
     read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * rows_per_stream if read_threads else 0)
-    per_stream = [records[s::num_streams].map(tokenize).map(noise).to_iter_dataset(read)
+    per_stream = [stream[s::num_streams].map(tokenize).map(noise).to_iter_dataset(read)
                   for s in streams]
     ds = StreamPackerIterDataset(per_stream, packer, rows_per_stream)
     blocks = prefetch * len(streams)  # buffered blocks: `prefetch` batches
@@ -550,7 +556,7 @@ def create_train_iterator(config, *, process_index: int, process_count: int, cod
         shuffle_seed=data.shuffle_seed, seed=seed, process_index=process_index, process_count=process_count,
         num_streams=data.num_streams, num_epochs=data.num_epochs, latents=data.latents, overlong=data.overlong,
         num_workers=data.num_workers, prefetch=data.prefetch, read_threads=data.read_threads,
-        cache_decoded=data.cache_decoded)
+        cache_decoded=data.cache_decoded, max_unreadable_fraction=data.max_unreadable_fraction)
 
 
 # ------------------------------------------------------------------------------------------- global arrays

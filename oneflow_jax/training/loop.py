@@ -19,12 +19,15 @@ from etils import epath
 
 from oneflow_jax import cli, config_lib
 from oneflow_jax.cli import UserError
-from oneflow_jax.data import input_pipeline
+from oneflow_jax.data import input_pipeline, records
 from oneflow_jax.data import tokenizer as tokenizer_lib
 from oneflow_jax.training import checkpointing, flops, sharding
 from oneflow_jax.training.metrics_logging import MetricLogger
 from oneflow_jax.training.train_state import (abstract_train_state, build_model, create_sharded_state, jit_train_step,
                                               make_optimizer, sampling_weights)
+
+
+MIN_RECORDS_FOR_LOSS_CHECK = 200   # records read before the unreadable fraction is judged (data.max_unreadable_fraction)
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -47,12 +50,15 @@ def load_run_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
     return tok
 
 
-def global_skipped_records(data_iter) -> int:
-    """Records skipped so far by every process (each iterator counts only its own streams). A collective."""
-    if jax.process_count() == 1:
-        return data_iter.skipped_records
-    from jax.experimental import multihost_utils
-    return int(np.sum(multihost_utils.process_allgather(np.asarray(data_iter.skipped_records, np.int64))))
+def global_data_counts(data_iter) -> dict[str, int]:
+    """Records skipped so far by every process (each iterator counts only its own streams), in all and unreadable,
+    and the documents read. A collective."""
+    c = data_iter.counters
+    local = np.asarray([data_iter.skipped_records, c["skipped_unreadable"], c["documents"]], np.int64)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        local = np.sum(multihost_utils.process_allgather(local), axis=0)
+    return dict(skipped_records=int(local[0]), unreadable_records=int(local[1]), documents=int(local[2]))
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -72,9 +78,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     cli.say(f"model: {n_params / 1e6:.2f}M parameters ({cfg.model_type}); mesh {dict(mesh.shape)}; "
             f"{jax.process_count()} process(es), {jax.device_count()} device(s)")
 
-    data_iter = input_pipeline.create_train_iterator(
-        cfg, process_index=jax.process_index(), process_count=jax.process_count(), codec=codec,
-        tokenizer=tokenizer, seed=cfg.seed)
+    try:
+        data_iter = input_pipeline.create_train_iterator(
+            cfg, process_index=jax.process_index(), process_count=jax.process_count(), codec=codec,
+            tokenizer=tokenizer, seed=cfg.seed)
+    except ValueError as e:           # the data cannot be read as configured (too many unreadable shards, ...)
+        raise UserError(str(e)) from None
     ckpt = checkpointing.Checkpointer(workdir, keep=cfg.keep_checkpoints, save_every=cfg.ckpt_every)
     nonfinite = NonfiniteSteps(cfg.optimizer.max_consecutive_nonfinite)
     if ckpt.latest_step() is not None:
@@ -118,11 +127,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if log_now or save_now:
                 nonfinite.flush()                       # logged and saved counts are exact
             if log_now:
-                last = window.flush(skipped_records=global_skipped_records(data_iter),
-                                    nonfinite_steps=nonfinite.total)
+                counts = global_data_counts(data_iter)
+                last = window.flush(skipped_records=counts["skipped_records"],
+                                    unreadable_records=counts["unreadable_records"], nonfinite_steps=nonfinite.total)
                 last.update(flops.throughput_metrics(flops_per_step, last["steps_per_sec"], jax.device_count(), peak))
                 logger.write_scalars(step, last)
                 logger.progress(step, last)
+                seen = counts["documents"] + counts["skipped_records"]
+                if seen >= MIN_RECORDS_FOR_LOSS_CHECK:
+                    try:
+                        records.check_loss(counts["unreadable_records"], seen, cfg.data.max_unreadable_fraction,
+                                           "of the records read so far")
+                    except ValueError as e:
+                        ckpt.close()
+                        raise UserError(f"stopping at step {step}: {e}") from None
             if sampler_hook and step % cfg.sample_every == 0:
                 sampler_hook(step, state[sampling_weights(cfg)], logger)
             meta = dict(nonfinite_steps=nonfinite.total, skipped_records=data_iter.skipped_records,

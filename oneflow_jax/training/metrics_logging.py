@@ -76,6 +76,10 @@ class MetricLogger:
             parts.append(f"{scalars['tokens_per_sec'] / 1e3:.1f}k tok/s")
         if "mfu" in scalars:
             parts.append(f"MFU {100 * scalars['mfu']:.1f}%")
+        if scalars.get("skipped_records"):
+            parts.append(f"skipped {int(scalars['skipped_records'])} records"
+                         + (f" ({int(scalars['unreadable_records'])} unreadable)"
+                            if scalars.get("unreadable_records") else ""))
         parts.append(f"ETA {format_seconds(eta)}")
         line = " | ".join(parts)
         logging.info(line)
