@@ -28,9 +28,17 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing (`app.run(..., flags_parser=parse_flags)`), except that a --config.* override of a key the
     config does not have is one line and exit 2: ml_collections raises AttributeError there, which absl would show
     as a traceback."""
-    from absl import app
+    from absl import flags
     try:
-        return app.parse_flags_with_usage(argv)
+        return flags.FLAGS(argv)
+    except flags.Error as e:          # a bad flag value, or a --config file that fails to load: one line, not usage
+        lines = [line.strip() for line in str(e).splitlines() if line.strip() and "Traceback" not in line]
+        where = re.match(r"(?:flag )?(--[\w.]+)", lines[0]) if lines else None
+        flag = where.group(1) if where else ""
+        if flag == "--config":
+            flag = f"--config {_config_arg()}"
+        print(f"error: {flag + ': ' if flag else ''}{lines[-1] if lines else e}", file=sys.stderr)
+        sys.exit(2)
     except (AttributeError, KeyError) as e:
         text = str(e)
         key = (re.findall(r"[A-Za-z_]\w*", text) or ["?"])[0]
@@ -40,6 +48,18 @@ def parse_flags(argv: list[str]) -> list[str]:
         print(f"error: {flag}: the config has no key {key!r}" + (f" (did you mean {hint.group(1)!r}?)" if hint else ""),
               file=sys.stderr)
         sys.exit(2)
+    except Exception as e:  # pylint: disable=broad-except  (a --config file whose python fails while it loads)
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        print(f"error: --config {_config_arg()}: {type(e).__name__}: {lines[-1] if lines else ''}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _config_arg() -> str | None:
+    """The --config value on the command line (as given, variant included)."""
+    given = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), None)
+    if given is None and "--config" in sys.argv[:-1]:
+        given = sys.argv[sys.argv.index("--config") + 1]
+    return given
 
 
 def run_cli(main: Callable) -> Callable:
@@ -48,12 +68,29 @@ def run_cli(main: Callable) -> Callable:
         from absl import flags, logging
         if not flags.FLAGS["verbosity"].present:   # library INFO chatter (Orbax, tfds) only with --verbosity=0
             logging.set_verbosity(logging.WARNING)
+        load_config_flag(argv)
         try:
             return main(argv)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
     return wrapped
+
+
+def load_config_flag(argv) -> None:
+    """Loads a --config file now (ml_collections loads it lazily, on first use), so that a missing file, a python
+    error in it or an unknown variant is one line and exit 2 instead of a traceback from deep inside a command."""
+    from absl import flags
+    if "config" not in flags.FLAGS or not flags.FLAGS["config"].present:
+        return
+    try:
+        _ = flags.FLAGS.config.keys()   # any attribute access makes ml_collections load the file
+    except Exception as e:  # pylint: disable=broad-except  (OSError, SyntaxError, NameError, ValueError, ...)
+        cause = e.__cause__ or e
+        lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+        print(f"error: --config {_config_arg()}: {type(cause).__name__}: {lines[-1] if lines else ''}",
+              file=sys.stderr)
+        sys.exit(2)
 
 
 def no_extra_args(argv) -> None:

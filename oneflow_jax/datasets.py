@@ -36,4 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(cli.run_cli(main))
+    app.run(cli.run_cli(main), flags_parser=cli.parse_flags)

@@ -32,6 +32,10 @@ def main(argv):
     cli.no_extra_args(argv)
     if not FLAGS.workdir:
         raise cli.UserError("--workdir is required")
+    for name in ("num_examples", "num_free"):
+        if FLAGS[name].value is not None and FLAGS[name].value < (1 if name == "num_examples" else 0):
+            raise cli.UserError(f"--{name} must be {'> 0' if name == 'num_examples' else '>= 0'}, got "
+                                f"{FLAGS[name].value}")
     overrides = cli.sampler_overrides()
     run = generate.load_run(FLAGS.workdir, FLAGS.step, FLAGS.ema)
     if run.config.data.name != "shapes_world":
@@ -49,4 +53,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(cli.run_cli(main))
+    app.run(cli.run_cli(main), flags_parser=cli.parse_flags)

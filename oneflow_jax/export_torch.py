@@ -39,7 +39,10 @@ def load_params(workdir: str, step: int | None = None, tokenizer_path: str | Non
         if not tokenizer_path:
             raise UserError(f"{workdir} has no {tokenizer_lib.MODEL_FILENAME}; pass --tokenizer")
         tok_path = tokenizer_path
-    tokenizer = tokenizer_lib.load(tok_path)
+    try:
+        tokenizer = tokenizer_lib.load(tok_path)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(str(e)) from None
     model, _ = build_model(config, tokenizer.vocab_size)
     params, restored = restore_params(workdir, config, model, step, ema)
     return config, model.cfg, params, tokenizer, tok_path, restored

@@ -20,6 +20,8 @@ from oneflow_jax.models import codec as codec_lib
 from oneflow_jax.objectives import edit_flow
 
 pytest.register_assert_rewrite("cli_utils")
+from cli_utils import assert_one_line_error  # noqa: E402
+
 pytest_plugins = ("cli_utils",)
 
 N_DOCS = 40
@@ -159,3 +161,34 @@ def test_train_cli_on_flipped_shards_trains_and_counts(cli, tmp_path):
     assert last["step"] == 20 and last["skipped_records"] >= last["unreadable_records"] > 0, last
     assert "unreadable)" in res.stdout, res
     assert (wd / "samples").exists()
+
+
+def test_bad_command_inputs_are_one_line_errors(cli, tmp_path):
+    """Config files that are missing, not python, or an unknown variant; bad flag values; files that are not what
+    they claim: every command fails with one line and exit status 2, before any work."""
+    garbage = tmp_path / "garbage.py"
+    garbage.write_text("def get_config(:\n")
+    not_tok = tmp_path / "tok.model"
+    not_tok.write_bytes(b"\x00\x01 not a sentencepiece model")
+    no_run = tmp_path / "empty"
+    no_run.mkdir()
+    cases = {
+        "missing config": (("train", "--config=configs/nope.py", f"--workdir={tmp_path}/w"), "No such file"),
+        "config not python": (("train", f"--config={garbage}", f"--workdir={tmp_path}/w"), "SyntaxError"),
+        "unknown variant": (("compare", "--config=configs/compare_shapes.py:nope", f"--workdir={tmp_path}/w"),
+                            "unknown variant 'nope'"),
+        "flags config missing": (("flops", "--config=/nonexistent/c.py"), "No such file"),
+        "bad int flag": (("eval", f"--workdir={no_run}", "--num_examples=abc"), "--num_examples"),
+        "zero examples": (("eval", f"--workdir={no_run}", "--num_examples=0"), "must be > 0"),
+        "not a tokenizer": (("train", "--config=configs/shapes_tiny.py:smoke", f"--workdir={tmp_path}/w2",
+                             f"--config.data.tokenizer_path={not_tok}"), "is not a SentencePiece model"),
+        "not a run (sample)": (("sample", f"--workdir={no_run}", "--prompt=a"), "not a training run directory"),
+        "not a run (export)": (("export_torch", f"--workdir={no_run}", f"--out={tmp_path}/o"),
+                               "not a training run directory"),
+        "no hf dir": (("import_llama", f"--hf_dir={tmp_path}/nohf", "--config=configs/oneflow_1b.py",
+                       f"--workdir={tmp_path}/w3"), "no config.json"),
+    }
+    results = cli.run_many([(args[0], args[1:]) for args, _ in cases.values()])
+    for (name, (_, fragment)), res in zip(cases.items(), results):
+        assert res.returncode == 2, f"{name}\n{res}"
+        assert_one_line_error(res, fragment)

@@ -162,7 +162,10 @@ def load(path: str) -> Tokenizer:
     path = epath.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no tokenizer model at {path}")
-    return Tokenizer(path.read_bytes())
+    try:
+        return Tokenizer(path.read_bytes())
+    except RuntimeError:              # sentencepiece cannot parse it
+        raise ValueError(f"{path} is not a SentencePiece model") from None
 
 
 def save_to_dir(tokenizer: Tokenizer, directory: str) -> str:

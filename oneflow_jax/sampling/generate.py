@@ -39,7 +39,10 @@ def load_run(workdir: str, step: int | None = None, ema: bool = True) -> Run:
     tok_path = os.path.join(workdir, tokenizer_lib.MODEL_FILENAME)
     if not os.path.exists(tok_path):
         raise UserError(f"{workdir} has no {tokenizer_lib.MODEL_FILENAME}")
-    tokenizer = tokenizer_lib.load(tok_path)
+    try:
+        tokenizer = tokenizer_lib.load(tok_path)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     from oneflow_jax.training.train_state import build_model, restore_params
     model, codec = build_model(config, tokenizer.vocab_size)
     params, restored_step = restore_params(workdir, config, model, step, ema)

@@ -39,7 +39,10 @@ def load_run_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
     if not data.tokenizer_path and saved.exists():
         return tokenizer_lib.load(saved)
     if data.tokenizer_path:
-        tok = tokenizer_lib.load(data.tokenizer_path)
+        try:
+            tok = tokenizer_lib.load(data.tokenizer_path)
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(f"config.data.tokenizer_path: {e}") from None
     else:
         tok = input_pipeline.get_tokenizer(data)
     if saved.exists() and tokenizer_lib.load(saved).model_proto != tok.model_proto:
