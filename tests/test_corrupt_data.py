@@ -61,7 +61,7 @@ def flip_bytes(src: str, dst: str, places: int, seed: int, data_bytes: int | Non
             f.write(rng.integers(0, 256, 64, dtype=np.uint8).tobytes())
 
 
-def pipeline(s, paths, **kw):
+def pipeline(s, paths, feats=None, **kw):
     tok = s["tok"]
     transform = edit_flow.EditFlowTransform(edit_flow.NoisingConfig(),
                                             edit_flow.SpecialTokens(tok.bos_id, tok.pad_id, tok.image_id),
@@ -69,7 +69,7 @@ def pipeline(s, paths, **kw):
     packer = packing.EditFlowPacker(256, 128, tok.pad_id)
     opts = dict(global_batch_size=2, shuffle_seed=0, seed=0, num_epochs=1, prefetch=0)
     opts.update(kw)
-    return ip.build_pipeline(paths, s["feats"], tokenizer=tok, codec=s["codec"], transform=transform, packer=packer,
+    return ip.build_pipeline(paths, feats or s["feats"], tokenizer=tok, codec=s["codec"], transform=transform, packer=packer,
                              **opts)
 
 
@@ -192,3 +192,110 @@ def test_bad_command_inputs_are_one_line_errors(cli, tmp_path):
     for (name, (_, fragment)), res in zip(cases.items(), results):
         assert res.returncode == 2, f"{name}\n{res}"
         assert_one_line_error(res, fragment)
+
+
+def _fuzz_records(feats, rng):
+    """(serialized record, expected skip reason or None) for good documents and >= 1,000 malformed ones."""
+    import io
+    from PIL import Image
+
+    def rec(text, pngs):
+        return feats.serialize_example({"text": text, "kind": "generation", "images": pngs})
+
+    def png(arr, mode):
+        buf = io.BytesIO()
+        Image.fromarray(arr, mode).save(buf, format="PNG")
+        return buf.getvalue()
+
+    from tensorflow_datasets.proto import tf_example_pb2
+    docs = [sw.generate_document("train", i) for i in range(150)]
+    out = [(rec(d.text, [datasets.png_bytes(im) for im in d.images]), None) for d in docs]
+    for i in range(150):
+        d = docs[i]
+        good_png = datasets.png_bytes(d.images[0])
+        non_utf8 = tf_example_pb2.Example()
+        non_utf8.features.feature["text"].bytes_list.value.append(b"\xff\xfe" + rng.bytes(8))
+        non_utf8.features.feature["kind"].bytes_list.value.append(b"generation")
+        out += [
+            (rng.bytes(int(rng.integers(0, 400))), "corrupt"),                                   # random bytes
+            (rec("<image> a", [good_png[: int(rng.integers(8, len(good_png) // 2))]]), "corrupt"),  # truncated PNG
+            (non_utf8.SerializeToString(), "corrupt"),                                           # not UTF-8
+            (rec("<image> x", [png(rng.integers(0, 256, (32, 32, 4), dtype=np.uint8), "RGBA")]), "invalid"),
+            (rec("<image> x", [datasets.png_bytes(np.zeros((int(rng.integers(1, 31)), 32, 3), np.uint8))]),
+             "invalid"),                                                                         # wrong shape
+            (rec(d.text + " <image>", [good_png]), "invalid"),                                   # unbalanced
+            (rec(" " * int(rng.integers(0, 4)), []), "invalid"),                                 # empty text
+            (rec("word " * int(rng.integers(300, 3000)), []), "overlong"),                       # huge text
+        ]
+    return out
+
+
+def test_fuzzed_records_are_counted_by_reason_and_no_good_one_is_lost(setup, tmp_path):
+    rng = np.random.default_rng(0)
+    cases = _fuzz_records(setup["feats"], rng)
+    malformed = [reason for _, reason in cases if reason]
+    assert len(malformed) >= 1000
+    order = rng.permutation(len(cases))
+
+    def run(items, name):
+        path = str(tmp_path / name)
+        writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+        for r in items:
+            writer.write(r)
+        writer.close()
+        it = pipeline(setup, [path], overlong="drop", global_batch_size=4)
+        batches = list(it)
+        n_docs = sum(len(np.unique(b["segment_ids"][r][b["segment_ids"][r] > 0]))
+                     for b in batches for r in range(len(b["segment_ids"])))
+        return it.counters, n_docs
+
+    clean, clean_docs = run([r for r, reason in cases if reason is None], "clean")     # the good records alone
+    c, n_docs = run([cases[i][0] for i in order], "fuzz")
+    for reason in ("corrupt", "invalid"):
+        assert c[f"skipped_{reason}"] == malformed.count(reason), (reason, c)
+    assert c["skipped_overlong"] == malformed.count("overlong") + clean["skipped_overlong"], c
+    assert c["documents"] == clean["documents"] == n_docs == clean_docs and c["skipped_transform_error"] == 0, c
+
+    # latents: NaN / inf / wrong shape are invalid, the rest trained on
+    shape = (setup["codec"].num_patches, setup["codec"].patch_dim)
+    lat_feats = datasets.record_features(latent_shape=shape)
+    docs = [sw.generate_document("train", i) for i in range(30)]
+    lat_cases = []
+    for i, d in enumerate(docs):
+        lat = setup["codec"].encode(d.images)
+        bad = lat.copy()
+        bad[..., i % shape[1]] = [np.nan, np.inf, -np.inf][i % 3]
+        lat_cases += [(lat_feats.serialize_example({"text": d.text, "kind": d.kind, "images": lat}), None),
+                      (lat_feats.serialize_example({"text": d.text, "kind": d.kind, "images": bad}), "invalid")]
+    path = str(tmp_path / "lat.array_record")
+    writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+    for r, _ in lat_cases:
+        writer.write(r)
+    writer.close()
+    it = pipeline(setup, [path], latents=True, feats=lat_feats)
+    list(it)
+    assert it.counters["skipped_invalid"] == 30 and it.counters["documents"] == 30
+
+
+def test_fuzzed_shard_files_are_skipped_and_no_good_record_is_lost(setup, tmp_path):
+    rng = np.random.default_rng(1)
+    good = []
+    for k in range(10):
+        path = str(tmp_path / f"good-{k}")
+        shutil.copy(setup["paths"][k % 2], path)
+        good.append(path)
+    bad = []
+    for k in range(21):
+        path = str(tmp_path / f"bad-{k}")
+        src = open(setup["paths"][k % 2], "rb").read()
+        kind = k % 3
+        data = (b"" if kind == 0 else src[: int(rng.integers(1, len(src) - 1))] if kind == 1
+                else rng.bytes(int(rng.integers(64 << 10, 200 << 10))))        # empty, truncated, garbage
+        open(path, "wb").write(data)
+        bad.append(path)
+    files = list(rng.permutation(good + bad))
+    shards = records.open_shards(files, max_unreadable_fraction=1.0)
+    assert sorted(u["path"] for u in shards.unreadable) == sorted(bad) and sorted(shards.paths) == sorted(good)
+    it = pipeline(setup, files, max_unreadable_fraction=1.0)
+    list(it)
+    assert it.counters["documents"] == 10 * N_DOCS // 2 and it.skipped_records == 0
