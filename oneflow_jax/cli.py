@@ -83,8 +83,11 @@ def load_config_flag(argv) -> None:
     from absl import flags
     if "config" not in flags.FLAGS or not flags.FLAGS["config"].present:
         return
+    value = flags.FLAGS["config"].value
+    if value is None or isinstance(value, str):       # not a config file flag (e.g. `datasets --config JSON`)
+        return
     try:
-        _ = flags.FLAGS.config.keys()   # any attribute access makes ml_collections load the file
+        _ = value.keys()              # any attribute access makes ml_collections load the file
     except Exception as e:  # pylint: disable=broad-except  (OSError, SyntaxError, NameError, ValueError, ...)
         cause = e.__cause__ or e
         lines = [line.strip() for line in str(cause).splitlines() if line.strip()]

@@ -185,6 +185,7 @@ def test_bad_command_inputs_are_one_line_errors(cli, tmp_path):
         "not a run (sample)": (("sample", f"--workdir={no_run}", "--prompt=a"), "not a training run directory"),
         "not a run (export)": (("export_torch", f"--workdir={no_run}", f"--out={tmp_path}/o"),
                                "not a training run directory"),
+        "datasets config not JSON": (("datasets", "--config={nope", f"--data_dir={tmp_path}/d"), "not JSON"),
         "no hf dir": (("import_llama", f"--hf_dir={tmp_path}/nohf", "--config=configs/oneflow_1b.py",
                        f"--workdir={tmp_path}/w3"), "no config.json"),
     }
