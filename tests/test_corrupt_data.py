@@ -118,6 +118,7 @@ def test_unopenable_shards_are_skipped_whole_and_named(setup, tmp_path, caplog):
     it = pipeline(setup, [good, truncated, empty], max_unreadable_fraction=0.9)
     list(it)
     assert it.counters["documents"] == N_DOCS // 2
+    assert [u["path"] for u in it.unreadable_shards] == [truncated, empty]      # the train loop logs these
     with pytest.raises(ValueError, match="unreadable.*data.max_unreadable_fraction=0.05"):
         records.open_shards([good, truncated])              # ~1/3 of the split lost: too much
     with pytest.raises(ValueError, match="no readable shard"):
@@ -161,6 +162,19 @@ def test_train_cli_on_flipped_shards_trains_and_counts(cli, tmp_path):
     assert last["step"] == 20 and last["skipped_records"] >= last["unreadable_records"] > 0, last
     assert "unreadable)" in res.stdout, res
     assert (wd / "samples").exists()
+
+
+def test_train_stops_with_one_line_when_too_much_is_unreadable(cli, tmp_path):
+    data = tmp_path / "tfds"
+    shutil.copytree(cli.data_dir, data)
+    train = [os.path.join(r, f) for r, _, fs in os.walk(data) for f in fs if "-train.array_record" in f]
+    for path in train:
+        flip_bytes(path, path + ".tmp", places=6000, seed=7)           # ~25% of the records
+        os.replace(path + ".tmp", path)
+    res = cli.run("train", "--config=configs/shapes_tiny.py:smoke", f"--workdir={tmp_path}/run",
+                  f"--config.data.data_dir={data}", "--config.total_steps=60", "--config.log_every=5")
+    assert res.returncode == 2, res
+    assert_one_line_error(res, "are unreadable", "data.max_unreadable_fraction=0.05", "stopping at step")
 
 
 def test_bad_command_inputs_are_one_line_errors(cli, tmp_path):

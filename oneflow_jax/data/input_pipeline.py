@@ -330,15 +330,17 @@ class TrainIterator(grain.DatasetIterator):
     """Host-local batches `{key: np.ndarray [rows, ...]}` with cumulative, checkpointed counters.
 
     Concatenates the next block of each of this host's streams (in stream order) into one batch. `counters`:
-    {skipped_corrupt, skipped_invalid, skipped_overlong, skipped_transform_error, truncated, documents, rows} summed
-    over every batch returned so far on this host; `skipped_records` is the sum of the skipped_*. `get_state()` /
+    {skipped_unreadable, skipped_corrupt, skipped_invalid, skipped_overlong, skipped_transform_error, truncated,
+    documents, rows} summed over every batch returned so far on this host; `skipped_records` is the sum of the
+    skipped_*; `unreadable_shards` lists the shards skipped whole (records.open_shards). `get_state()` /
     `set_state()` are JSON-serializable (Grain's Orbax handler accepts this iterator). A finite stream (num_epochs
     set) ends with a batch padded by empty rows (segment_ids 0).
     """
 
-    def __init__(self, parent: grain.DatasetIterator, rows_per_batch: int):
+    def __init__(self, parent: grain.DatasetIterator, rows_per_batch: int, unreadable_shards: Sequence[dict] = ()):
         super().__init__(parent)
         self._rows = rows_per_batch
+        self.unreadable_shards = list(unreadable_shards)
         self._totals = np.zeros(len(COUNTER_NAMES), np.int64)
         # Stop prefetch threads / worker processes before interpreter teardown if the user never calls close().
         atexit.register(_close_at_exit, weakref.ref(self))
@@ -414,13 +416,14 @@ class _MemoizedMapDataset(grain.MapDataset):
         return "MemoizedMapDataset"
 
 
-def global_record_stream(filepaths: Sequence[str], *, shuffle_seed: int, num_epochs: int | None = None,
-                         decode: Callable | None = None, cache: bool = False,
+def global_record_stream(filepaths: Sequence[str] | records.ShardSet, *, shuffle_seed: int,
+                         num_epochs: int | None = None, decode: Callable | None = None, cache: bool = False,
                          max_unreadable_fraction: float = records.DEFAULT_MAX_UNREADABLE) -> grain.MapDataset:
     """(global position, record) over all hosts: a seeded global shuffle, a different permutation per epoch. The
     record is the raw bytes (a skip marker where unreadable: data/records.py), or `decode(raw)`; with `cache` each
     record is decoded once (then kept in memory). Shards that cannot be opened are skipped (records.open_shards)."""
-    shards = records.open_shards(filepaths, max_unreadable_fraction)
+    shards = (filepaths if isinstance(filepaths, records.ShardSet)
+              else records.open_shards(filepaths, max_unreadable_fraction))
     if len(shards) == 0:
         raise ValueError(f"no records in {list(filepaths)}")
     ds = shards.records()
@@ -471,7 +474,8 @@ def build_pipeline(filepaths: Sequence[str], features: tfds.features.FeaturesDic
     _check_features(features, latents, codec)
     rows_per_stream = global_batch_size // num_streams
     decode = _Decode(json.dumps(features.to_json()), latents, codec.image_shape, (codec.num_patches, codec.patch_dim))
-    stream = global_record_stream(filepaths, shuffle_seed=shuffle_seed, num_epochs=num_epochs, decode=decode,
+    shards = records.open_shards(filepaths, max_unreadable_fraction)
+    stream = global_record_stream(shards, shuffle_seed=shuffle_seed, num_epochs=num_epochs, decode=decode,
                                   cache=cache_decoded, max_unreadable_fraction=max_unreadable_fraction)
     tokenize = _Tokenize(tokenizer, codec, latents, transform.cost, tuple(packer.limits), overlong)
     noise = _Transform(transform, seed)
@@ -487,7 +491,7 @@ def build_pipeline(filepaths: Sequence[str], features: tfds.features.FeaturesDic
                                                          per_worker_buffer_size=max(1, blocks // num_workers)))
     elif prefetch > 0:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=blocks)
-    return TrainIterator(iter(ds), rows_per_stream * len(streams))
+    return TrainIterator(iter(ds), rows_per_stream * len(streams), shards.unreadable)
 
 
 def _check_features(features, latents: bool, codec) -> None:

@@ -87,6 +87,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             tokenizer=tokenizer, seed=cfg.seed)
     except ValueError as e:           # the data cannot be read as configured (too many unreadable shards, ...)
         raise UserError(str(e)) from None
+    lost_shards = {"unreadable_shards": len(data_iter.unreadable_shards),
+                   "unreadable_shard_records": sum(u["records_lost_estimate"] for u in data_iter.unreadable_shards)}
+    for u in data_iter.unreadable_shards:
+        cli.say(f"skipping unreadable shard {u['path']} (~{u['records_lost_estimate']} records): {u['error']}")
     ckpt = checkpointing.Checkpointer(workdir, keep=cfg.keep_checkpoints, save_every=cfg.ckpt_every)
     nonfinite = NonfiniteSteps(cfg.optimizer.max_consecutive_nonfinite)
     if ckpt.latest_step() is not None:
@@ -132,7 +136,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if log_now:
                 counts = global_data_counts(data_iter)
                 last = window.flush(skipped_records=counts["skipped_records"],
-                                    unreadable_records=counts["unreadable_records"], nonfinite_steps=nonfinite.total)
+                                    unreadable_records=counts["unreadable_records"], nonfinite_steps=nonfinite.total,
+                                    **(lost_shards if lost_shards["unreadable_shards"] else {}))
                 last.update(flops.throughput_metrics(flops_per_step, last["steps_per_sec"], jax.device_count(), peak))
                 logger.write_scalars(step, last)
                 logger.progress(step, last)
