@@ -16,6 +16,7 @@ setuptools.setup(
         "array-record",
         "tensorflow-datasets",
         "sentencepiece",
+        "tokenizers",
         "ml-collections",
         "clu",
         "tensorflow-cpu",

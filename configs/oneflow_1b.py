@@ -68,7 +68,9 @@ def pod_config(backbone: dict, arg: str | None = None) -> ml_collections.ConfigD
         data_dir=ml_collections.FieldReference(None, field_type=str), split="train",
         seq_len=512, max_deletions=512, global_batch_size=4096, shuffle_seed=0, num_workers=8, prefetch=2,
         overlong="truncate",
-        tokenizer_path=ml_collections.FieldReference(None, field_type=str),   # required: a 128256-piece model
+        tokenizer_path=ml_collections.FieldReference(None, field_type=str),   # required: Llama 3's tokenizer.json
+        image_token="<|reserved_special_token_0|>",   # the tokenizer.json token <image> maps to (vocab stays 128256)
+        max_unreadable_fraction=0.05,  # stop once more of the split than this is unreadable (damaged shards)
         latents=True))               # records hold precomputed VAE latents (built once with the codec above)
     c.data.builder_config.codec.path = c.codec.get_ref("path")   # one --config.codec.path sets both
 

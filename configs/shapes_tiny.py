@@ -55,6 +55,8 @@ def get_config(arg: str | None = None):
         max_patches_per_row=48,       # image parts of the model run at this many patch slots per row; 0 = everywhere
         overlong="drop", tokenizer_path=ml_collections.FieldReference(None, field_type=str), latents=False,
         num_streams=0,                # record streams the global batch is built from (0: one per row)
+        image_token=ml_collections.FieldReference(None, field_type=str),  # tokenizer.json: the token <image> maps to
+        max_unreadable_fraction=0.05,  # stop once more of the split than this is unreadable (damaged shards)
         cache_decoded=True))          # keep every decoded record in host memory (for datasets that fit)
 
     c.optimizer = ml_collections.ConfigDict(dict(

@@ -111,6 +111,7 @@ class DataConfig:
     overlong: str = "truncate"      # a document longer than a row: 'truncate' (at a text boundary) | 'drop'
     tokenizer_path: str | None = None       # None: trained once for the dataset and cached in its data dir
     tokenizer_vocab_size: int | None = None  # None: the dataset's default
+    image_token: str | None = None  # tokenizer.json only: the token <image> maps to (None: an added <image>)
     latents: bool = False           # records hold precomputed latents instead of pixels
     max_unreadable_fraction: float = 0.05   # stop with an error once more of the split than this is unreadable
 

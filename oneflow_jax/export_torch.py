@@ -34,8 +34,8 @@ def load_params(workdir: str, step: int | None = None, tokenizer_path: str | Non
     config = config_lib.resolve(checkpointing.load_config(workdir))
     if not methods.for_config(config).torch_export:
         raise UserError(f"only OneFlow runs can be exported (model_type={config.model_type!r})")
-    tok_path = os.fspath(epath.Path(workdir) / tokenizer_lib.MODEL_FILENAME)
-    if not epath.Path(tok_path).exists():
+    tok_path = tokenizer_lib.find_in_dir(workdir)
+    if tok_path is None:
         if not tokenizer_path:
             raise UserError(f"{workdir} has no {tokenizer_lib.MODEL_FILENAME}; pass --tokenizer")
         tok_path = tokenizer_path

@@ -273,8 +273,13 @@ def export(params, model_config: dict, out_dir: str, tokenizer_path: str | None 
     with open(os.path.join(out_dir, PARITY_SCRIPT_NAME), "w") as f:
         f.write(PARITY_SCRIPT)
     if tokenizer_path:
-        with open(os.path.join(out_dir, TOKENIZER_NAME), "wb") as f:
-            f.write(epath.Path(tokenizer_path).read_bytes())               # also from gs:// workdirs
+        data = epath.Path(tokenizer_path).read_bytes()                   # also from gs:// workdirs
+        hf = str(tokenizer_path).endswith(".json")                        # data/hf_tokenizer.py's tokenizer.hf.json
+        with open(os.path.join(out_dir, os.path.basename(str(tokenizer_path)) if hf else TOKENIZER_NAME), "wb") as f:
+            f.write(data)
+        if hf:                                                            # and the plain tokenizer.json inside it
+            with open(os.path.join(out_dir, "tokenizer.json"), "w") as f:
+                json.dump(json.loads(data)["tokenizer"], f)
 
     batch = parity_batch(cfg, image_token_id=image_token_id, bos_id=bos_id)
     ref_params = torch_tensors_to_params(tensors, cfg, source="export")   # exactly what torch will load

@@ -529,7 +529,7 @@ def get_tokenizer(config) -> tokenizer_lib.Tokenizer:
     """`data.tokenizer_path` if set, else the dataset's own tokenizer (trained once, cached in its data dir)."""
     data = _data_section(config)
     if data.tokenizer_path:
-        return tokenizer_lib.load(data.tokenizer_path)
+        return tokenizer_lib.load(data.tokenizer_path, data.image_token)
     builder = prepare_dataset(data)
     return datasets.dataset_tokenizer(data.name, data.data_dir, builder.builder_config,
                                       vocab_size=data.tokenizer_vocab_size)

@@ -6,11 +6,13 @@ own, so an image is always exactly one id and never merges with neighbouring whi
 markers with single spaces (`"a <image> b"` round-trips exactly; `"a<image>b"` decodes as `"a <image> b"`).
 
 The model is held as serialized bytes (`model_proto`), so a `Tokenizer` is cheap to copy into Grain worker processes
-and to store next to checkpoints (`save_to_dir` / `load_from_dir`).
+and to store next to checkpoints (`save_to_dir` / `find_in_dir` + `load`). Hugging Face `tokenizer.json` files
+(Llama 3) load through `load` too, as data/hf_tokenizer.py's HFTokenizer with the same interface.
 """
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -157,24 +159,46 @@ def save(tokenizer: Tokenizer, path: str) -> None:
     tmp.rename(path)
 
 
-def load(path: str) -> Tokenizer:
-    """Loads an existing SentencePiece `.model` (it must define `<image>`, PAD, BOS and EOS)."""
+def load(path: str, image_token: str | None = None):
+    """Loads a tokenizer file: a SentencePiece `.model` (it must define `<image>`, PAD, BOS and EOS), a run's
+    `tokenizer.hf.json`, or a Hugging Face `tokenizer.json` (data/hf_tokenizer.py; `image_token` names the token
+    `<image>` maps to, None: an added `<image>`)."""
+    from oneflow_jax.data import hf_tokenizer  # pylint: disable=g-import-not-at-top
     path = epath.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no tokenizer model at {path}")
+    data = path.read_bytes()
+    if path.suffix == ".json":
+        if path.name == hf_tokenizer.FILENAME:
+            return hf_tokenizer.HFTokenizer(data)
+        return hf_tokenizer.from_tokenizer_json(os.fspath(path), image_token)
     try:
-        return Tokenizer(path.read_bytes())
+        return Tokenizer(data)
     except RuntimeError:              # sentencepiece cannot parse it
-        raise ValueError(f"{path} is not a SentencePiece model") from None
+        raise ValueError(f"{path} is not a SentencePiece model (nor a tokenizer.json)") from None
 
 
-def save_to_dir(tokenizer: Tokenizer, directory: str) -> str:
-    """Stores the tokenizer in `directory` (e.g. a checkpoint directory) as `tokenizer.model`; returns the path."""
-    path = epath.Path(directory) / MODEL_FILENAME
+def find_in_dir(directory: str) -> str | None:
+    """The tokenizer file a run directory holds (`tokenizer.model` or `tokenizer.hf.json`), None if neither."""
+    from oneflow_jax.data import hf_tokenizer  # pylint: disable=g-import-not-at-top
+    for name in (MODEL_FILENAME, hf_tokenizer.FILENAME):
+        path = epath.Path(directory) / name
+        if path.exists():
+            return os.fspath(path)
+    return None
+
+
+def save_to_dir(tokenizer, directory: str) -> str:
+    """Stores the tokenizer in `directory` (e.g. a run directory) as `tokenizer.model` (SentencePiece) or
+    `tokenizer.hf.json`; returns the path."""
+    path = epath.Path(directory) / getattr(tokenizer, "filename", MODEL_FILENAME)
     save(tokenizer, path)
     return str(path)
 
 
-def load_from_dir(directory: str) -> Tokenizer:
+def load_from_dir(directory: str):
     """Loads the tokenizer stored by `save_to_dir(…, directory)`."""
-    return load(epath.Path(directory) / MODEL_FILENAME)
+    path = find_in_dir(directory)
+    if path is None:
+        raise FileNotFoundError(f"no tokenizer ({MODEL_FILENAME} or tokenizer.hf.json) in {directory}")
+    return load(path)

@@ -36,9 +36,9 @@ def load_run(workdir: str, step: int | None = None, ema: bool = True) -> Run:
     if not os.path.isdir(workdir) or not os.path.exists(os.path.join(workdir, "config.json")):
         raise UserError(f"{workdir} is not a training run directory (no config.json)")
     config = config_lib.resolve(checkpointing.load_config(workdir))
-    tok_path = os.path.join(workdir, tokenizer_lib.MODEL_FILENAME)
-    if not os.path.exists(tok_path):
-        raise UserError(f"{workdir} has no {tokenizer_lib.MODEL_FILENAME}")
+    tok_path = tokenizer_lib.find_in_dir(workdir)
+    if tok_path is None:
+        raise UserError(f"{workdir} has no {tokenizer_lib.MODEL_FILENAME} (or tokenizer.hf.json)")
     try:
         tokenizer = tokenizer_lib.load(tok_path)
     except ValueError as e:

@@ -32,21 +32,22 @@ MIN_RECORDS_FOR_LOSS_CHECK = 200   # records read before the unreadable fraction
 
 # ------------------------------------------------------------------------------------------------ setup
 
-def load_run_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
-    """The run's tokenizer: the copy in the workdir if resuming, else config.data.tokenizer_path or the dataset's."""
-    saved = epath.Path(workdir) / tokenizer_lib.MODEL_FILENAME
+def load_run_tokenizer(config, workdir: str):
+    """The run's tokenizer: the copy in the workdir if resuming, else config.data.tokenizer_path (SentencePiece or a
+    Hugging Face tokenizer.json, `<image>` as data.image_token) or the dataset's."""
+    saved_path = tokenizer_lib.find_in_dir(workdir)
     data = config_lib.resolve(config).data
-    if not data.tokenizer_path and saved.exists():
-        return tokenizer_lib.load(saved)
+    if not data.tokenizer_path and saved_path:
+        return tokenizer_lib.load(saved_path)
     if data.tokenizer_path:
         try:
-            tok = tokenizer_lib.load(data.tokenizer_path)
+            tok = tokenizer_lib.load(data.tokenizer_path, data.image_token)
         except (FileNotFoundError, ValueError) as e:
             raise UserError(f"config.data.tokenizer_path: {e}") from None
     else:
         tok = input_pipeline.get_tokenizer(data)
-    if saved.exists() and tokenizer_lib.load(saved).model_proto != tok.model_proto:
-        raise UserError(f"tokenizer mismatch: {saved} (used by this run's checkpoints) differs from "
+    if saved_path and tokenizer_lib.load(saved_path).model_proto != tok.model_proto:
+        raise UserError(f"tokenizer mismatch: {saved_path} (used by this run's checkpoints) differs from "
                         f"{data.tokenizer_path or 'the dataset tokenizer'}; use a new --workdir")
     if jax.process_index() == 0:
         tokenizer_lib.save_to_dir(tok, workdir)
