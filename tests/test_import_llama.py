@@ -9,6 +9,8 @@ remap to change its frequencies.
 import functools
 import json
 import os
+import subprocess
+import sys
 import textwrap
 
 import jax
@@ -21,6 +23,7 @@ from oneflow_jax.convert import import_llama
 from oneflow_jax.convert import safetensors_io
 from oneflow_jax.models import transformer as model_lib
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -149,7 +152,8 @@ def test_mismatches_are_reported_clearly(tmp_path):
         import_llama.import_params(path, ours(True))
 
 
-def tiny_run_config(tmp_path, base: str = "shapes_tiny.py", tie: bool = True) -> str:
+def tiny_run_config(tmp_path, base: str = "shapes_tiny.py", tie: bool = True, image_size: int = 8,
+                    patch_size: int = 4, extra: str = "") -> str:
     """configs/<base>:smoke (shapes_tiny, or ar_shapes_tiny = shapes_tiny + model_type 'ar' + its `ar` section) at
     the tiny Llama's architecture, written as a config file for the CLI."""
     path = tmp_path / f"llama_tiny_{base}"
@@ -161,9 +165,10 @@ def tiny_run_config(tmp_path, base: str = "shapes_tiny.py", tie: bool = True) ->
 
         def get_config(arg=None):
             c = base.get_config("smoke")
-            c.codec.update(image_size=8, patch_size=4)       # 2x2 patches of 48 values, as ours() above
+            c.codec.update(image_size={image_size}, patch_size={patch_size})   # 8 / 4: 2x2 patches of 48 values, as ours()
             c.model.update(vocab_size=96, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=80,
                            rope_theta={THETA}, norm_eps=1e-5, tie_embeddings={tie})
+            {extra}
             return c
     """))
     return str(path)
@@ -315,3 +320,56 @@ def test_published_llama_configs_match_configs_oneflow(size):
     import_llama.check_config(published, cfg)
     assert import_llama.rope_settings(published) == (500000.0, "llama3")
     assert cfg.rope_scaling == import_llama.rope_scaling(published) == (factor, 1.0, 4.0, 8192)
+
+
+def _tokenizer_json(directory, vocab_size: int):
+    """A Metaspace BPE tokenizer.json of exactly `vocab_size` ids with Llama 3's special-token names."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from oneflow_jax.data import shapes_world as sw
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                "<|reserved_special_token_1|>"]
+    texts = [sw.generate_document("train", i).text.replace("<image>", " ") for i in range(300)]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials))
+    n = tok.get_vocab_size()          # a closed corpus runs out of merges: more reserved tokens, as Llama 3 has
+    tok.add_special_tokens([f"<|reserved_special_token_{i}|>" for i in range(2, 2 + vocab_size - n)])
+    assert tok.get_vocab_size() == vocab_size
+    tok.save(os.path.join(directory, "tokenizer.json"))
+
+
+def test_import_picks_up_the_directorys_tokenizer_and_train_runs_on_it(tmp_path):
+    """import -> train -> sample with no other file: the HF directory's tokenizer.json (<image> as a reserved
+    special token, so the vocabulary keeps the checkpoint's 96 rows) becomes the run's tokenizer."""
+    from oneflow_jax.data import tokenizer as tokenizer_lib
+    model, hf_dir = hf_model(tmp_path, tie=True)
+    _tokenizer_json(hf_dir, 96)
+    workdir = tmp_path / "run"
+    for name, ok in (("<|nope|>", False), ("<|reserved_special_token_1|>", True)):
+        config_path = tiny_run_config(tmp_path, image_size=32, patch_size=16,   # shapes-world's 32-px images
+                                      extra=f"c.data.image_token = {name!r}")
+        argv = [f"--hf_dir={hf_dir}", f"--config={config_path}", f"--workdir={workdir}"]
+        assert import_llama_cli.main(argv) == (0 if ok else 2)      # a token the file lacks: one line, no run
+    tok = tokenizer_lib.load_from_dir(str(workdir))
+    assert tok.vocab_size == 96 and tok.id_to_piece(tok.image_id) == "<|reserved_special_token_1|>"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    for cmd in (["train", f"--config={config_path}", f"--workdir={workdir}", "--config.total_steps=2"],
+                ["sample", f"--workdir={workdir}", "--prompt=a red circle", f"--out={tmp_path}/s"]):
+        res = subprocess.run([sys.executable, "-m", f"oneflow_jax.{cmd[0]}", *cmd[1:]], capture_output=True,
+                             text=True, timeout=600, env=env, cwd=REPO)
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "s" / "0000_00.txt").read_text().startswith("a red circle")
+
+
+def test_added_image_token_grows_the_embedding_by_its_mean_row(tmp_path):
+    model, hf_dir = hf_model(tmp_path, tie=False, seed=2)
+    params = import_llama.import_params(hf_dir, ours(tie=False, vocab_size=97))
+    emb = np.asarray(model.state_dict()["model.embed_tokens.weight"].numpy())
+    got = np.asarray(params["embed"]["embedding"])
+    np.testing.assert_array_equal(got[:96], emb)
+    np.testing.assert_allclose(got[96], emb.mean(0), rtol=1e-6, atol=1e-7)
+    with pytest.raises(import_llama.ConfigMismatch, match="vocab_size=95"):
+        import_llama.import_params(hf_dir, ours(tie=False, vocab_size=95))

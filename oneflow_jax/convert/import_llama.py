@@ -104,11 +104,12 @@ def check_config(hf: dict, cfg: model_lib.ModelConfig) -> None:
              ("n_kv_heads", cfg.n_kv_heads, "num_key_value_heads", hf.get("num_key_value_heads", hf["num_attention_heads"])),
              ("head_dim", cfg.dim_per_head, "head_dim", head_dim),
              ("d_ff", cfg.d_ff, "intermediate_size", hf["intermediate_size"]),
-             ("vocab_size", cfg.vocab_size, "vocab_size", hf["vocab_size"]),
              ("rope_theta", cfg.rope_theta, "rope_theta", theta),
              ("norm_eps", cfg.norm_eps, "rms_norm_eps", hf.get("rms_norm_eps", 1e-6))]
     problems = [f"config.model.{ours}={a} but the checkpoint's {theirs}={b}" for ours, a, theirs, b in pairs
                 if not np.isclose(a, b, rtol=1e-6, atol=0)]
+    if cfg.vocab_size < hf["vocab_size"]:         # more is fine: rows for added tokens (`<image>`), see import_params
+        problems.append(f"config.model.vocab_size={cfg.vocab_size} but the checkpoint's vocab_size={hf['vocab_size']}")
     for flag in ("attention_bias", "mlp_bias"):
         if hf.get(flag):
             problems.append(f"the checkpoint has {flag}=true; the model has no attention/MLP biases")
@@ -168,6 +169,11 @@ def import_params(hf_dir: str, model, seed: int = 0):
         loaded.setdefault("token_head.weight", loaded["embed.weight"])     # a tied HF model's LM head
     else:
         loaded.pop("token_head.weight", None)
+    for name in ("embed.weight", "token_head.weight"):   # tokens the tokenizer added (`<image>`): the mean row
+        if name in loaded and loaded[name].shape[0] < cfg.vocab_size:
+            w = np.asarray(loaded[name], np.float32)
+            extra = np.repeat(w.mean(0, keepdims=True), cfg.vocab_size - w.shape[0], axis=0)
+            loaded[name] = np.concatenate([w, extra]).astype(np.asarray(loaded[name]).dtype)
     fresh = nn.meta.unbox(_init_params(model, jax.random.key(seed)))
     tensors = torch_export.params_to_torch_tensors(fresh)
     safetensors_io.check_names_and_shapes({k: v.shape for k, v in loaded.items()},
@@ -185,9 +191,20 @@ def import_to_workdir(hf_dir: str, config, workdir: str, seed: int | None = None
     from oneflow_jax.training import checkpointing, sharding
     from oneflow_jax.training.train_state import abstract_train_state, build_model, initial_state, make_optimizer
 
+    from oneflow_jax.data import tokenizer as tokenizer_lib
     hf = read_hf_config(hf_dir)
     config_dict, config = config, config_lib.resolve(config)
-    vocab = config.model.get("vocab_size", 0) or hf["vocab_size"]
+    tok = None                        # the directory's tokenizer.json becomes the run's tokenizer (unless the config
+    tok_file = os.path.join(hf_dir, "tokenizer.json")       # names one), `<image>` as config.data.image_token
+    if not config.data.tokenizer_path and os.path.exists(tok_file):
+        try:
+            tok = tokenizer_lib.load(tok_file, config.data.image_token)
+        except ValueError as e:
+            raise cli.UserError(str(e)) from None
+    vocab = config.model.get("vocab_size", 0) or (tok.vocab_size if tok else hf["vocab_size"])
+    if tok is not None and vocab != tok.vocab_size:
+        raise cli.UserError(f"{tok_file} has {tok.vocab_size} ids (<image> included) but config.model.vocab_size="
+                            f"{vocab}: set --config.model.vocab_size={tok.vocab_size} (or 0)")
     # The model the train loop builds for config.model_type (OneFlowModel or ARModel), so the checkpoint's tree is the one
     # the training run restores.
     model, _ = build_model(config, vocab)
@@ -205,4 +222,6 @@ def import_to_workdir(hf_dir: str, config, workdir: str, seed: int | None = None
             raise cli.UserError(f"{workdir} already has checkpoints (step {ckpt.latest_step()}); "
                                        "import into a new workdir")
         ckpt.save(0, state, metadata=dict(imported_from=os.path.abspath(hf_dir)), force=True)
+    if tok is not None:
+        tokenizer_lib.save_to_dir(tok, workdir)
     return 0

@@ -28,6 +28,7 @@ baseline swaps them and keeps everything else.
 from __future__ import annotations
 
 import atexit
+import collections
 import dataclasses
 import json
 import logging
@@ -44,6 +45,13 @@ from absl import flags
 from oneflow_jax.data import datasets
 from oneflow_jax.data import packing, records
 from oneflow_jax.data import tokenizer as tokenizer_lib
+
+MAX_SKIPS_IN_A_ROW = 2000   # records skipped in a row before a stream gives up: the data cannot be what the config says
+
+
+class DataStarvedError(ValueError):
+    """Every record of a long run was skipped: the data does not match the config (image size, latents, ...)."""
+
 
 SKIP_REASONS = ("unreadable", "corrupt", "invalid", "overlong", "transform_error")
 COUNTER_NAMES = tuple(f"skipped_{r}" for r in SKIP_REASONS) + ("truncated", "documents", "rows")
@@ -100,8 +108,8 @@ def truncate_to_fit(tokens: np.ndarray, image_id: int, word_start: np.ndarray,
 # ----------------------------------------------------------------------------------------- per-record stages
 
 
-def _skip(reason: str) -> dict[str, Any]:
-    return {"skip": reason}
+def _skip(reason: str, why: str = "") -> dict[str, Any]:
+    return {"skip": reason, "why": why} if why else {"skip": reason}
 
 
 class _Decode:
@@ -145,8 +153,8 @@ class _Decode:
         try:
             datasets.check_document(text, len(images))
             self._check_images(images)
-        except ValueError:
-            return _skip("invalid")
+        except ValueError as e:
+            return _skip("invalid", str(e))
         return {"text": text, "images": images}
 
 
@@ -265,6 +273,7 @@ class _StreamPackerIterator(grain.DatasetIterator):
         """Documents of stream s's next row ([] once the stream is exhausted)."""
         limits = tuple(self._packer.limits)
         docs, used = [], (0,) * len(limits)
+        in_a_row, why = collections.Counter(), ""
         while True:
             try:
                 element = self._read(s)
@@ -273,7 +282,15 @@ class _StreamPackerIterator(grain.DatasetIterator):
                 return docs
             if "skip" in element:
                 counts["skipped_" + element["skip"]] += 1
+                in_a_row[element["skip"]] += 1
+                why = element.get("why", why)
+                if sum(in_a_row.values()) >= MAX_SKIPS_IN_A_ROW:
+                    raise DataStarvedError(
+                        f"{MAX_SKIPS_IN_A_ROW} records in a row were skipped ("
+                        + ", ".join(f"{k}: {v}" for k, v in in_a_row.most_common()) + (f"; e.g. {why}" if why else "")
+                        + "): the data does not match the config (codec image size, data.latents) or is damaged")
                 continue
+            in_a_row.clear()
             usage = tuple(self._packer.usage(element["doc"]))
             if packing.fits(used, usage, limits):
                 docs.append(element["doc"])

@@ -123,7 +123,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
         step = start
         while step < cfg.total_steps:
-            local = next(data_iter)
+            try:
+                local = next(data_iter)
+            except input_pipeline.DataStarvedError as e:
+                ckpt.close()
+                raise UserError(str(e)) from None
             batch = input_pipeline.make_global_batch(local, mesh, sharding.BATCH_AXES)
             state, metrics = train_step(state, batch)
             step += 1
