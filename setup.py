@@ -17,6 +17,7 @@ setuptools.setup(
         "tensorflow-datasets",
         "sentencepiece",
         "tokenizers",
+        "pyarrow",
         "ml-collections",
         "clu",
         "tensorflow-cpu",

@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from oneflow_jax.data import records
+from oneflow_jax.data import records, sources
 from oneflow_jax.data import shapes_world as sw
 from oneflow_jax.data import tokenizer as tokenizer_lib
 
@@ -195,23 +195,17 @@ class ShapesWorld(_ArrayRecordBuilder):
 
 def load_image(path: str, image_size: int | None) -> np.ndarray:
     """RGB uint8 [H, W, 3]; with `image_size`, centre-cropped to a square and resized to image_size^2."""
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-    with Image.open(io.BytesIO(epath.Path(path).read_bytes())) as im:
-        im = im.convert("RGB")
-        if image_size:
-            w, h = im.size
-            s = min(w, h)
-            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-            if s != image_size:
-                im = im.resize((image_size, image_size), Image.BICUBIC)
-        return np.asarray(im, np.uint8)
+    return sources.image_from(str(path), None, image_size)
 
 
 @dataclasses.dataclass(eq=False)
 class JsonlConfig(tfds.core.BuilderConfig):
-    """Where users' JSONL files live. Image paths are relative to `image_root` (default: the JSONL file's folder).
+    """Where users' data files live: `.jsonl`, webdataset `.tar` shards or `.parquet` files (data/sources.py), mixed
+    freely. Image paths are relative to `image_root` (default: the file's folder).
 
-    `image_size` centre-crops and resizes every image (required with `codec`, which precomputes latents).
+    `image_size` centre-crops and resizes every image (required with `codec`, which precomputes latents). The field
+    names say where a record keeps its image (bytes, a path, or {"bytes", "path"}) and caption (pairs), or its
+    text and images (interleaved documents).
     """
 
     train_files: tuple[str, ...] = ()
@@ -221,6 +215,10 @@ class JsonlConfig(tfds.core.BuilderConfig):
     codec: dict | None = None
     pair_format: str = "both"  # image_caption_pairs: 'generation' | 'understanding' | 'both' (seeded per line)
     seed: int = 0
+    image_field: str = "image"       # pairs: the image (jsonl: a path; tar: the .jpg/.png member; parquet: a column)
+    caption_field: str = "caption"   # pairs: the caption (tar: the .txt member, or this key of the .json member)
+    text_field: str = "text"         # interleaved: the text with <image> markers
+    images_field: str = "images"     # interleaved: the list of images
 
 
 class _JsonlBuilder(_ArrayRecordBuilder, skip_registration=True):
@@ -248,26 +246,32 @@ class _JsonlBuilder(_ArrayRecordBuilder, skip_registration=True):
     def _generate_examples(self, files: tuple[str, ...], split: str):
         cfg = self.builder_config
         codec = _make_codec(cfg.codec)
-        bad = 0
+        total_bad = 0
         for file_idx, name in enumerate(files):
             path = epath.Path(name)
             root = epath.Path(cfg.image_root) if cfg.image_root else path.parent
-            with path.open("r") as f:
-                for line_idx, line in enumerate(f):
-                    if not line.strip():
-                        continue
-                    key = f"{split}/{file_idx}/{line_idx}"
-                    try:
-                        text, kind, paths = self._parse_line(json.loads(line), key)
-                        images = [load_image(str(root / p), cfg.image_size) for p in paths]
-                        check_document(text, len(images))
-                    except Exception as e:  # pylint: disable=broad-except
-                        bad += 1
-                        logging.warning("%s: skipping %s line %d: %s", self.name, path, line_idx + 1, e)
-                        continue
-                    yield key, {"text": text, "kind": kind, "images": _images_value(images, codec)}
-        if bad:
-            logging.warning("%s: skipped %d bad lines in split %r", self.name, bad, split)
+            good = bad = 0
+            for item_idx, obj in sources.read_items(str(path), cfg.image_field, cfg.caption_field):
+                key = f"{split}/{file_idx}/{item_idx}"
+                try:
+                    if isinstance(obj, Exception):
+                        raise obj
+                    text, kind, refs = self._parse_line(obj, key)
+                    images = [sources.image_from(r, root, cfg.image_size) for r in refs]
+                    check_document(text, len(images))
+                except Exception as e:  # pylint: disable=broad-except  (corrupt image, empty caption, bad JSON)
+                    bad += 1
+                    logging.warning("%s: skipping %s record %d: %s", self.name, path, item_idx,
+                                    str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+                    continue
+                good += 1
+                yield key, {"text": text, "kind": kind, "images": _images_value(images, codec)}
+            logging.info("%s: %s: %d records, %d skipped", self.name, path, good, bad)
+            if bad:
+                logging.warning("%s: %s: skipped %d of %d records", self.name, path, bad, good + bad)
+            total_bad += bad
+        if total_bad:
+            logging.warning("%s: skipped %d bad records in split %r", self.name, total_bad, split)
 
     def _parse_line(self, obj: dict, key: str) -> tuple[str, str, list[str]]:
         raise NotImplementedError
@@ -277,12 +281,13 @@ class InterleavedJsonl(_JsonlBuilder):
     """Interleaved documents (OBELICS / MMC4 style): `{"text": "... <image> ...", "images": ["a.png", ...]}`."""
 
     def _parse_line(self, obj, key):
-        if not isinstance(obj, dict) or "text" not in obj:
-            raise ValueError('expected an object with "text" and "images"')
-        paths = obj.get("images") or []
-        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
-            raise ValueError('"images" must be a list of paths')
-        return str(obj["text"]), "interleaved", paths
+        cfg = self.builder_config
+        if not isinstance(obj, dict) or cfg.text_field not in obj:
+            raise ValueError(f'expected an object with "{cfg.text_field}" and "{cfg.images_field}"')
+        refs = obj.get(cfg.images_field) or []
+        if not isinstance(refs, list):
+            raise ValueError(f'"{cfg.images_field}" must be a list of images (paths or bytes)')
+        return str(obj[cfg.text_field]), "interleaved", refs
 
 
 class ImageCaptionPairs(_JsonlBuilder):
@@ -290,9 +295,10 @@ class ImageCaptionPairs(_JsonlBuilder):
     `<image> caption` (understanding), per `pair_format`; 'both' picks one per line, seeded by (seed, line)."""
 
     def _parse_line(self, obj, key):
-        if not isinstance(obj, dict) or not isinstance(obj.get("image"), str) or "caption" not in obj:
-            raise ValueError('expected an object with "image" (path) and "caption"')
-        caption = " ".join(str(obj["caption"]).replace(IMAGE_TOKEN, " ").split())
+        cfg = self.builder_config
+        if not isinstance(obj, dict) or obj.get(cfg.image_field) is None or obj.get(cfg.caption_field) is None:
+            raise ValueError(f'expected "{cfg.image_field}" and "{cfg.caption_field}"')
+        caption = " ".join(str(obj[cfg.caption_field]).replace(IMAGE_TOKEN, " ").split())
         if not caption:
             raise ValueError("empty caption")
         fmt = self.builder_config.pair_format
@@ -300,9 +306,9 @@ class ImageCaptionPairs(_JsonlBuilder):
             digest = hashlib.sha1(f"{self.builder_config.seed}/{key}".encode()).digest()
             fmt = "generation" if digest[0] % 2 == 0 else "understanding"
         if fmt == "generation":
-            return f"{caption} {IMAGE_TOKEN}", "generation", [obj["image"]]
+            return f"{caption} {IMAGE_TOKEN}", "generation", [obj[cfg.image_field]]
         if fmt == "understanding":
-            return f"{IMAGE_TOKEN} {caption}", "understanding", [obj["image"]]
+            return f"{IMAGE_TOKEN} {caption}", "understanding", [obj[cfg.image_field]]
         raise ValueError(f"pair_format must be 'generation', 'understanding' or 'both', got {fmt!r}")
 
 
