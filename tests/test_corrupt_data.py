@@ -317,3 +317,17 @@ def test_fuzzed_shard_files_are_skipped_and_no_good_record_is_lost(setup, tmp_pa
     it = pipeline(setup, files, max_unreadable_fraction=1.0)
     list(it)
     assert it.counters["documents"] == 10 * N_DOCS // 2 and it.skipped_records == 0
+
+
+def test_missing_vae_is_a_config_error_and_not_needed_for_the_latent_shape(tmp_path):
+    """The pod quickstart's --config.codec.path on workers without the VAE: the prepared latents' shape comes from
+    the codec geometry, and a model that needs the weights fails with one line (exit 2), not a FileNotFoundError."""
+    from oneflow_jax import config_lib
+    from oneflow_jax.training.train_state import build_model
+    spec = dict(name="vae", path=str(tmp_path / "no_vae"), image_size=256, patch_size=2, latent_channels=16,
+                downsample_factor=8)
+    assert datasets._latent_shape(spec) == (256, 64)
+    config = config_lib.load_config_file("configs/oneflow_1b.py:cpu")
+    config.codec.path = str(tmp_path / "no_vae")
+    with pytest.raises(config_lib.UserError, match="config.codec: .*no_vae: no config.json"):
+        build_model(config, 128256)

@@ -63,6 +63,9 @@ def _make_codec(spec: dict | None):
 
 
 def _latent_shape(spec: dict | None):
+    spec = dict(spec) if spec else spec
+    if spec and spec.get("latent_channels") and spec.get("downsample_factor"):
+        spec.pop("path", None)        # the geometry says the shape: no need to read (or have) the VAE's weights
     codec = _make_codec(spec)
     return None if codec is None else (codec.num_patches, codec.patch_dim)
 

@@ -535,11 +535,16 @@ def _data_section(config):
 
 def prepare_dataset(config):
     """The prepared tfds builder named by the data section (built offline on first use)."""
+    from oneflow_jax.cli import UserError  # pylint: disable=g-import-not-at-top
     data = _data_section(config)
-    builder_config = None
-    if data.builder_config is not None:
-        builder_config = datasets.make_builder_config(data.name, dict(data.builder_config))
-    return datasets.ensure_prepared(data.name, data.data_dir, builder_config)
+    try:
+        builder_config = None
+        if data.builder_config is not None:
+            builder_config = datasets.make_builder_config(data.name, dict(data.builder_config))
+        return datasets.ensure_prepared(data.name, data.data_dir, builder_config)
+    except (ValueError, TypeError, FileNotFoundError) as e:   # the data section names no usable data: one line
+        raise UserError(f"config.data ({data.name}): {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+            from None
 
 
 def get_tokenizer(config) -> tokenizer_lib.Tokenizer:

@@ -30,7 +30,10 @@ def make_optimizer(opt, total_steps: int):
 def build_model(config, vocab_size: int):
     """(model, codec) of a run: the model of its method (methods.Method.model_class) and its image codec."""
     cfg = config_lib.resolve(config)
-    codec = make_codec(cfg.codec)
+    try:
+        codec = make_codec(cfg.codec)
+    except (FileNotFoundError, ValueError) as e:      # e.g. --config.codec.path naming no VAE: one line, exit 2
+        raise config_lib.UserError(f"config.codec: {e}") from None
     return methods.for_config(cfg).build_model(config_lib.model_config(cfg, vocab_size, codec)), codec
 
 
