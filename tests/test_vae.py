@@ -141,3 +141,19 @@ def test_shape_only_codec_and_config_checks(sd3_like):
         codec_lib.make_codec(ml_collections.ConfigDict(dict(name="vae", path=d, image_size=32, latent_channels=4)))
     with pytest.raises(ValueError, match="needs codec.path"):
         codec_lib.make_codec(ml_collections.ConfigDict(dict(name="vae", path=None, image_size=32)))
+
+
+def test_short_batches_are_padded_to_a_power_of_two_only():
+    """A one-image document costs one encode, not batch_size: the last chunk is padded to 1, 2, 4 or 8 rows."""
+    codec = vae.VAECodec(vae.VAEConfig(latent_channels=4, block_out_channels=(0, 0)), None, 16, 2, 8)
+    shapes = []
+
+    def fn(params, x):
+        shapes.append(len(x))
+        return x * 2.0
+
+    for n, want in ((1, [1]), (3, [4]), (8, [8]), (11, [8, 4]), (16, [8, 8])):
+        shapes.clear()
+        x = np.arange(n * 2, dtype=np.float32).reshape(n, 2)
+        np.testing.assert_array_equal(codec._chunked(fn, x), x * 2.0)
+        assert shapes == want, (n, shapes)

@@ -344,13 +344,16 @@ class VAECodec(PatchGeometry):
         return state
 
     def _chunked(self, fn, x):
+        """fn over x in chunks of batch_size; a short last chunk is padded to the next power of two only (one image
+        costs one encode, not batch_size; at most log2(batch_size) + 1 compiled shapes)."""
         out = []
         for start in range(0, len(x), self.batch_size):
             chunk = x[start:start + self.batch_size]
-            pad = self.batch_size - len(chunk)
+            size = min(self.batch_size, 1 << max(len(chunk) - 1, 0).bit_length())
+            pad = size - len(chunk)
             if pad:
                 chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-            out.append(np.asarray(fn(self.params, chunk))[:self.batch_size - pad])
+            out.append(np.asarray(fn(self.params, chunk))[:len(chunk) - pad])
         return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
     def encode(self, images: np.ndarray) -> np.ndarray:
