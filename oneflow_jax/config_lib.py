@@ -146,6 +146,7 @@ class CompareConfig:
     seeds: tuple = (0, 1)
     tune: dict = dataclasses.field(default_factory=lambda: dict(lr=(1e-3, 2e-3, 4e-3), extend=2,
                                                                  image_loss_weight=(1.0, 4.0)))
+    lr_scaling: str = "constant"
     eval_fractions: tuple = (0.125, 0.25, 0.5, 0.75, 1.0)
     parity_levels: tuple = (0.5, 0.75, 0.9, 1.0)
     metric_set: str = "shapes_world"

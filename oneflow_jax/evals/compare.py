@@ -153,9 +153,18 @@ def edge_extensions(config, lr_runs, best_lr: dict) -> list[RunSpec]:
 
 
 def sweep_specs(config, best: dict) -> list[RunSpec]:
-    """{model: (lr, weight)} -> the sweep's runs, seeds outermost."""
+    """{model: (lr, weight)} -> the sweep's runs, seeds outermost. compare.lr_scaling 'inverse_width' scales the
+    tuned lr by (smallest width / width), as muP does for Adam's hidden matrices; 'constant' keeps it."""
     c = config.compare
-    return [RunSpec(int(w), m, *best[m], int(s)) for s in c.seeds for w in c.widths for m in MODELS]
+    scaling = c.get("lr_scaling", "constant")
+    if scaling not in ("constant", "inverse_width"):
+        raise cli.UserError(f"compare.lr_scaling must be 'constant' or 'inverse_width', got {scaling!r}")
+    base = min(c.widths)
+
+    def lr(model, width):
+        return best[model][0] * (base / width if scaling == "inverse_width" else 1.0)
+
+    return [RunSpec(int(w), m, lr(m, w), best[m][1], int(s)) for s in c.seeds for w in c.widths for m in MODELS]
 
 
 # ------------------------------------------------------------------------------------------------ train and evaluate
