@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -195,13 +196,18 @@ def ensure_trained(config, spec: RunSpec, workdir: str, progress: str) -> bool:
 
 
 def evaluate(config, spec: RunSpec, workdir: str, steps, sampler_overrides: dict | None = None) -> list[dict]:
-    """The metric set's scores at each of `steps`, cached per checkpoint in the run's compare_eval/step_K.json."""
+    """The metric set's scores at each of `steps`, cached per checkpoint in the run's compare_eval/step_K.json
+    (compare_eval/sampler_<hash>/ for --sampler overrides, so that other sampler settings never read them)."""
     from oneflow_jax.sampling import generate
     c = config.compare
     wd = os.path.join(workdir, "runs", spec.name)
+    cache = os.path.join(wd, "compare_eval")
+    if sampler_overrides:
+        digest = hashlib.sha256(json.dumps(sampler_overrides, sort_keys=True).encode()).hexdigest()[:10]
+        cache = os.path.join(cache, f"sampler_{digest}")
     out = []
     for step in steps:
-        path = os.path.join(wd, "compare_eval", f"step_{step}.json")
+        path = os.path.join(cache, f"step_{step}.json")
         if not os.path.exists(path):
             t0 = time.perf_counter()
             run = generate.load_run(wd, step)
