@@ -284,6 +284,7 @@ def plot_curves(result: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker.NullFormatter below)
     head, keys = result["headline"], list(result["curves"])
     fig, axes = plt.subplots(len(head), len(keys), figsize=(3.6 * len(keys), 2.8 * len(head)), squeeze=False)
     for j, key in enumerate(keys):
@@ -297,6 +298,7 @@ def plot_curves(result: dict, path: str) -> None:
                     ax.fill_between(x, [p[m + "_range"][0] for p in pts], [p[m + "_range"][1] for p in pts],
                                     color=COLORS[model], alpha=0.2, lw=0)
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())   # decade labels only
             ax.set_ylim(-0.02, 1.02)
             ax.grid(alpha=0.3)
             params = result["curves"][key]["oneflow"]["params"]
@@ -316,16 +318,20 @@ def plot_parity(result: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     keys = list(result["parity"])
     sizes = [result["curves"][k]["oneflow"]["params"] for k in keys]
+    marks = {"=": "o", ">": "^", ">=": "^", "<": "v", "<=": "v", "~": "x"}   # a bound points the way it bounds
     for i, m in enumerate(result["headline"]):
-        for lv, style in (("1", "o-"), ("0.9", "s--")):
-            ys = [result["parity"][k][m].get("of_ar_final", {}).get(lv, {}).get("ratio") for k in keys]
-            xs = [s for s, y in zip(sizes, ys) if y is not None]
-            ys = [y for y in ys if y is not None]
-            if ys:
-                ax.plot(xs, ys, style, color=f"C{i}", label=f"{m} at {lv} x AR final")
+        for lv, ls in (("1", "-"), ("0.9", "--")):
+            entries = [result["parity"][k][m].get("of_ar_final", {}).get(lv, {}) for k in keys]
+            pts = [(s, e["ratio"], e["kind"]) for s, e in zip(sizes, entries) if e.get("ratio") is not None]
+            if not pts:
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, color=f"C{i}", label=f"{m} at {lv} x AR final")
+            for x, y, kind in pts:
+                ax.plot([x], [y], marks[kind], color=f"C{i}", mfc="none" if kind != "=" else f"C{i}", ms=7)
     ax.axhline(1.0, color="gray", lw=1)
     for name, v in PAPER.items():
         ax.axhline(v, color="black", lw=0.6, ls=":")
@@ -334,7 +340,9 @@ def plot_parity(result: dict, path: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("parameters")
     ax.set_ylabel("OneFlow FLOPs / AR FLOPs")
-    ax.set_title("FLOPs to reach AR's score (< 1: OneFlow cheaper)", fontsize=10)
+    ax.set_title("FLOPs to reach AR's score (< 1: OneFlow cheaper;\nhollow triangles: bounds, never reached)",
+                 fontsize=9)
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
