@@ -42,8 +42,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
 
-from oneflow_jax.data import datasets
-from oneflow_jax.data import packing, records
+from oneflow_jax.cli import UserError
+from oneflow_jax.data import datasets, packing, records
 from oneflow_jax.data import tokenizer as tokenizer_lib
 
 MAX_SKIPS_IN_A_ROW = 2000   # records skipped in a row before a stream gives up: the data cannot be what the config says
@@ -346,9 +346,8 @@ class _StreamPackerIterator(grain.DatasetIterator):
 class TrainIterator(grain.DatasetIterator):
     """Host-local batches `{key: np.ndarray [rows, ...]}` with cumulative, checkpointed counters.
 
-    Concatenates the next block of each of this host's streams (in stream order) into one batch. `counters`:
-    {skipped_unreadable, skipped_corrupt, skipped_invalid, skipped_overlong, skipped_transform_error, truncated,
-    documents, rows} summed over every batch returned so far on this host; `skipped_records` is the sum of the
+    Concatenates the next block of each of this host's streams (in stream order) into one batch. `counters`: the
+    COUNTER_NAMES summed over every batch returned so far on this host; `skipped_records` is the sum of the
     skipped_*; `unreadable_shards` lists the shards skipped whole (records.open_shards). `get_state()` /
     `set_state()` are JSON-serializable (Grain's Orbax handler accepts this iterator). A finite stream (num_epochs
     set) ends with a batch padded by empty rows (segment_ids 0).
@@ -535,7 +534,6 @@ def _data_section(config):
 
 def prepare_dataset(config):
     """The prepared tfds builder named by the data section (built offline on first use)."""
-    from oneflow_jax.cli import UserError  # pylint: disable=g-import-not-at-top
     data = _data_section(config)
     try:
         builder_config = None
@@ -543,8 +541,7 @@ def prepare_dataset(config):
             builder_config = datasets.make_builder_config(data.name, dict(data.builder_config))
         return datasets.ensure_prepared(data.name, data.data_dir, builder_config)
     except (ValueError, TypeError, FileNotFoundError) as e:   # the data section names no usable data: one line
-        raise UserError(f"config.data ({data.name}): {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
-            from None
+        raise UserError(f"config.data ({data.name}): {e}".splitlines()[0]) from None
 
 
 def get_tokenizer(config) -> tokenizer_lib.Tokenizer:
