@@ -425,7 +425,7 @@ def load_records(name: str = "shapes_world", split: str = "eval", data_dir: str 
         empty = np.zeros((0,) + tuple(image_feature.shape), np.float32)
     else:
         empty = np.zeros((0, 0, 0, 3), np.uint8)
-    out, bad, i = [], 0, 0
+    out, bad = [], 0
     for i in range(len(shards)):             # the first `limit` readable records
         if len(out) == want:
             break
@@ -440,10 +440,13 @@ def load_records(name: str = "shapes_world", split: str = "eval", data_dir: str 
         if "image_held_out" in ex:
             ex["image_held_out"] = np.asarray(ex["image_held_out"], bool)
         out.append(ex)
+    n_read = len(out) + bad
+    read_all = n_read == len(shards)
     if bad:
-        logging.warning("%s/%s: skipped %d unreadable or malformed record(s) of %d", name, split, bad, i + 1)
+        logging.warning("%s/%s: skipped %d unreadable or malformed record(s) of %d", name, split, bad, n_read)
+    if bad and (read_all or n_read >= records.MIN_RECORDS_TO_JUDGE):    # a small prefix says little of the split
         try:
-            records.check_loss(bad, i + 1, records.DEFAULT_MAX_UNREADABLE, f"{name}/{split}")
+            records.check_loss(bad, n_read, records.DEFAULT_MAX_UNREADABLE, f"{name}/{split}")
         except ValueError as e:
             from oneflow_jax.cli import UserError  # pylint: disable=g-import-not-at-top
             raise UserError(str(e)) from None

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import grain
 
 DEFAULT_MAX_UNREADABLE = 0.05
+MIN_RECORDS_TO_JUDGE = 200      # records read before a partial read's unreadable fraction is judged
 UNREADABLE = "unreadable"
 
 

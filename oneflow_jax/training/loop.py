@@ -27,9 +27,6 @@ from oneflow_jax.training.train_state import (abstract_train_state, build_model,
                                               make_optimizer, sampling_weights)
 
 
-MIN_RECORDS_FOR_LOSS_CHECK = 200   # records read before the unreadable fraction is judged (data.max_unreadable_fraction)
-
-
 # ------------------------------------------------------------------------------------------------ setup
 
 def load_run_tokenizer(config, workdir: str):
@@ -147,7 +144,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 logger.write_scalars(step, last)
                 logger.progress(step, last)
                 seen = counts["documents"] + counts["skipped_records"]
-                if seen >= MIN_RECORDS_FOR_LOSS_CHECK:
+                if seen >= records.MIN_RECORDS_TO_JUDGE:
                     try:
                         records.check_loss(counts["unreadable_records"], seen, cfg.data.max_unreadable_fraction,
                                            "of the records read so far")
