@@ -18,7 +18,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-IMAGE_TOKEN = "<image>"
+from oneflow_jax.data import tokenizer as tokenizer_lib
+
+IMAGE_TOKEN = tokenizer_lib.IMAGE_TOKEN
 FILENAME = "tokenizer.hf.json"
 FORMAT = "oneflow_jax/hf_tokenizer/1"
 KNOWN = {  # special role -> names tried in order when tokenizer_config.json does not say
@@ -65,40 +67,14 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; every literal `<image>` becomes `image_id`. No BOS/EOS."""
-        if not isinstance(text, str):
-            raise TypeError(f"encode expects str, got {type(text).__name__}")
-        ids: list[int] = []
-        for i, segment in enumerate(text.split(IMAGE_TOKEN)):
-            if i:
-                ids.append(self.image_id)
-            segment = segment.strip()
-            if segment:
-                ids.extend(self._tok.encode(segment, add_special_tokens=False).ids)
-        return ids
+        return tokenizer_lib.encode_with_markers(
+            text, lambda seg: self._tok.encode(seg, add_special_tokens=False).ids, self.image_id)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Text of `ids`; PAD/BOS/EOS and unused special ids are dropped, `image_id` becomes ` <image> `."""
-        parts: list[str] = []
-        segment: list[int] = []
-        skip = {self.pad_id, self.bos_id, self.eos_id, *self.unused_ids}
-
-        def flush():
-            if segment:
-                text = self._tok.decode(segment, skip_special_tokens=False).strip()
-                if text:
-                    parts.append(text)
-                segment.clear()
-
-        for i in np.asarray(ids, np.int64).reshape(-1).tolist():
-            if i == self.image_id:
-                flush()
-                parts.append(IMAGE_TOKEN)
-            elif i not in skip:
-                if not 0 <= i < self.vocab_size:
-                    raise ValueError(f"token id {i} out of range [0, {self.vocab_size})")
-                segment.append(i)
-        flush()
-        return " ".join(parts)
+        return tokenizer_lib.decode_with_markers(
+            ids, lambda seg: self._tok.decode(seg, skip_special_tokens=False), self.image_id,
+            {self.pad_id, self.bos_id, self.eos_id, *self.unused_ids}, self.vocab_size)
 
     def __getstate__(self):
         return {"model_proto": self._proto}

@@ -66,42 +66,12 @@ class Tokenizer:
     # -- text <-> ids
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; every literal `<image>` becomes `image_id`. No BOS/EOS."""
-        if not isinstance(text, str):
-            raise TypeError(f"encode expects str, got {type(text).__name__}")
-        ids: list[int] = []
-        for i, segment in enumerate(text.split(IMAGE_TOKEN)):
-            if i:
-                ids.append(self.image_id)
-            segment = segment.strip()
-            if segment:
-                ids.extend(self._sp.encode(segment))
-        return ids
+        return encode_with_markers(text, self._sp.encode, self.image_id)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        """Text of `ids`; PAD/BOS/EOS are dropped, `image_id` becomes ` <image> `."""
-        parts: list[str] = []
-        segment: list[int] = []
-        control = {self.pad_id, self.bos_id, self.eos_id}
-
-        def flush():
-            if segment:
-                text = self._sp.decode(segment).strip()
-                if text:
-                    parts.append(text)
-                segment.clear()
-
-        for i in np.asarray(ids, np.int64).reshape(-1).tolist():
-            if i in self.unused_ids:
-                i = self.unk_id
-            if i == self.image_id:
-                flush()
-                parts.append(IMAGE_TOKEN)
-            elif i not in control:
-                if not 0 <= i < self.vocab_size:
-                    raise ValueError(f"token id {i} out of range [0, {self.vocab_size})")
-                segment.append(i)
-        flush()
-        return " ".join(parts)
+        """Text of `ids`; PAD/BOS/EOS are dropped, `image_id` becomes ` <image> `, unused ids decode as unknown."""
+        return decode_with_markers(ids, self._sp.decode, self.image_id, {self.pad_id, self.bos_id, self.eos_id},
+                                   self.vocab_size, remap=dict.fromkeys(self.unused_ids, self.unk_id))
 
     # -- Grain worker processes receive a copy through cloudpickle: ship the model bytes, rebuild the processor.
     def __getstate__(self):
@@ -112,6 +82,48 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, image_id={self.image_id})"
+
+
+def encode_with_markers(text: str, encode_segment, image_id: int) -> list[int]:
+    """Ids of `text` (no BOS/EOS): each text segment between `<image>` markers encoded on its own by
+    `encode_segment`, each marker exactly `image_id` (shared by the SentencePiece and Hugging Face tokenizers)."""
+    if not isinstance(text, str):
+        raise TypeError(f"encode expects str, got {type(text).__name__}")
+    ids: list[int] = []
+    for i, segment in enumerate(text.split(IMAGE_TOKEN)):
+        if i:
+            ids.append(image_id)
+        segment = segment.strip()
+        if segment:
+            ids.extend(encode_segment(segment))
+    return ids
+
+
+def decode_with_markers(ids, decode_segment, image_id: int, drop, vocab_size: int, remap=None) -> str:
+    """Text of `ids`: ids in `remap` replaced first, ids in `drop` skipped, the runs between `image_id`s decoded by
+    `decode_segment` and joined with ` <image> ` markers by single spaces."""
+    parts: list[str] = []
+    segment: list[int] = []
+    remap = remap or {}
+
+    def flush():
+        if segment:
+            text = decode_segment(segment).strip()
+            if text:
+                parts.append(text)
+            segment.clear()
+
+    for i in np.asarray(ids, np.int64).reshape(-1).tolist():
+        i = remap.get(i, i)
+        if i == image_id:
+            flush()
+            parts.append(IMAGE_TOKEN)
+        elif i not in drop:
+            if not 0 <= i < vocab_size:
+                raise ValueError(f"token id {i} out of range [0, {vocab_size})")
+            segment.append(i)
+    flush()
+    return " ".join(parts)
 
 
 def train_tokenizer(corpus_iter: Iterable[str], vocab_size: int, out_path: str | None = None, *,
