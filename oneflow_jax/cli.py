@@ -15,6 +15,10 @@ class UserError(Exception):
     """A problem with what the user asked for (config, flags, files); printed as one line, exit code 2."""
 
 
+class RunError(Exception):
+    """A run stopped by its environment (a full disk, lost storage): one line, exit code 1; rerunning resumes."""
+
+
 def say(message: str) -> None:
     """A line for the user (process 0 only), also in the absl log."""
     import jax
@@ -63,18 +67,30 @@ def _config_arg() -> str | None:
 
 
 def run_cli(main: Callable) -> Callable:
-    """Wraps an absl main so that a UserError prints one line and exits 2."""
+    """Wraps an absl main so that a UserError prints one line and exits 2, a RunError one line and exits 1."""
     def wrapped(argv):
         from absl import flags, logging
         if not flags.FLAGS["verbosity"].present:   # library INFO chatter (Orbax, tfds) only with --verbosity=0
             logging.set_verbosity(logging.WARNING)
         load_config_flag(argv)
+        sys.unraisablehook = _drop_closed_event_loop_callbacks
         try:
             return main(argv)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except RunError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
     return wrapped
+
+
+def _drop_closed_event_loop_callbacks(unraisable) -> None:
+    """sys.unraisablehook without the noise of a failed Orbax write: tensorstore's late callbacks into the asyncio
+    loop that Orbax already closed (one traceback per array, hundreds per checkpoint). Everything else is shown."""
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def load_config_flag(argv) -> None:

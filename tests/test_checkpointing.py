@@ -321,6 +321,90 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     np.testing.assert_array_equal(np.asarray(restored["w"]), np.full((8,), float(stopped), np.float32))
 
 
+BIG_SAVES = textwrap.dedent("""
+    import sys
+    import jax
+    from oneflow_jax.training.checkpointing import Checkpointer
+
+    ckpt = Checkpointer(sys.argv[1], keep=2)
+    for step in range(1, 1000):        # 64 MB per step: each async write is in flight long enough to be killed in
+        ckpt.save(step, {"w": jax.random.normal(jax.random.key(step), (1 << 24,)), "step": jax.numpy.int32(step)})
+""")
+
+
+def test_kill9_during_an_async_save_resumes_from_the_last_complete_step(tmp_path, caplog):
+    script = tmp_path / "saves.py"
+    script.write_text(BIG_SAVES)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(script), str(run)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=SUBPROCESS_ENV, cwd=REPO)
+    try:               # kill -9 while a step is being written, once at least two steps are complete
+        deadline, killed_in = time.time() + 120, None
+        while killed_in is None and time.time() < deadline and proc.poll() is None:
+            names = [p.name for p in (run / "checkpoints").iterdir()] if (run / "checkpoints").exists() else []
+            torn = [n for n in names if ".orbax-checkpoint-tmp" in n]
+            if torn and sum(n.isdigit() for n in names) >= 2:
+                proc.kill()
+                killed_in = torn[0]
+            time.sleep(0.005)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert killed_in is not None, "never saw a save in flight"
+    complete = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    torn_step = int(killed_in.split(".")[0])
+    assert complete and max(complete) < torn_step, (complete, killed_in)
+
+    mesh = make_mesh(1, 8, 1)
+    abstract = {"w": jax.ShapeDtypeStruct((1 << 24,), jnp.float32, sharding=sharding.replicated(mesh)),
+                "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))}
+    with caplog.at_level(logging.WARNING):
+        with Checkpointer(run, keep=2) as ckpt:
+            restored, _, step = ckpt.restore(abstract)
+    assert step == max(complete) and int(restored["step"]) == step
+    np.testing.assert_array_equal(np.asarray(restored["w"]),
+                                  np.asarray(jax.random.normal(jax.random.key(step), (1 << 24,))))
+    assert any("unfinished checkpoint" in r.getMessage() and killed_in.split("-tmp")[0] in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert not [p for p in (run / "checkpoints").iterdir() if ".orbax-checkpoint-tmp" in p.name]
+
+
+class _FileSizeLimit:
+    """RLIMIT_FSIZE for this process: writes past `limit` bytes fail with EFBIG, as they fail on a full disk."""
+
+    def __init__(self, limit: int):
+        import resource
+        self._resource, self._limit = resource, limit
+
+    def __enter__(self):
+        self._old = self._resource.getrlimit(self._resource.RLIMIT_FSIZE)
+        self._resource.setrlimit(self._resource.RLIMIT_FSIZE, (self._limit, self._old[1]))
+
+    def __exit__(self, *exc):
+        self._resource.setrlimit(self._resource.RLIMIT_FSIZE, self._old)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_failed_save_keeps_every_older_step_and_names_the_last_complete_one(tmp_path):
+    def state(seed):
+        return {"w": jax.random.normal(jax.random.key(seed), (1 << 18,)), "step": jnp.int32(seed)}
+    with Checkpointer(tmp_path, keep=2) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, state(step))
+    ckpt = Checkpointer(tmp_path, keep=2)
+    with _FileSizeLimit(64 << 10):
+        ckpt.save(3, state(3))                        # asynchronous: the failure shows at the next wait
+        with pytest.raises(checkpointing.CheckpointWriteError,
+                           match="could not write checkpoint step 3 .*the last complete checkpoint is step 2"):
+            ckpt.wait()
+    ckpt.close()
+    assert ckpt.committed_steps() == [1, 2]           # keep=2 deletes nothing for a step that never committed
+    with Checkpointer(tmp_path, keep=2) as ckpt:      # and the next good save prunes as usual, once committed
+        ckpt.save(3, state(3))
+        ckpt.wait()
+        assert ckpt.committed_steps() == [2, 3]
+
+
 def test_preemption_guard_restores_handlers():
     before = signal.getsignal(signal.SIGTERM)
     with PreemptionGuard() as guard:

@@ -218,3 +218,23 @@ def test_nonfinite_updates_are_skipped_counted_and_stop_the_run(cli, tmp_path):
     assert all(np.isfinite(np.asarray(p)).all() for p in params[-1])
     for earlier in params[:-1]:
         assert all(np.array_equal(a, b) for a, b in zip(earlier, params[-1])), "a skipped update changed the params"
+
+
+def test_full_disk_during_a_save_stops_with_one_line_and_keeps_every_checkpoint(cli, trained_run, tmp_path):
+    """A save that cannot be written (here: a per-file size limit, `ulimit -f`, which fails writes the way a full
+    disk does) stops the run with exit 1 and one line naming the last complete step; no older checkpoint is deleted
+    for it, and a rerun resumes from that step."""
+    workdir = copy_workdir(trained_run.workdir, tmp_path / "run")
+    args = train_args(workdir, {"total_steps": TOTAL_STEPS + 4})
+    limited = ["bash", "-c", 'ulimit -f 256 && exec "$@"', "bash", *cli._module_args("train", args)]
+    failed = cli._start(limited, cli.env(REFERENCE_DEVICES)).wait()
+    assert failed.returncode == 1, str(failed)
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: could not write checkpoint step {TOTAL_STEPS + 2}"), str(failed)
+    assert f"the last complete checkpoint is step {TOTAL_STEPS}" in last, last
+    assert checkpoint_steps(workdir) == [8, 10, 12], "a checkpoint was deleted for a save that failed"
+
+    resumed = cli.run("train", *args, devices=REFERENCE_DEVICES).check()
+    assert resumed_step(resumed) == TOTAL_STEPS, str(resumed)
+    assert "unfinished checkpoint" in resumed.stderr, str(resumed)       # the torn step is named, then removed
+    assert checkpoint_steps(workdir) == [12, 14, 16]

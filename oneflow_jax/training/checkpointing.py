@@ -29,6 +29,7 @@ import base64
 import dataclasses
 import hashlib
 import json
+import logging as std_logging
 import os
 import signal
 import threading
@@ -42,6 +43,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
+
+from oneflow_jax.cli import RunError
 
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"   # Orbax's marker of a step directory that was never committed
 _META_FILE = "metadata.json"
@@ -139,6 +142,10 @@ def _sync(name: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ checkpointer
 
+class CheckpointWriteError(RunError, RuntimeError):
+    """A checkpoint could not be written (full disk, lost storage); the message names the last complete step."""
+
+
 def absolute(path) -> epath.Path:
     """`path` as an epath.Path; a local path made absolute (URLs such as gs://... are left as they are)."""
     path = epath.Path(path)
@@ -154,18 +161,22 @@ class Checkpointer:
     multi-host preemption sync point is reached); call `save` every step and let it decide, or force it.
     Steps that were never committed (a process killed mid-write leaves `<step>.orbax-checkpoint-tmp-*`) are
     ignored with a warning and deleted.
+    `keep`: old steps are deleted (with a log line) only once a newer save has been committed, so a save that fails
+    (a full disk) never costs a checkpoint that was already written. A failed write raises `CheckpointWriteError`
+    from the next `save`, `wait` or `close`, naming the last complete step.
     """
 
     def __init__(self, workdir, keep: int, async_save: bool = True, save_every: int = 1):
         if int(keep) < 1 or int(save_every) < 1:
             raise ValueError(f"keep and save_every must be >= 1, got keep={keep}, save_every={save_every}")
         self.directory = absolute(workdir) / "checkpoints"     # Orbax refuses relative paths
+        self._keep, self._async = int(keep), async_save
+        self._pending = None            # the step an async save is writing, until it is known committed
         self._warn_uncommitted()
         policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
             save_decision_policy=policies.AnySavePolicy([policies.FixedIntervalPolicy(int(save_every)),
                                                          policies.PreemptionCheckpointingPolicy()]),
-            preservation_policy=policies.LatestN(n=int(keep)),
             enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
         handlers = dict(state=ocp.PyTreeCheckpointHandler(), meta=ocp.JsonCheckpointHandler(_META_FILE),
                         data_iter=_IterStateHandler())
@@ -197,20 +208,61 @@ class Checkpointer:
         or when checkpoint `step` already exists (never overwritten). Asynchronous; see `wait`.
         """
         step = int(step)
+        if not force and not self._manager.should_save(step):
+            return False
+        self._wait_committed()
         if step in self._manager.all_steps():
             logging.info("checkpoint step %d already exists in %s; not saving it again", step, self.directory)
-            return False
-        if not force and not self._manager.should_save(step):
             return False
         meta = {"user": json.loads(json.dumps(metadata or {}, default=_json_default)),
                 "has_data_iter": data_iter is not None, "step": step, "time": time.time()}
         items = dict(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta))
         if data_iter is not None:
             items["data_iter"] = _IterStateSave(_encode_iter_state(data_iter.get_state()))
-        saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        try:
+            saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:   # a synchronous write (async_save=False) that failed
+            raise CheckpointWriteError(self._write_failure(step, e)) from e
         if saved:
+            self._pending = step
             logging.info("saving checkpoint step %d to %s", step, self.directory)
+            if not self._async:
+                self._wait_committed()
         return saved
+
+    def committed_steps(self) -> list[int]:
+        """The steps whose write finished, read from the directory (not Orbax's in-memory list), ascending."""
+        if not self.directory.exists():
+            return []
+        return sorted(int(s) for s in ocp.path.step.checkpoint_steps(self.directory))
+
+    def _wait_committed(self) -> None:
+        """Waits for the pending async save; raises CheckpointWriteError if it failed, else prunes to `keep`."""
+        pending, self._pending = self._pending, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise CheckpointWriteError(self._write_failure(pending, e)) from e
+        if pending is None:
+            return
+        if pending not in self.committed_steps():     # Orbax logged the error but raised nothing
+            raise CheckpointWriteError(self._write_failure(pending, "its files were not committed"))
+        older = [s for s in self.committed_steps() if s < pending]
+        for s in older[:max(len(older) - (self._keep - 1), 0)]:
+            logging.info("deleting checkpoint step %d from %s (keeping the latest %d)", s, self.directory, self._keep)
+            self._manager.delete(s)
+
+    def _write_failure(self, step, error) -> str:
+        first = " ".join(str(error).split()) or type(error).__name__
+        if len(first) > 240:     # the tail says why ("No space left on device"); the head is the tensorstore path
+            first = "..." + first[-200:]
+        # asyncio reports this error again for every array's write task when the tasks are collected (at exit):
+        # hundreds of tracebacks after the one line that matters. They are the same failure; silence them.
+        std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
+        done = [s for s in self.committed_steps() if s != step]
+        last = f"the last complete checkpoint is step {done[-1]}" if done else "no complete checkpoint exists yet"
+        return (f"could not write checkpoint step {step} to {self.directory}: {first[:400]}; {last} "
+                f"(free space or fix the storage, then rerun to resume from it)")
 
     def restore(self, abstract_state, data_iter=None, step: int | None = None,
                 partial: bool = False) -> tuple[Any, dict, int]:
@@ -295,15 +347,22 @@ class Checkpointer:
         self._manager.reload()
 
     def wait(self) -> None:
-        """Blocks until the pending async save is committed (raises its error, if any)."""
-        self._manager.wait_until_finished()
+        """Blocks until the pending async save is committed (raises CheckpointWriteError if it failed)."""
+        self._wait_committed()
 
     def close(self) -> None:
-        """Waits for pending saves and releases Orbax's threads. Call before the process exits."""
-        if not self._closed:
-            self._manager.wait_until_finished()
-            self._manager.close()
-            self._closed = True
+        """Waits for pending saves and releases Orbax's threads. Call before the process exits; raises
+        CheckpointWriteError if the last save failed (the threads are released either way)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._wait_committed()
+        finally:
+            try:
+                self._manager.close()
+            except Exception:  # pylint: disable=broad-except  (the write error was raised above already)
+                pass
 
     def __enter__(self) -> "Checkpointer":
         return self
