@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Multi-process training on this machine: N processes of `python -m oneflow_jax.train` joined by jax.distributed,
+# Multi-process training on this machine: N processes of `python -m oneflow_jax.$MODULE` (MODULE=train by default;
+# MODULE=precompute for the latent precompute) joined by jax.distributed,
 # with CPU collectives over gloo on loopback (a coordinator on 127.0.0.1 at a free port). The same code path as a
 # multi-host run, on one box.
 #
@@ -17,7 +18,7 @@
 set -euo pipefail
 
 if [[ $# -lt 1 || ! "$1" =~ ^[1-9][0-9]*$ ]]; then
-  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
 num_processes=$1
@@ -37,7 +38,7 @@ fi
 port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 pids=()
 for ((i = 0; i < num_processes; i++)); do
-  python -m oneflow_jax.train "$@" --coordinator_address="127.0.0.1:$port" --num_processes="$num_processes" \
+  python -m "oneflow_jax.${MODULE:-train}" "$@" --coordinator_address="127.0.0.1:$port" --num_processes="$num_processes" \
     --process_id="$i" > >(sed -u "s/^/[$i] /") 2> >(sed -u "s/^/[$i] /" >&2) &
   pids+=($!)
 done

@@ -19,12 +19,12 @@ class RunError(Exception):
     """A run stopped by its environment (a full disk, lost storage): one line, exit code 1; rerunning resumes."""
 
 
-def say(message: str) -> None:
-    """A line for the user (process 0 only), also in the absl log."""
+def say(message: str, every_process: bool = False) -> None:
+    """A line for the user (process 0 only, unless `every_process`), also in the absl log."""
     import jax
     from absl import logging
     logging.info(message)
-    if jax.process_index() == 0:
+    if every_process or jax.process_index() == 0:
         print(message, flush=True)
 
 
@@ -120,6 +120,29 @@ def no_extra_args(argv) -> None:
 # ------------------------------------------------------------------------------------------------ sampler flags
 
 SAMPLER_SHORTHANDS = {"steps": int, "temperature": float, "text_cfg": float, "image_cfg": float}
+
+
+def define_distributed_flags() -> None:
+    """--coordinator_address / --num_processes / --process_id, or --distributed, for multi-process commands."""
+    from absl import flags
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs (jax.distributed).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+    flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with auto-detection (TPU pods, SLURM).")
+
+
+def init_distributed() -> None:
+    """jax.distributed for multi-process runs (the flags of `define_distributed_flags`); CPU processes use gloo."""
+    import os
+    import jax
+    from absl import flags
+    f = flags.FLAGS
+    if f.coordinator_address or f.num_processes:
+        if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+    elif f.distributed:
+        jax.distributed.initialize()
 
 
 def define_sampler_flags() -> None:

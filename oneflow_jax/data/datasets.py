@@ -19,6 +19,7 @@ import logging
 import os
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
@@ -39,12 +40,16 @@ def resolve_data_dir(data_dir: str | None = None) -> str:
     return os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
 
 
-def record_features(*, latent_shape: tuple[int, int] | None = None, labels: bool = False) -> F.FeaturesDict:
-    """The record features; `latent_shape` switches `images` to precomputed float32 latents."""
+LATENT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def record_features(*, latent_shape: tuple[int, int] | None = None, labels: bool = False,
+                    latent_dtype: str = "float32") -> F.FeaturesDict:
+    """The record features; `latent_shape` switches `images` to precomputed latents stored as `latent_dtype`."""
     if latent_shape is None:
         images = F.Sequence(F.Image(shape=(None, None, 3), encoding_format="png"))
     else:
-        images = F.Sequence(F.Tensor(shape=tuple(latent_shape), dtype=np.float32, encoding="bytes"))
+        images = F.Sequence(F.Tensor(shape=tuple(latent_shape), dtype=LATENT_DTYPES[latent_dtype], encoding="bytes"))
     feats: dict[str, Any] = {"text": F.Text(), "kind": F.Text(), "images": images}
     if labels:
         feats["held_out"] = F.Scalar(np.bool_)
@@ -54,19 +59,34 @@ def record_features(*, latent_shape: tuple[int, int] | None = None, labels: bool
     return F.FeaturesDict(feats)
 
 
-def _make_codec(spec: dict | None):
+def make_codec(spec: dict | None, image_size: int | None = None):
+    """The codec a builder config's `codec` dict names (models/codec.py), or None (store pixels); `image_size` (the
+    config's) unless the dict has its own."""
     if not spec:
         return None
     import ml_collections  # pylint: disable=g-import-not-at-top
     from oneflow_jax.models import codec as codec_lib
-    return codec_lib.make_codec(ml_collections.ConfigDict(dict(spec)))
+    spec = dict(spec)
+    if image_size and not spec.get("image_size"):
+        spec["image_size"] = int(image_size)
+    return codec_lib.make_codec(ml_collections.ConfigDict(spec))
 
 
-def _latent_shape(spec: dict | None):
+def latent_dtype(spec: dict | None) -> str:
+    """How a codec spec stores latents: its "dtype"; by default bfloat16 for a VAE (half the bytes; the VAE's own
+    precision is no better) and float32 for pixel patches (exact)."""
+    spec = spec or {}
+    dtype = spec.get("dtype") or ("bfloat16" if spec.get("name") == "vae" else "float32")
+    if dtype not in LATENT_DTYPES:
+        raise ValueError(f"codec dtype must be one of {sorted(LATENT_DTYPES)}, got {dtype!r}")
+    return dtype
+
+
+def _latent_shape(spec: dict | None, image_size: int | None = None):
     spec = dict(spec) if spec else spec
     if spec and spec.get("latent_channels") and spec.get("downsample_factor"):
         spec.pop("path", None)        # the geometry says the shape: no need to read (or have) the VAE's weights
-    codec = _make_codec(spec)
+    codec = make_codec(spec, image_size)
     return None if codec is None else (codec.num_patches, codec.patch_dim)
 
 
@@ -81,13 +101,13 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _images_value(images: list[np.ndarray], codec):
+def _images_value(images: list[np.ndarray], codec, dtype: str = "float32"):
     """Record value for `images`: PNG bytes of the uint8 images, or their latents when a codec is configured."""
     if codec is None:
         return [png_bytes(im) for im in images]
     if not images:
-        return np.zeros((0, codec.num_patches, codec.patch_dim), np.float32)
-    return np.asarray(codec.encode(np.stack(images)), np.float32)
+        return np.zeros((0, codec.num_patches, codec.patch_dim), LATENT_DTYPES[dtype])
+    return np.asarray(codec.encode(np.stack(images)), np.float32).astype(LATENT_DTYPES[dtype])
 
 
 def check_document(text: str, num_images: int) -> None:
@@ -171,7 +191,8 @@ class ShapesWorld(_ArrayRecordBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
-            features=record_features(latent_shape=_latent_shape(self.builder_config.codec), labels=True),
+            features=record_features(latent_shape=_latent_shape(self.builder_config.codec), labels=True,
+                                     latent_dtype=latent_dtype(self.builder_config.codec)),
             description="Procedural interleaved text-image corpus: two coloured shapes per 32x32 image.")
 
     def _split_generators(self, dl_manager):
@@ -184,11 +205,11 @@ class ShapesWorld(_ArrayRecordBuilder):
         cfg = self.builder_config
         gen = sw.GeneratorConfig(seed=cfg.seed, kind_weights=tuple(cfg.kind_weights),
                                  eval_held_out_fraction=cfg.eval_held_out_fraction)
-        codec = _make_codec(cfg.codec)
+        codec = make_codec(cfg.codec)
         for index in range(num):
             doc = sw.generate_document(split, index, gen)
             yield index, {
-                "text": doc.text, "kind": doc.kind, "images": _images_value(list(doc.images), codec),
+                "text": doc.text, "kind": doc.kind, "images": _images_value(list(doc.images), codec, latent_dtype(cfg.codec)),
                 "held_out": any(doc.held_out), "image_held_out": np.asarray(doc.held_out, np.bool_),
                 "labels": np.asarray([sw.label_indices(s) for s in doc.specs], np.int32).reshape(-1, 4)}
 
@@ -234,7 +255,9 @@ class _JsonlBuilder(_ArrayRecordBuilder, skip_registration=True):
         if cfg is not None and cfg.codec and not cfg.image_size:
             raise ValueError("precomputing latents (codec=...) needs a fixed image_size")
         return self.dataset_info_from_configs(
-            features=record_features(latent_shape=_latent_shape(cfg.codec if cfg else None)))
+            features=record_features(latent_shape=_latent_shape(cfg.codec, cfg.image_size) if cfg else None,
+                                     latent_dtype=latent_dtype(cfg.codec if cfg else None)),
+            metadata=tfds.core.MetadataDict())          # precompute's totals go here (data/precompute.py)
 
     def _split_generators(self, dl_manager):
         del dl_manager
@@ -248,7 +271,7 @@ class _JsonlBuilder(_ArrayRecordBuilder, skip_registration=True):
 
     def _generate_examples(self, files: tuple[str, ...], split: str):
         cfg = self.builder_config
-        codec = _make_codec(cfg.codec)
+        codec = make_codec(cfg.codec, cfg.image_size)
         total_bad = 0
         for file_idx, name in enumerate(files):
             path = epath.Path(name)
@@ -259,7 +282,7 @@ class _JsonlBuilder(_ArrayRecordBuilder, skip_registration=True):
                 try:
                     if isinstance(obj, Exception):
                         raise obj
-                    text, kind, refs = self._parse_line(obj, key)
+                    text, kind, refs = self.parse(obj, key, cfg)
                     images = [sources.image_from(r, root, cfg.image_size) for r in refs]
                     check_document(text, len(images))
                 except Exception as e:  # pylint: disable=broad-except  (corrupt image, empty caption, bad JSON)
@@ -268,7 +291,7 @@ class _JsonlBuilder(_ArrayRecordBuilder, skip_registration=True):
                                     str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
                     continue
                 good += 1
-                yield key, {"text": text, "kind": kind, "images": _images_value(images, codec)}
+                yield key, {"text": text, "kind": kind, "images": _images_value(images, codec, latent_dtype(cfg.codec))}
             logging.info("%s: %s: %d records, %d skipped", self.name, path, good, bad)
             if bad:
                 logging.warning("%s: %s: skipped %d of %d records", self.name, path, bad, good + bad)
@@ -276,43 +299,48 @@ class _JsonlBuilder(_ArrayRecordBuilder, skip_registration=True):
         if total_bad:
             logging.warning("%s: skipped %d bad records in split %r", self.name, total_bad, split)
 
-    def _parse_line(self, obj: dict, key: str) -> tuple[str, str, list[str]]:
-        raise NotImplementedError
+    parse = None    # (record object, key, config) -> (text, kind, image refs); raises ValueError on a bad record
+
+
+def parse_interleaved(obj, key: str, cfg: JsonlConfig) -> tuple[str, str, list]:
+    """An interleaved document `{"text": "... <image> ...", "images": [...]}` -> (text, kind, image refs)."""
+    del key
+    if not isinstance(obj, dict) or cfg.text_field not in obj:
+        raise ValueError(f'expected an object with "{cfg.text_field}" and "{cfg.images_field}"')
+    refs = obj.get(cfg.images_field) or []
+    if not isinstance(refs, list):
+        raise ValueError(f'"{cfg.images_field}" must be a list of images (paths or bytes)')
+    return str(obj[cfg.text_field]), "interleaved", refs
+
+
+def parse_pair(obj, key: str, cfg: JsonlConfig) -> tuple[str, str, list]:
+    """An image-caption pair -> `caption <image>` (generation) or `<image> caption` (understanding), per
+    `cfg.pair_format`; 'both' picks one per record, seeded by (seed, key)."""
+    if not isinstance(obj, dict) or obj.get(cfg.image_field) is None or obj.get(cfg.caption_field) is None:
+        raise ValueError(f'expected "{cfg.image_field}" and "{cfg.caption_field}"')
+    caption = " ".join(str(obj[cfg.caption_field]).replace(IMAGE_TOKEN, " ").split())
+    if not caption:
+        raise ValueError("empty caption")
+    fmt = cfg.pair_format
+    if fmt == "both":
+        digest = hashlib.sha1(f"{cfg.seed}/{key}".encode()).digest()
+        fmt = "generation" if digest[0] % 2 == 0 else "understanding"
+    if fmt == "generation":
+        return f"{caption} {IMAGE_TOKEN}", "generation", [obj[cfg.image_field]]
+    if fmt == "understanding":
+        return f"{IMAGE_TOKEN} {caption}", "understanding", [obj[cfg.image_field]]
+    raise ValueError(f"pair_format must be 'generation', 'understanding' or 'both', got {fmt!r}")
 
 
 class InterleavedJsonl(_JsonlBuilder):
     """Interleaved documents (OBELICS / MMC4 style): `{"text": "... <image> ...", "images": ["a.png", ...]}`."""
-
-    def _parse_line(self, obj, key):
-        cfg = self.builder_config
-        if not isinstance(obj, dict) or cfg.text_field not in obj:
-            raise ValueError(f'expected an object with "{cfg.text_field}" and "{cfg.images_field}"')
-        refs = obj.get(cfg.images_field) or []
-        if not isinstance(refs, list):
-            raise ValueError(f'"{cfg.images_field}" must be a list of images (paths or bytes)')
-        return str(obj[cfg.text_field]), "interleaved", refs
+    parse = staticmethod(parse_interleaved)
 
 
 class ImageCaptionPairs(_JsonlBuilder):
     """Image-caption pairs `{"image": "a.jpg", "caption": "..."}` stored as `caption <image>` (generation) or
     `<image> caption` (understanding), per `pair_format`; 'both' picks one per line, seeded by (seed, line)."""
-
-    def _parse_line(self, obj, key):
-        cfg = self.builder_config
-        if not isinstance(obj, dict) or obj.get(cfg.image_field) is None or obj.get(cfg.caption_field) is None:
-            raise ValueError(f'expected "{cfg.image_field}" and "{cfg.caption_field}"')
-        caption = " ".join(str(obj[cfg.caption_field]).replace(IMAGE_TOKEN, " ").split())
-        if not caption:
-            raise ValueError("empty caption")
-        fmt = self.builder_config.pair_format
-        if fmt == "both":
-            digest = hashlib.sha1(f"{self.builder_config.seed}/{key}".encode()).digest()
-            fmt = "generation" if digest[0] % 2 == 0 else "understanding"
-        if fmt == "generation":
-            return f"{caption} {IMAGE_TOKEN}", "generation", [obj[cfg.image_field]]
-        if fmt == "understanding":
-            return f"{IMAGE_TOKEN} {caption}", "understanding", [obj[cfg.image_field]]
-        raise ValueError(f"pair_format must be 'generation', 'understanding' or 'both', got {fmt!r}")
+    parse = staticmethod(parse_pair)
 
 
 BUILDERS = {"shapes_world": ShapesWorld, "interleaved_jsonl": InterleavedJsonl,
@@ -353,7 +381,26 @@ def ensure_prepared(name: str, data_dir: str | None = None, config=None, **kwarg
     if not builder.is_prepared():
         mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
+    _check_stored_images(builder)
     return builder
+
+
+def _check_stored_images(builder) -> None:
+    """tfds reads records with the features the *config* describes; raise if the shards hold other images (e.g.
+    latents precomputed in bfloat16, read with a config whose codec says float32)."""
+    path = epath.Path(builder.data_dir) / "features.json"
+    if not path.exists():
+        return
+    def describe(feature):
+        feature = feature["images"].feature
+        if isinstance(feature, F.Tensor):
+            return f"latents {tuple(feature.shape)} {np.dtype(feature.np_dtype).name}"
+        return "pixels"
+    stored = describe(F.FeaturesDict.from_json(json.loads(path.read_text())))
+    wanted = describe(builder.info.features)
+    if stored != wanted:
+        raise ValueError(f"{builder.data_dir} holds {stored} but the builder config makes {wanted}: use the config "
+                         "it was built with (codec, image_size, codec.dtype)")
 
 
 def split_filepaths(builder: tfds.core.DatasetBuilder, split: str) -> list[str]:
@@ -421,7 +468,7 @@ def load_records(name: str = "shapes_world", split: str = "eval", data_dir: str 
     shards = records.open_shards(split_filepaths(builder, split))
     want = len(shards) if limit is None else min(limit, len(shards))
     image_feature = builder.info.features["images"].feature
-    if isinstance(image_feature, F.Tensor):  # latents
+    if isinstance(image_feature, F.Tensor):  # latents (stored as float32, bfloat16 or float16), read as float32
         empty = np.zeros((0,) + tuple(image_feature.shape), np.float32)
     else:
         empty = np.zeros((0, 0, 0, 3), np.uint8)
@@ -437,6 +484,8 @@ def load_records(name: str = "shapes_world", split: str = "eval", data_dir: str 
             continue
         images = ex["images"]
         ex["images"] = np.stack(images) if len(images) else empty
+        if isinstance(image_feature, F.Tensor):
+            ex["images"] = ex["images"].astype(np.float32)
         if "image_held_out" in ex:
             ex["image_held_out"] = np.asarray(ex["image_held_out"], bool)
         out.append(ex)
