@@ -31,6 +31,8 @@ setuptools.setup(
     extras_require={
         # Keep the range satisfied by the locally available torch 2.13.0 CPU wheel.
         "torch": ["torch>=2.1,<3", "safetensors"],
-        "test": ["pytest", "pytest-timeout", "pytest-xdist", "safetensors", "transformers>=4.45", "diffusers>=0.30"],
+        "examples": ["scikit-image"],   # the photographs of the real-data walk-through (launch/real_data_example.sh)
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "safetensors", "transformers>=4.45", "diffusers>=0.30",
+                 "scikit-image"],
     },
 )

@@ -3,6 +3,7 @@ and shift factors): encode (latent mean) and decode parity, the VAE codec, and l
 import copy
 import os
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -157,3 +158,20 @@ def test_short_batches_are_padded_to_a_power_of_two_only():
         x = np.arange(n * 2, dtype=np.float32).reshape(n, 2)
         np.testing.assert_array_equal(codec._chunked(fn, x), x * 2.0)
         assert shapes == want, (n, shapes)
+
+
+def test_saved_random_vae_loads_in_diffusers_and_back(tmp_path):
+    cfg = vae.VAEConfig(block_out_channels=(16, 32, 32), latent_channels=16, norm_num_groups=8,
+                        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    params = vae.init_params(cfg, seed=1)
+    vae.save_diffusers_vae(str(tmp_path), cfg, params)
+    loaded_cfg, loaded = vae.load_diffusers_vae(str(tmp_path))
+    assert loaded_cfg == cfg
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(loaded)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    model = diffusers.AutoencoderKL.from_pretrained(str(tmp_path)).eval()
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+    with torch.no_grad():
+        ref = model.encode(torch.from_numpy(x.transpose(0, 3, 1, 2))).latent_dist.mean.numpy().transpose(0, 2, 3, 1)
+    ours = vae.AutoencoderKL(cfg).apply({"params": params}, x, method=vae.AutoencoderKL.encode)
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=2e-4, rtol=2e-4)

@@ -132,8 +132,8 @@ class _Decode:
         for im in images:
             im = np.asarray(im)
             if self._latents:
-                if im.dtype != np.float32 or im.shape != self._latent_shape:
-                    raise ValueError(f"latent {im.dtype}{im.shape}, expected float32{self._latent_shape}")
+                if im.dtype.name not in ("float32", "bfloat16", "float16") or im.shape != self._latent_shape:
+                    raise ValueError(f"latent {im.dtype}{im.shape}, expected float32/bf16/f16{self._latent_shape}")
                 if not np.isfinite(im).all():
                     raise ValueError("non-finite latents")
             elif im.dtype != np.uint8 or im.shape != self._image_shape:

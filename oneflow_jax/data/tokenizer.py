@@ -168,7 +168,7 @@ def save(tokenizer: Tokenizer, path: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp"
     tmp.write_bytes(tokenizer.model_proto)
-    tmp.rename(path)
+    tmp.replace(path)
 
 
 def load(path: str, image_token: str | None = None):

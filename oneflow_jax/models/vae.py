@@ -276,6 +276,29 @@ def load_diffusers_vae(directory: str) -> tuple[VAEConfig, dict]:
     return cfg, convert_diffusers_state(tensors, cfg, source=weights_path)
 
 
+def init_params(cfg: VAEConfig, seed: int = 0):
+    """Random weights (Flax init) for a VAE of this architecture: for tests and the worked example."""
+    return AutoencoderKL(cfg).init(jax.random.key(seed), _dummy(cfg))["params"]
+
+
+def save_diffusers_vae(directory: str, cfg: VAEConfig, params) -> None:
+    """Writes a diffusers AutoencoderKL directory (config.json + diffusion_pytorch_model.safetensors) that
+    `load_diffusers_vae` and diffusers' `AutoencoderKL.from_pretrained` both read: the inverse of the loading map."""
+    tensors = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        x = np.asarray(leaf, np.float32)
+        tensors[diffusers_name(tuple(k.key for k in path))] = (x.transpose(3, 2, 0, 1) if x.ndim == 4
+                                                                else x.T if x.ndim == 2 else x)
+    n = len(cfg.block_out_channels)
+    config = dict(dataclasses.asdict(cfg), _class_name="AutoencoderKL", act_fn="silu",
+                  block_out_channels=list(cfg.block_out_channels), down_block_types=["DownEncoderBlock2D"] * n,
+                  up_block_types=["UpDecoderBlock2D"] * n)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2)
+    safetensors_io.save_file(tensors, os.path.join(directory, WEIGHTS_NAME), {"format": "pt"})
+
+
 # ------------------------------------------------------------------------------------------------------------ codec
 class VAECodec(PatchGeometry):
     """uint8 images [..., H, W, 3] <-> normalised VAE latents cut into patch_size x patch_size patches,

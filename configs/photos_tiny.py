@@ -1,0 +1,37 @@
+"""The real-data walk-through at CPU size (docs/real_data.md): real photographs from webdataset and parquet shards,
+SD3-style VAE latents precomputed in bfloat16, a byte-level BPE tokenizer.json with Llama 3's special tokens.
+
+Command: launch/real_data_example.sh DIR (writes DIR with `python -m oneflow_jax.example_photos`, precomputes,
+trains with `--config configs/photos_tiny.py:DIR`, samples and exports). `arg` is that directory.
+Everything else is shapes_tiny's smoke model: the point is the data path, not the samples.
+"""
+import os
+
+from oneflow_jax import example_photos
+
+_SHAPES_TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes_tiny.py")
+
+
+def _shapes_tiny():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("shapes_tiny", _SHAPES_TINY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config("smoke")
+
+
+def get_config(arg: str | None = None):
+    directory = os.path.abspath(arg or "workdir/photos_example")
+    c = _shapes_tiny()
+    c.total_steps, c.log_every, c.ckpt_every, c.sample_every = 20, 5, 10, 0
+    builder = example_photos.builder_config(directory)
+    # an SD3-architecture VAE (16 latent channels, downsampling 4 here): 32 px -> 8x8x16 latents -> 16 patches of 64
+    c.codec = dict({k: v for k, v in builder["codec"].items() if k != "dtype"}, image_size=example_photos.IMAGE_SIZE)
+    c.data.update(
+        name="image_caption_pairs", builder_config=builder,   # the --config of `python -m oneflow_jax.precompute`
+        latents=True,                                         # records hold the precomputed latents
+        tokenizer_path=os.path.join(directory, "tokenizer.json"),
+        image_token=example_photos.IMAGE_TOKEN,               # tokenizer.json's token that <image> maps to
+        max_patches_per_row=64, seq_len=128, global_batch_size=8)
+    c.eval.update(num_examples=8, batch_size=8)
+    return c
