@@ -25,6 +25,7 @@ def get_config(arg: str | None = None):
     c = _shapes_tiny()
     c.total_steps, c.log_every, c.ckpt_every, c.sample_every = 20, 5, 10, 0
     builder = example_photos.builder_config(directory)
+    builder.update(train_files=tuple(builder["train_files"]), eval_files=tuple(builder["eval_files"]))  # overridable
     # an SD3-architecture VAE (16 latent channels, downsampling 4 here): 32 px -> 8x8x16 latents -> 16 patches of 64
     c.codec = dict({k: v for k, v in builder["codec"].items() if k != "dtype"}, image_size=example_photos.IMAGE_SIZE)
     c.data.update(

@@ -94,3 +94,15 @@ def test_image_refs_and_formats(tmp_path):
         sources.image_from(None, tmp_path, 20)
     with pytest.raises(ValueError, match="unknown data file type"):
         sources.format_of("data.csv")
+
+
+def test_missing_files_and_all_bad_records_are_one_clear_error(tmp_path, data_dir):
+    missing = datasets.make_builder_config("image_caption_pairs", {
+        "name": "missing", "image_size": 32, "train_files": [str(tmp_path / "nope.tar")]})
+    with pytest.raises(ValueError, match=r"nope.tar \(builder_config.train_files\) does not exist"):
+        datasets.ensure_prepared("image_caption_pairs", config=missing)
+    (tmp_path / "bad.tar").write_bytes(b"not a tar at all")
+    all_bad = datasets.make_builder_config("image_caption_pairs", {
+        "name": "all_bad", "image_size": 32, "train_files": [str(tmp_path / "bad.tar")]})
+    with pytest.raises(ValueError, match="no usable record"):
+        datasets.ensure_prepared("image_caption_pairs", config=all_bad)

@@ -379,8 +379,18 @@ def ensure_prepared(name: str, data_dir: str | None = None, config=None, **kwarg
     """Returns the builder, generating the dataset (offline) on first use."""
     builder = get_builder(name, data_dir, config, **kwargs)
     if not builder.is_prepared():
+        for key in ("train_files", "eval_files"):          # users' data: every named file exists, before any work
+            for path in getattr(builder.builder_config, key, ()):
+                if not epath.Path(path).exists():
+                    raise ValueError(f"data file {path} (builder_config.{key}) does not exist")
         mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
+        try:
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
+        except AssertionError as e:                         # tfds' way of saying every record was skipped
+            if "No examples were yielded" not in str(e):
+                raise
+            raise ValueError(f"{builder.data_dir}: no usable record in a split's files (every one was skipped; "
+                             "see the warnings above)") from None
     _check_stored_images(builder)
     return builder
 
