@@ -40,6 +40,7 @@ def pod_config(backbone: dict, arg: str | None = None) -> ml_collections.ConfigD
     c.ckpt_every = 1000              # ~minutes of pod time; preemption loses at most this many steps
     c.keep_checkpoints = 3
     c.sample_every = 0               # sampling at pod scale decodes with the VAE on every host: enable deliberately
+    c.eval_every = 0                 # validation loss every N steps (a multiple of log_every): needs eval_files
     c.peak_flops = 0.0               # per-device peak for MFU; 0 = the device's spec sheet (flops.PEAK_FLOPS)
 
     # FSDP over every chip of a slice, data = num_slices across slices (why: docs/pod_scale.md, "Choosing a mesh")
@@ -80,7 +81,8 @@ def pod_config(backbone: dict, arg: str | None = None) -> ml_collections.ConfigD
 
     c.sampler = ml_collections.ConfigDict(dict(steps=50, max_len=512, text_cfg=1.0, image_cfg=5.0, temperature=1.0,
                                                top_p=1.0))
-    c.eval = ml_collections.ConfigDict(dict(num_examples=200, batch_size=50, split="eval"))
+    c.eval = ml_collections.ConfigDict(dict(num_examples=200, batch_size=50, split="eval",
+                                            val_batches=8))   # batches the validation loss averages
 
     for variant in filter(None, (arg or "").split(",")):
         if variant == "cpu":         # the same layout, shrunk to compile on 8 fake CPU devices

@@ -24,6 +24,7 @@ def get_config(arg: str | None = None):
     directory = os.path.abspath(arg or "workdir/photos_example")
     c = _shapes_tiny()
     c.total_steps, c.log_every, c.ckpt_every, c.sample_every = 20, 5, 10, 0
+    c.eval_every, c.eval.val_batches = 10, 1      # the held-out photos (eval.tar) as the validation set
     builder = example_photos.builder_config(directory)
     builder.update(train_files=tuple(builder["train_files"]), eval_files=tuple(builder["eval_files"]))  # overridable
     # an SD3-architecture VAE (16 latent channels, downsampling 4 here): 32 px -> 8x8x16 latents -> 16 patches of 64

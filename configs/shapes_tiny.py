@@ -22,6 +22,7 @@ def get_config(arg: str | None = None):
     c.ckpt_every = 500
     c.keep_checkpoints = 3
     c.sample_every = 1200             # periodic sample grid + texts into workdir/samples (0 = off)
+    c.eval_every = 500                # validation loss on eval.split, fixed documents and noise (0 = off)
     c.peak_flops = 0.0                # per-device peak FLOP/s for MFU; 0 = measure a matmul peak (CPU)
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))   # -1: the remaining devices
@@ -78,10 +79,11 @@ def get_config(arg: str | None = None):
         insertion_order="random",     # which capped insertions go first: 'random' | 'largest_gap' (largest lambda)
         votes=1))                     # captioning prompts sampled this many times, the most frequent text kept; 1 = off
 
-    c.eval = ml_collections.ConfigDict(dict(num_examples=100, batch_size=50, split="eval"))
+    c.eval = ml_collections.ConfigDict(dict(num_examples=100, batch_size=50, split="eval",
+                                            val_batches=4))   # batches the validation loss averages
 
     if arg == "smoke":
-        c.total_steps, c.log_every, c.ckpt_every, c.sample_every = 6, 2, 3, 0
+        c.total_steps, c.log_every, c.ckpt_every, c.sample_every, c.eval_every = 6, 2, 3, 0, 0
         c.model.update(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, time_embed_dim=32, scan_layers=True,
                        patch_head_hidden=64)
         c.data.update(seq_len=128, max_deletions=256, global_batch_size=8)

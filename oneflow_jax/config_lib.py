@@ -135,6 +135,7 @@ class EvalConfig:
     num_examples: int = 100         # eval documents
     batch_size: int = 50            # prompts sampled at once
     split: str = "eval"
+    val_batches: int = 4            # batches of `split` the validation loss averages (built once, fixed noise)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +167,7 @@ class RunConfig:
     ckpt_every: int = 1000          # steps between checkpoints
     keep_checkpoints: int = 3
     sample_every: int = 0           # steps between periodic sample grids (0: off)
+    eval_every: int = 0             # steps between validation losses on eval.split (0: off; a multiple of log_every)
     peak_flops: float = 0.0         # per-device peak FLOP/s for MFU (0: the device's spec, or a measured CPU peak)
     budget: float = 1.0             # compare only: scales compare.steps
     mesh: MeshConfig = MeshConfig()
@@ -258,6 +260,11 @@ def _check(cfg: RunConfig) -> None:
     for key in ("total_steps", "log_every", "ckpt_every"):
         if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) <= 0:
             raise UserError(f"config.{key} must be a positive integer, got {getattr(cfg, key)!r}")
+    if not isinstance(cfg.eval_every, int) or cfg.eval_every < 0 or cfg.eval_every % cfg.log_every:
+        raise UserError(f"config.eval_every must be 0 (off) or a multiple of log_every={cfg.log_every}, got "
+                        f"{cfg.eval_every!r}")
+    if cfg.eval.val_batches < 1:
+        raise UserError(f"config.eval.val_batches must be >= 1, got {cfg.eval.val_batches!r}")
     # the model's own checks (the vocabulary and codec geometry come later)
     make_section(ModelConfig, dict(cfg.model, vocab_size=max(cfg.model.get("vocab_size", 0), 1)), "model")
     if not 0.0 <= cfg.optimizer.ema_decay < 1.0:

@@ -113,6 +113,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if cfg.sample_every:
         from oneflow_jax.sampling import generate
         sampler_hook = generate.TrainSampler(cfg, model, codec, tokenizer, workdir)
+    validation = None
+    if cfg.eval_every:
+        from oneflow_jax.training.validation import ValidationLoss
+        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+            validation = ValidationLoss(cfg, model, mesh, codec, tokenizer)
+        cli.say(f"validation loss every {cfg.eval_every} steps on {len(validation.batches)} batches of "
+                f"'{cfg.eval.split}'")
     cli.say(f"training from step {start} to {cfg.total_steps} in {workdir}")
     last, window = {}, _Window()
     config_hash = checkpointing.config_hash(config)
@@ -141,6 +148,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                     unreadable_records=counts["unreadable_records"], nonfinite_steps=nonfinite.total,
                                     **(lost_shards if lost_shards["unreadable_shards"] else {}))
                 last.update(flops.throughput_metrics(flops_per_step, last["steps_per_sec"], jax.device_count(), peak))
+                if validation and (step % cfg.eval_every == 0 or step == cfg.total_steps):
+                    t_val = time.time()
+                    last.update(validation(state["params"]))
+                    window.t0 += time.time() - t_val            # the next window's steps/s leaves it out
                 logger.write_scalars(step, last)
                 logger.progress(step, last)
                 seen = counts["documents"] + counts["skipped_records"]

@@ -68,7 +68,7 @@ class MetricLogger:
         sps = scalars.get("steps_per_sec", 0.0)
         eta = (self.total_steps - step) / sps if sps > 0 else float("nan")
         parts = [f"{self.name} step {step}/{self.total_steps}"]
-        for key in ("loss", "text_loss", "image_loss"):
+        for key in ("loss", "text_loss", "image_loss", "val_loss"):
             if key in scalars:
                 parts.append(f"{key} {scalars[key]:.4f}")
         parts.append(f"{sps:.2f} steps/s")
