@@ -58,7 +58,8 @@ def get_config(arg: str | None = None):
         num_streams=0,                # record streams the global batch is built from (0: one per row)
         image_token=ml_collections.FieldReference(None, field_type=str),  # tokenizer.json: the token <image> maps to
         max_unreadable_fraction=0.05,  # stop once more of the split than this is unreadable (damaged shards)
-        cache_decoded=True))          # keep every decoded record in host memory (for datasets that fit)
+        cache_decoded=True,           # keep every decoded record in host memory (for datasets that fit)
+        encode_in_step=False))        # encode pixel records' images inside the jitted train step (no precompute)
 
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=2e-3, min_lr_ratio=0.1, warmup_steps=100, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05, grad_clip=1.0,

@@ -108,6 +108,7 @@ class DataConfig:
     prefetch: int = 2               # batches buffered
     read_threads: int = 0           # extra threads decoding records per stream
     cache_decoded: bool = False     # keep every decoded record in host memory (datasets that fit)
+    encode_in_step: bool = False    # pixel records: encode the images inside the jitted train step (no precompute)
     overlong: str = "truncate"      # a document longer than a row: 'truncate' (at a text boundary) | 'drop'
     tokenizer_path: str | None = None       # None: trained once for the dataset and cached in its data dir
     tokenizer_vocab_size: int | None = None  # None: the dataset's default
@@ -263,6 +264,8 @@ def _check(cfg: RunConfig) -> None:
     if not isinstance(cfg.eval_every, int) or cfg.eval_every < 0 or cfg.eval_every % cfg.log_every:
         raise UserError(f"config.eval_every must be 0 (off) or a multiple of log_every={cfg.log_every}, got "
                         f"{cfg.eval_every!r}")
+    if cfg.data.encode_in_step and cfg.data.latents:
+        raise UserError("config.data.encode_in_step encodes pixel records in the step: it needs data.latents=False")
     if cfg.eval.val_batches < 1:
         raise UserError(f"config.eval.val_batches must be >= 1, got {cfg.eval.val_batches!r}")
     # the model's own checks (the vocabulary and codec geometry come later)

@@ -238,3 +238,14 @@ def test_full_disk_during_a_save_stops_with_one_line_and_keeps_every_checkpoint(
     assert resumed_step(resumed) == TOTAL_STEPS, str(resumed)
     assert "unfinished checkpoint" in resumed.stderr, str(resumed)       # the torn step is named, then removed
     assert checkpoint_steps(workdir) == [12, 14, 16]
+
+
+def test_encoding_images_in_the_step_trains_like_the_host_encoded_run(cli, trained_run, tmp_path):
+    """data.encode_in_step: the same run with its images encoded inside the jitted step (sharded over the 8-device
+    mesh) follows the reference run's losses up to float rounding."""
+    workdir = tmp_path / "in_step"
+    cli.run("train", *train_args(workdir, {"data.encode_in_step": True}), devices=REFERENCE_DEVICES).check()
+    ours, reference = exact_metrics(workdir), exact_metrics(trained_run.workdir)
+    assert sorted(ours) == sorted(reference)
+    np.testing.assert_allclose(np.array([ours[s] for s in sorted(ours)]),
+                               np.array([reference[s] for s in sorted(reference)]), rtol=2e-3, atol=1e-4)

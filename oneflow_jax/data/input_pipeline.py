@@ -43,7 +43,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from oneflow_jax.cli import UserError
-from oneflow_jax.data import datasets, packing, records
+from oneflow_jax.data import datasets, encode_in_step, packing, records
 from oneflow_jax.data import tokenizer as tokenizer_lib
 
 MAX_SKIPS_IN_A_ROW = 2000   # records skipped in a row before a stream gives up: the data cannot be what the config says
@@ -559,7 +559,7 @@ def create_train_iterator(config, *, process_index: int, process_count: int, cod
                           packer: RowPacker | None = None) -> TrainIterator:
     """Checkpointable iterator of host-local packed batches for a run config (see module docstring).
 
-    `transform` / `packer` default to the run's method's (methods.Method.pipeline_pieces).
+    `transform` / `packer` default to the run's method's (methods.pipeline_pieces; data.encode_in_step wraps them).
     Each host gets `global_batch_size // process_count` rows per batch: the blocks of its `num_streams //
     process_count` streams. The global batch is the same for any process count and `num_workers`; restoring a
     state needs the same config, seeds, process count and num_workers.
@@ -570,9 +570,9 @@ def create_train_iterator(config, *, process_index: int, process_count: int, cod
     if data.global_batch_size % process_count:
         raise ValueError(f"global_batch_size {data.global_batch_size} not divisible by {process_count} processes")
     builder = prepare_dataset(data)
-    if transform is None or packer is None:
-        default_transform, default_packer = methods.for_config(cfg).pipeline_pieces(cfg, tokenizer, codec)
-        transform, packer = transform or default_transform, packer or default_packer
+    codec = encode_in_step.PixelCarrier(codec) if data.encode_in_step else codec   # pixels until the train step
+    default_transform, default_packer = methods.pipeline_pieces(cfg, tokenizer, codec)
+    transform, packer = transform or default_transform, packer or default_packer
     return build_pipeline(
         datasets.split_filepaths(builder, data.split), builder.info.features, tokenizer=tokenizer, codec=codec,
         transform=transform, packer=packer, global_batch_size=data.global_batch_size,

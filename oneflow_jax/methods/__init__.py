@@ -25,3 +25,13 @@ def get(name: str) -> Method:
 def for_config(config) -> Method:
     """The method a run config names (`config.model_type`; OneFlow when the field is absent)."""
     return get(config.get("model_type", "oneflow"))
+
+
+def pipeline_pieces(config, tokenizer, codec):
+    """The run's (DocumentTransform, RowPacker): its method's, wrapped to carry pixels to the train step when
+    `data.encode_in_step` (data/encode_in_step.py)."""
+    transform, packer = for_config(config).pipeline_pieces(config, tokenizer, codec)
+    if config.data.encode_in_step:
+        from oneflow_jax.data import encode_in_step  # pylint: disable=g-import-not-at-top
+        return encode_in_step.pipeline_pieces(transform, packer, codec, config.data)
+    return transform, packer

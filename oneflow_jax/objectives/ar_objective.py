@@ -66,7 +66,8 @@ class ARTransform:
         out = dict(tokens=np.full(m, self.special.pad, np.int32), is_patch=np.zeros(m, bool),
                    patch_index=np.zeros(m, np.int32), patches=np.zeros((m, dim), np.float32),
                    patch_t=np.zeros(m, np.float32), velocity_target=np.zeros((m, dim), np.float32),
-                   patch_weight=np.zeros(m, np.float32), block_ids=np.zeros(m, np.int32))
+                   patch_weight=np.zeros(m, np.float32), block_ids=np.zeros(m, np.int32),
+                   image_index=np.zeros(m, np.int32))
         out["tokens"][0] = self.special.bos
         pos, img = 1, 0
         for i, tok in enumerate(tokens):
@@ -82,6 +83,7 @@ class ARTransform:
             out["patches"][block], out["velocity_target"][block] = flow_matching.interpolate(latents[img], noise, t)
             out["patch_t"][block], out["patch_weight"][block] = t, 1.0
             out["is_patch"][block], out["patch_index"][block], out["block_ids"][block] = True, np.arange(n), img + 1
+            out["image_index"][block] = img
             img += 1
             pos += n
         out["tokens"][pos] = self.special.eos

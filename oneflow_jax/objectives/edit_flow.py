@@ -154,7 +154,8 @@ def noise_document(tokens: np.ndarray, latents: np.ndarray, rng: np.random.Gener
     `times` = (t_text, t_img[n_images]) fixes the schedule's draw (t_img < 0: image deleted); None samples it.
 
     Returns one variable-length sequence of m positions (text and patch positions interleaved):
-      tokens[m], is_patch[m], patch_index[m], patches[m, D] (Y_t), patch_t[m], velocity_target[m, D] (Y1 - Y0),
+      tokens[m], is_patch[m], patch_index[m], image_index[m] (which of the document's images a patch is of),
+      patches[m, D] (Y_t), patch_t[m], velocity_target[m, D] (Y1 - Y0),
       patch_weight[m] (1 on patches of images with t_img < 1), text_weight[m] (1/n on the n text positions),
       no_insert[m] (1[k_j = 0]), insert_count[m] (k_j), and the bags as del_tokens[d], del_gap[d] (index into m).
     """
@@ -210,12 +211,13 @@ def noise_document(tokens: np.ndarray, latents: np.ndarray, rng: np.random.Gener
     target = np.zeros((m, dim), np.float32)
     patch_t_arr = np.zeros(m, np.float32)
     patch_weight = np.zeros(m, np.float32)
+    image_index = np.zeros(m, np.int32)
     for start, img, u in patch_rows:
         t = flow_matching.shift_time(u, cfg.image_time_shift)      # the schedule's time -> the noise level
         noise = rng.standard_normal((num_patches, dim), dtype=np.float32)
         y_t, v = flow_matching.interpolate(latents[img], noise, np.float32(t))
         sl = slice(start, start + num_patches)
-        patches[sl], target[sl], patch_t_arr[sl] = y_t, v, t
+        patches[sl], target[sl], patch_t_arr[sl], image_index[sl] = y_t, v, t, img
         patch_weight[sl] = float(t < 1.0)  # a clean (t=1) image is pure conditioning: its velocity is unlearnable
 
     is_patch = np.asarray(is_patch)
@@ -228,7 +230,7 @@ def noise_document(tokens: np.ndarray, latents: np.ndarray, rng: np.random.Gener
     no_insert[text_positions] = (insert_count[text_positions] == 0).astype(np.float32)
     return dict(
         tokens=np.asarray(out_tokens, np.int32), is_patch=is_patch, patch_index=np.asarray(patch_index, np.int32),
-        patches=patches, patch_t=patch_t_arr, velocity_target=target, patch_weight=patch_weight,
+        image_index=image_index, patches=patches, patch_t=patch_t_arr, velocity_target=target, patch_weight=patch_weight,
         text_weight=text_weight, no_insert=no_insert, insert_count=insert_count,
         del_tokens=np.asarray(del_tokens, np.int32).reshape(-1), del_gap=np.asarray(del_gap, np.int32).reshape(-1))
 

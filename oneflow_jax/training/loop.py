@@ -107,7 +107,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     cli.say(f"{flops_per_step / 1e12:.3f} TFLOP per step (analytic, device-computed); peak "
             f"{peak / 1e12:.3f} TFLOP/s per device ({peak_source})")
 
-    train_step = jit_train_step(model, tx, schedule, cfg, state_shardings)
+    train_step = jit_train_step(model, tx, schedule, cfg, state_shardings, codec)
     logger = MetricLogger(workdir, cfg.total_steps, resume_step=start)
     sampler_hook = None
     if cfg.sample_every:

@@ -37,14 +37,26 @@ def build_model(config, vocab_size: int):
     return methods.for_config(cfg).build_model(config_lib.model_config(cfg, vocab_size, codec)), codec
 
 
-def jit_train_step(model, tx, schedule, config, state_shardings):
-    """The jitted train step of a run (state donated), as the train loop, aot and the benchmarks run it."""
+def jit_train_step(model, tx, schedule, config, state_shardings, codec=None):
+    """The jitted train step of a run (state donated), as the train loop, aot and the benchmarks run it; with
+    `data.encode_in_step`, `codec` encodes the batch's images first (data/encode_in_step.py)."""
     cfg = config_lib.resolve(config)
     step = make_train_step(model, tx, schedule, cfg.objective.image_loss_weight,
                            methods.for_config(cfg).loss_function(cfg.objective.image_loss_space),
                            cfg.optimizer.ema_decay)
+    if cfg.data.encode_in_step:
+        step = with_encoded_images(step, codec)
     return jax.jit(step, in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
                    donate_argnums=(0,))
+
+
+def with_encoded_images(fn, codec):
+    """fn(x, batch) -> fn(x, batch with its `pixels` encoded into the clean latents) (data/encode_in_step.py)."""
+    from oneflow_jax.data import encode_in_step  # pylint: disable=g-import-not-at-top
+    if codec is None:
+        raise ValueError("data.encode_in_step needs the run's codec to build the train step")
+    encode = encode_in_step.encoder(codec)
+    return lambda x, batch: fn(x, encode_in_step.add_clean_latents(batch, encode))
 
 
 def initial_state(params, tx, ema_decay: float = 0.0) -> dict:

@@ -16,7 +16,7 @@ import numpy as np
 from oneflow_jax import config_lib, methods
 from oneflow_jax.cli import UserError
 from oneflow_jax.data import input_pipeline
-from oneflow_jax.training import sharding
+from oneflow_jax.training import sharding, train_state
 
 NOISE_SEED = 1234567        # the transform's seed for the held-out documents (any fixed value)
 NOT_AVERAGED = ("num_tokens", "num_docs", "finite")
@@ -53,7 +53,10 @@ class ValidationLoss:
         self.mesh = mesh
         loss_fn = methods.for_config(cfg).loss_function(cfg.objective.image_loss_space)
         weight = cfg.objective.image_loss_weight
-        self._loss = jax.jit(lambda params, batch: loss_fn(model, params, batch, weight))
+        score = lambda params, batch: loss_fn(model, params, batch, weight)
+        if cfg.data.encode_in_step:
+            score = train_state.with_encoded_images(score, codec)
+        self._loss = jax.jit(score)
 
     def __call__(self, params) -> dict[str, float]:
         rows = []
