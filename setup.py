@@ -32,7 +32,8 @@ setuptools.setup(
         # Keep the range satisfied by the locally available torch 2.13.0 CPU wheel.
         "torch": ["torch>=2.1,<3", "safetensors"],
         "examples": ["scikit-image"],   # the photographs of the real-data walk-through (launch/real_data_example.sh)
+        "metrics": ["pycocoevalcap"],   # COCO's caption metrics (eval --task caption); METEOR needs java
         "test": ["pytest", "pytest-timeout", "pytest-xdist", "safetensors", "transformers>=4.45", "diffusers>=0.30",
-                 "scikit-image"],
+                 "scikit-image", "pycocoevalcap"],
     },
 )

@@ -1,10 +1,13 @@
-"""shapes-world scores of a run (evals/shapes_eval.py): caption and generation accuracy on seen and held-out
-combinations, and interleaved consistency.
+"""Scores of a run. Two tasks:
 
-    python -m oneflow_jax.eval --workdir W [--step K] [--num_examples N] [--sampler '{"key": value}'] [--steps S]
+  shapes   (shapes-world runs' default; evals/shapes_eval.py) caption and generation accuracy on seen and held-out
+           combinations, and interleaved consistency -> W/eval/step_{K}.json
+  caption  (any dataset; evals/captioning.py) a caption per image of the run's eval split, or of the images a
+           references file names, scored with BLEU, METEOR, ROUGE-L and CIDEr-D -> W/eval/caption_step_{K}.json
+           (scores and cost) and .jsonl (each caption with its references)
 
-Prints a table and writes W/eval/step_{K}.json (the scores, a few sampled documents and up to
-shapes_eval.MAX_FAILURES wrong captions with their truth).
+    python -m oneflow_jax.eval --workdir W [--task shapes|caption] [--step K] [--num_examples N]
+        [--references refs.jsonl|captions_val2017.json --image_root DIR] [--sampler '{"key": value}'] [--steps S]
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import os
 from absl import app, flags
 
 from oneflow_jax import cli, config_lib
-from oneflow_jax.evals import shapes_eval
+from oneflow_jax.evals import captioning, shapes_eval
 from oneflow_jax.sampling import generate
 
 FLAGS = flags.FLAGS
@@ -23,6 +26,12 @@ flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 flags.DEFINE_integer("num_examples", None, "Eval documents (default: config.eval.num_examples).")
 flags.DEFINE_integer("num_free", None, "Documents generated from an empty prompt (default: num_examples // 4).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_enum("task", None, ["shapes", "caption"], "What to score (default: shapes for shapes-world runs, "
+                  "else caption).")
+flags.DEFINE_string("references", None, "caption: COCO-style JSONL {\"image\": PATH, \"captions\": [...]} or a COCO "
+                    "annotations JSON (default: the run's eval split, each record's own caption).")
+flags.DEFINE_string("image_root", None, "caption: folder the references' image paths are relative to (default: the "
+                    "references file's folder).")
 flags.DEFINE_bool("ema", True, "Use the run's EMA weights when it keeps them (optimizer.ema_decay > 0); "
                   "--noema: the raw trained weights.")
 cli.define_sampler_flags()
@@ -38,18 +47,37 @@ def main(argv):
                                 f"{FLAGS[name].value}")
     overrides = cli.sampler_overrides()
     run = generate.load_run(FLAGS.workdir, FLAGS.step, FLAGS.ema)
-    if run.config.data.name != "shapes_world":
-        raise cli.UserError(f"eval scores shapes-world runs; this run trained on {run.config.data.name!r}")
+    task = FLAGS.task or ("shapes" if run.config.data.name == "shapes_world" else "caption")
+    if task == "shapes" and run.config.data.name != "shapes_world":
+        raise cli.UserError(f"--task shapes scores shapes-world runs; this run trained on {run.config.data.name!r} "
+                            "(use --task caption)")
     n = FLAGS.num_examples or run.config.eval.num_examples
     scfg = config_lib.sampler_config(run.config, **overrides)
-    scores = shapes_eval.evaluate(run, n, n // 4 if FLAGS.num_free is None else FLAGS.num_free, scfg,
-                                  run.config.eval.batch_size, FLAGS.seed)
     out = os.path.join(FLAGS.workdir, "eval")
     os.makedirs(out, exist_ok=True)
+    if task == "caption":
+        return _caption(run, n, scfg, out)
+    scores = shapes_eval.evaluate(run, n, n // 4 if FLAGS.num_free is None else FLAGS.num_free, scfg,
+                                  run.config.eval.batch_size, FLAGS.seed)
     with open(os.path.join(out, f"step_{run.step}.json"), "w") as f:
         json.dump(scores, f, indent=2)
     print(shapes_eval.format_table(scores))
     print(json.dumps({k: scores[k] for k in ("step", "caption", "generation", "interleaved_consistency")}))
+
+
+def _caption(run, n: int, sampler_config, out: str) -> None:
+    if FLAGS.references:
+        items = captioning.reference_items(run, FLAGS.references, FLAGS.image_root, n)
+    else:
+        items = captioning.dataset_items(run, run.config.eval.split, n)
+    scores, rows = captioning.evaluate(run, items, sampler_config, run.config.eval.batch_size, FLAGS.seed)
+    scores["references"] = FLAGS.references or f"{run.config.data.name}/{run.config.eval.split}"
+    with open(os.path.join(out, f"caption_step_{run.step}.json"), "w") as f:
+        json.dump(scores, f, indent=2)
+    with open(os.path.join(out, f"caption_step_{run.step}.jsonl"), "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    print(captioning.format_table(scores))
+    print(json.dumps({k: v for k, v in scores.items() if k not in ("cost", "unavailable")}))
 
 
 if __name__ == "__main__":

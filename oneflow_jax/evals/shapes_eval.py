@@ -68,17 +68,17 @@ def evaluate(run: generate.Run, num_examples: int, num_free: int, sampler_config
     cap_prompts = [generate.encode_prompt("<image>", [r["images"][0]], tok, codec) for r in records]
     gen_prompts = [generate.encode_prompt(c + " <image>", [None], tok, codec) for c in caption_texts]
 
-    cap_docs, cap_cost = _timed(gen, cap_prompts, seed)
+    cap_docs, cap_cost = gen.timed(cap_prompts, seed)
     captions = [_caption_row(doc, truth, held) for (doc, _), (truth, held) in zip(cap_docs, truths)]
     single = [_caption_row(samples[0][0], truth, held) for samples, (truth, held) in zip(gen.samples, truths)]
 
-    gen_docs, gen_cost = _timed(gen, gen_prompts, seed + 1)
+    gen_docs, gen_cost = gen.timed(gen_prompts, seed + 1)
     images = []
     for (doc, ims), (truth, held) in zip(gen_docs, truths):
         pred = sw.judge_image(ims[0]) if ims else (None,) * 4
         images.append(dict(pred=tuple(pred), true=truth, held_out=held, correct=tuple(pred) == truth))
 
-    free_docs, free_cost = _timed(gen, [([], [])] * num_free, seed + 2) if num_free else ([], {})
+    free_docs, free_cost = gen.timed([([], [])] * num_free, seed + 2) if num_free else ([], {})
     agree = total = 0
     for doc, ims in free_docs:
         for text, idx in sw.document_pairs(doc):
@@ -105,17 +105,6 @@ def evaluate(run: generate.Run, num_examples: int, num_free: int, sampler_config
                      "caption_failures": [{"truth": truth, "document": c["text"]} for c, truth
                                           in zip(captions, caption_texts) if not c["correct"]][:MAX_FAILURES]},
     }
-
-
-def _timed(gen: generate.Generator, prompts, seed: int):
-    """Samples `prompts` after a warm-up call of the same batch shape; (documents, cost dict)."""
-    warmup_s = gen.warm_up(prompts)
-    gen.nfe.clear(), gen.seconds.clear()
-    docs = gen(prompts, seed)
-    batches = len(gen.nfe)
-    return docs, {"nfe_per_batch": float(np.mean(gen.nfe)), "batch_size": gen.batch_size,
-                  "per_second": len(prompts) / max(sum(gen.seconds), 1e-9), "warmup_s": warmup_s,
-                  "seconds": float(sum(gen.seconds)), "batches": batches}
 
 
 def _latency(one: generate.Generator, prompts, seed: int) -> dict:

@@ -112,6 +112,16 @@ class Generator:
             self.samples[i].append(doc)
         return [most_common_text(samples) for samples in self.samples]
 
+    def timed(self, prompts, seed: int = 0):
+        """`self(prompts, seed)` after an untimed warm-up of the same batch shape: (documents, cost dict) with the
+        network evaluations per batch, requests per second and the seconds spent (compilation excluded)."""
+        warmup_s = self.warm_up(prompts)
+        self.nfe.clear(), self.seconds.clear()
+        docs = self(prompts, seed)
+        return docs, {"nfe_per_batch": float(np.mean(self.nfe)), "batch_size": self.batch_size,
+                      "per_second": len(prompts) / max(sum(self.seconds), 1e-9), "warmup_s": warmup_s,
+                      "seconds": float(sum(self.seconds)), "batches": len(self.nfe)}
+
     def _generate(self, prompts, seed: int, params, record: bool = True):
         params = self.run.params if params is None else params
         out = []
