@@ -34,7 +34,7 @@ def get_config(arg: str | None = None):
         lr_scaling="constant",        # the tuned lr at every width ('constant') or x smallest / width ('inverse_width')
         eval_fractions=(0.125, 0.25, 0.5, 0.75, 1.0),   # checkpoints evaluated, as fractions of the steps
         parity_levels=(0.5, 0.75, 0.9, 1.0),           # parity targets, as fractions of the other model's final score
-        metric_set="shapes_world",    # compare.METRIC_SETS: how a checkpoint is scored
+        metric_set="auto",            # compare.METRIC_SETS: how a checkpoint is scored ('auto': the dataset's own)
         eval_examples=100, eval_batch_size=50,   # eval documents per checkpoint, sampled this many at a time
         latency_prompts=4,            # prompts timed one at a time (batch 1) per task and checkpoint
         useful_flops_batches=50))     # training batches read to measure the useful FLOPs of packed documents

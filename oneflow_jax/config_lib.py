@@ -151,7 +151,7 @@ class CompareConfig:
     lr_scaling: str = "constant"
     eval_fractions: tuple = (0.125, 0.25, 0.5, 0.75, 1.0)
     parity_levels: tuple = (0.5, 0.75, 0.9, 1.0)
-    metric_set: str = "shapes_world"
+    metric_set: str = "auto"
     eval_examples: int = 100
     eval_batch_size: int = 50
     latency_prompts: int = 4

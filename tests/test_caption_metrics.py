@@ -104,3 +104,20 @@ def test_eval_caption_task_on_the_split_and_on_a_references_file(cli, trained_ru
     (tmp_path / "refs.jsonl").write_text('{"image": "missing.png", "captions": ["a"]}\n')
     bad = cli.run("eval", f"--workdir={workdir}", "--task=caption", f"--references={tmp_path / 'refs.jsonl'}")
     assert_one_line_error(bad, "missing.png")
+
+
+def test_the_comparison_scores_a_non_shapes_dataset_with_caption_metrics(trained_run, cli, monkeypatch):
+    import ml_collections
+    from oneflow_jax import config_lib
+    from oneflow_jax.evals import compare
+    from oneflow_jax.sampling import generate
+    config = ml_collections.ConfigDict({"compare": {"metric_set": "auto"}, "data": {"name": "shapes_world"}})
+    assert compare.metric_set_name(config) == "shapes_world"
+    config.data.name = "image_caption_pairs"
+    assert compare.metric_set_name(config) == "caption"
+    monkeypatch.setenv("TFDS_DATA_DIR", str(cli.data_dir))
+    run = generate.load_run(str(trained_run.workdir))
+    c = ml_collections.ConfigDict(dict(eval_examples=3, eval_batch_size=3, latency_prompts=1))
+    scores = compare.CaptionMetrics.evaluate(run, c, config_lib.sampler_config(run.config))
+    assert set(compare.CaptionMetrics.names) | set(compare.CaptionMetrics.cost) <= set(scores)
+    assert scores["caption_nfe"] > 0 and scores["caption_latency_s"] > 0 and 0 <= scores["BLEU-4"] <= 1

@@ -56,7 +56,7 @@ def reference_items(run: generate.Run, path: str, image_root: str | None, limit:
     return items
 
 
-def _prompt(image: np.ndarray, run: generate.Run):
+def prompt(image: np.ndarray, run: generate.Run):
     """A captioning prompt: `<image>` with the image's latents (precomputed latents pass as they are)."""
     if image.dtype == np.uint8:
         return generate.encode_prompt(datasets.IMAGE_TOKEN, [image], run.tokenizer, run.codec)
@@ -71,7 +71,7 @@ def caption_of(document: str) -> str:
 def evaluate(run: generate.Run, items, sampler_config, batch_size: int, seed: int = 0) -> tuple[dict, list[dict]]:
     """(scores, rows): corpus metrics with the sampling cost, and one row per image (key, caption, references)."""
     gen = generate.Generator(run, sampler_config, batch_size)
-    docs, cost = gen.timed([_prompt(image, run) for _, image, _ in items], seed)
+    docs, cost = gen.timed([prompt(image, run) for _, image, _ in items], seed)
     rows = [{"key": key, "caption": caption_of(text), "references": refs}
             for (key, _, refs), (text, _) in zip(items, docs)]
     scores = caption_metrics.score({r["key"]: [r["caption"]] for r in rows},

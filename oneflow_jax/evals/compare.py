@@ -64,8 +64,39 @@ class ShapesWorldMetrics:
         return out
 
 
+class CaptionMetrics:
+    """Any dataset: COCO's caption metrics on the eval split's one-image records (evals/captioning.py) and the
+    captioning cost at batch 1. Text-to-image has no metric here until FID / CLIP score exist."""
+    names = ("CIDEr", "BLEU-4", "ROUGE-L")
+    headline = ("CIDEr",)
+    cost = ("caption_nfe", "caption_latency_s")
+
+    @staticmethod
+    def evaluate(run, c, sampler_config) -> dict:
+        from oneflow_jax.evals import captioning
+        from oneflow_jax.sampling import generate
+        items = captioning.dataset_items(run, run.config.eval.split, c.eval_examples)
+        scores, _ = captioning.evaluate(run, items, sampler_config, c.eval_batch_size)
+        out = {name: scores[name] for name in CaptionMetrics.names}
+        out.update(caption_nfe=None, caption_latency_s=None)
+        if c.latency_prompts:
+            one = generate.Generator(run, sampler_config, 1)
+            _, cost = one.timed([captioning.prompt(image, run) for _, image, _ in items[:c.latency_prompts]])
+            out.update(caption_nfe=cost["nfe_per_batch"], caption_latency_s=cost["seconds"] / cost["batches"])
+        return out
+
+
 # A dataset's metrics plug in here (compare.metric_set): names / headline / cost tuples and evaluate(run, c, scfg).
-METRIC_SETS = {"shapes_world": ShapesWorldMetrics}
+METRIC_SETS = {"shapes_world": ShapesWorldMetrics, "caption": CaptionMetrics}
+
+
+def metric_set_name(config) -> str:
+    """The metric set a comparison scores with: `compare.metric_set`, or with 'auto' the dataset's own
+    (shapes-world's exact scores for shapes-world, caption metrics for any other dataset)."""
+    name = config.compare.metric_set
+    if name == "auto":
+        name = "shapes_world" if config.data.name == "shapes_world" else "caption"
+    return name
 
 
 # ------------------------------------------------------------------------------------------------ the runs
@@ -91,8 +122,9 @@ def settings(config):
     c = config.compare
     if config.budget <= 0:
         raise cli.UserError(f"config.budget must be > 0, got {config.budget}")
-    if c.metric_set not in METRIC_SETS:
-        raise cli.UserError(f"compare.metric_set {c.metric_set!r} is not one of {sorted(METRIC_SETS)}")
+    known = sorted((*METRIC_SETS, "auto"))
+    if c.metric_set not in known:
+        raise cli.UserError(f"compare.metric_set {c.metric_set!r} is not one of {known}")
     if not c.widths or not c.seeds or not c.tune.lr or not c.tune.image_loss_weight:
         raise cli.UserError("compare.widths, compare.seeds, compare.tune.lr and compare.tune.image_loss_weight "
                             "need at least one value each")
@@ -201,7 +233,8 @@ def evaluate(config, spec: RunSpec, workdir: str, steps, sampler_overrides: dict
     from oneflow_jax.sampling import generate
     c = config.compare
     wd = os.path.join(workdir, "runs", spec.name)
-    cache = os.path.join(wd, "compare_eval")
+    metric_set = metric_set_name(config)
+    cache = os.path.join(wd, "compare_eval", *(() if metric_set == "shapes_world" else (metric_set,)))
     if sampler_overrides:
         digest = hashlib.sha256(json.dumps(sampler_overrides, sort_keys=True).encode()).hexdigest()[:10]
         cache = os.path.join(cache, f"sampler_{digest}")
@@ -212,13 +245,13 @@ def evaluate(config, spec: RunSpec, workdir: str, steps, sampler_overrides: dict
             t0 = time.perf_counter()
             run = generate.load_run(wd, step)
             scfg = config_lib.sampler_config(run.config, **(sampler_overrides or {}))
-            scores = dict(step=step, **METRIC_SETS[c.metric_set].evaluate(run, c, scfg))
+            scores = dict(step=step, **METRIC_SETS[metric_set].evaluate(run, c, scfg))
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path + ".tmp", "w") as f:
                 json.dump(scores, f, indent=1)
             os.replace(path + ".tmp", path)
             cli.say(f"compare: {spec.name} step {step}: " + ", ".join(
-                f"{k} {scores[k]:.3f}" for k in METRIC_SETS[c.metric_set].headline) +
+                f"{k} {scores[k]:.3f}" for k in METRIC_SETS[metric_set].headline) +
                 f" ({time.perf_counter() - t0:.0f} s)")
         with open(path) as f:
             out.append(json.load(f))
@@ -278,11 +311,11 @@ def compare(config, workdir: str, sampler_overrides: dict | None = None, report_
     """Tunes, trains and evaluates what is missing, writes the report after each run; None if preempted. With
     `report_only`, nothing is trained: the report covers the runs that are finished (evaluating what is not cached)."""
     c = settings(config)
-    metric_set = METRIC_SETS[c.metric_set]
+    metric_set = METRIC_SETS[metric_set_name(config)]
     final = [total_steps(config)]
     records: dict[str, dict] = {}
     state = dict(best=None, tuning=[], sweep=[])      # what the report shows: run names in order, the chosen settings
-    meta = dict(commit=compare_report.git_commit(), budget=config.budget, metric_set=c.metric_set,
+    meta = dict(commit=compare_report.git_commit(), budget=config.budget, metric_set=metric_set_name(config),
                 config=json.loads(config_lib.config_to_json(config)), sampler_overrides=sampler_overrides or {})
 
     def report():
