@@ -5,9 +5,12 @@
   caption  (any dataset; evals/captioning.py) a caption per image of the run's eval split, or of the images a
            references file names, scored with BLEU, METEOR, ROUGE-L and CIDEr-D -> W/eval/caption_step_{K}.json
            (scores and cost) and .jsonl (each caption with its references)
+  likelihood  (any dataset; evals/likelihood.py) bits per text token of the eval split's documents: OneFlow's Edit
+           Flow ELBO with its standard error, or the AR+FM baseline's exact NLL -> W/eval/likelihood_step_{K}.json
 
     python -m oneflow_jax.eval --workdir W [--task shapes|caption] [--step K] [--num_examples N]
         [--references refs.jsonl|captions_val2017.json --image_root DIR] [--sampler '{"key": value}'] [--steps S]
+    python -m oneflow_jax.eval --workdir W --task likelihood [--num_examples N] [--elbo_samples K]
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import os
 from absl import app, flags
 
 from oneflow_jax import cli, config_lib
-from oneflow_jax.evals import captioning, shapes_eval
+from oneflow_jax.evals import captioning, likelihood, shapes_eval
 from oneflow_jax.sampling import generate
 
 FLAGS = flags.FLAGS
@@ -26,12 +29,13 @@ flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 flags.DEFINE_integer("num_examples", None, "Eval documents (default: config.eval.num_examples).")
 flags.DEFINE_integer("num_free", None, "Documents generated from an empty prompt (default: num_examples // 4).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_enum("task", None, ["shapes", "caption"], "What to score (default: shapes for shapes-world runs, "
+flags.DEFINE_enum("task", None, ["shapes", "caption", "likelihood"], "What to score (default: shapes for shapes-world runs, "
                   "else caption).")
 flags.DEFINE_string("references", None, "caption: COCO-style JSONL {\"image\": PATH, \"captions\": [...]} or a COCO "
                     "annotations JSON (default: the run's eval split, each record's own caption).")
 flags.DEFINE_string("image_root", None, "caption: folder the references' image paths are relative to (default: the "
                     "references file's folder).")
+flags.DEFINE_integer("elbo_samples", 16, "likelihood: times t drawn per document for OneFlow's ELBO estimate.")
 flags.DEFINE_bool("ema", True, "Use the run's EMA weights when it keeps them (optimizer.ema_decay > 0); "
                   "--noema: the raw trained weights.")
 cli.define_sampler_flags()
@@ -57,12 +61,31 @@ def main(argv):
     os.makedirs(out, exist_ok=True)
     if task == "caption":
         return _caption(run, n, scfg, out)
+    if task == "likelihood":
+        return _likelihood(run, n, out)
     scores = shapes_eval.evaluate(run, n, n // 4 if FLAGS.num_free is None else FLAGS.num_free, scfg,
                                   run.config.eval.batch_size, FLAGS.seed)
     with open(os.path.join(out, f"step_{run.step}.json"), "w") as f:
         json.dump(scores, f, indent=2)
     print(shapes_eval.format_table(scores))
     print(json.dumps({k: scores[k] for k in ("step", "caption", "generation", "interleaved_consistency")}))
+
+
+def _likelihood(run, n: int, out: str) -> None:
+    if FLAGS.elbo_samples < 2:
+        raise cli.UserError(f"--elbo_samples must be >= 2 (the standard error needs two), got {FLAGS.elbo_samples}")
+    documents = [(run.tokenizer.encode(r["text"]), r["images"])
+                 for r in captioning.split_records(run, run.config.eval.split)[:n]]
+    try:
+        scores = likelihood.evaluate(run, documents, FLAGS.elbo_samples, FLAGS.seed)
+    except ValueError as e:
+        raise cli.UserError(str(e)) from None
+    with open(os.path.join(out, f"likelihood_step_{run.step}.json"), "w") as f:
+        json.dump(scores, f, indent=2)
+    error = f" +- {scores['stderr_bits_per_token']:.3f}" if "stderr_bits_per_token" in scores else ""
+    print(f"likelihood, step {run.step}: {scores['bits_per_token']:.3f}{error} bits per text token "
+          f"({scores['kind']}; {scores['documents']} documents, {scores['tokens']} tokens)")
+    print(json.dumps(scores))
 
 
 def _caption(run, n: int, sampler_config, out: str) -> None:

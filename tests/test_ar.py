@@ -157,6 +157,9 @@ def test_train_sample_eval_on_ar_workdir(cli, tmp_path, png_path):
         assert scores[task]["nfe_per_request"] >= 1 and scores[task]["latency_s"] > 0, res
         assert scores[task]["per_second"] > 0 and scores[task]["warmup_s"] > 0, res
     assert "per request at batch 1" in res.stdout, res
+    cli.run("eval", f"--workdir={wd}", "--task=likelihood", "--num_examples=4").check()    # the AR side: exact NLL
+    nll = json.loads((wd / "eval" / "likelihood_step_4.json").read_text())
+    assert nll["kind"] == "exact NLL (AR+FM)" and nll["documents"] == 4 and np.isfinite(nll["bits_per_token"])
 
 
 @pytest.fixture(scope="module")

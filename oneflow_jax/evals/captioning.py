@@ -19,15 +19,20 @@ from oneflow_jax.evals import caption_metrics
 from oneflow_jax.sampling import generate
 
 
-def dataset_items(run: generate.Run, split: str, limit: int) -> list[tuple[str, np.ndarray, list[str]]]:
-    """[(key, image (uint8 pixels or latents), [reference])] of the run's dataset split, one-image records only."""
+def split_records(run: generate.Run, split: str) -> list[dict]:
+    """The decoded records of a split of the run's own dataset (`datasets.load_records`)."""
     data = run.config.data
     config = (datasets.make_builder_config(data.name, dict(data.builder_config)) if data.builder_config is not None
               else None)
     try:
-        records = datasets.load_records(data.name, split, data.data_dir, config=config)
+        return datasets.load_records(data.name, split, data.data_dir, config=config)
     except ValueError as e:
-        raise UserError(f"captioning needs the run's {split!r} split: {e}") from None
+        raise UserError(f"the run's {split!r} split cannot be read: {e}") from None
+
+
+def dataset_items(run: generate.Run, split: str, limit: int) -> list[tuple[str, np.ndarray, list[str]]]:
+    """[(key, image (uint8 pixels or latents), [reference])] of the run's dataset split, one-image records only."""
+    records = split_records(run, split)
     items = []
     for i, record in enumerate(records):
         if len(record["images"]) != 1:

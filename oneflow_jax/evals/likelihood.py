@@ -1,0 +1,127 @@
+"""Text likelihood of held-out documents, in bits per text token (`python -m oneflow_jax.eval --task likelihood`):
+OneFlow's Edit Flow ELBO (an upper bound on the NLL, estimated by Monte Carlo) and the AR+FM baseline's exact NLL.
+
+Both read the document's images clean and in place: OneFlow keeps every image (t_img = 1) while only its text is
+noised; the AR baseline reads images clean (`ar.cond_t_min` = 1) and its NLL sums the text tokens only, not the
+`<image>` markers or EOS, which OneFlow never inserts here. The normaliser is the document's text tokens.
+
+OneFlow's bound. From [BOS] + images, the insertion chain grows x1 by a CTMC whose conditional rates insert each
+missing token of gap j at rate w(t) = kappa'(t) / (1 - kappa(t)) (Edit Flows); the model inserts `a` in gap j at rate
+w(t) (1 - pi_j) lambda_j Q_j(a), as Alg. 1 samples. The KL between the conditional and the model path measures bounds
+the NLL (the conditional chain ends at x1 surely):
+
+    -log p(x1) <= int_0^1 w(t) E_{x_t} [ sum_j (1 - pi_j) lambda_j - sum_j k_j log((1 - pi_j) lambda_j)
+                                         - sum_j sum_{a in A_j} log Q_j(a) + sum_j sum_a n_ja log n_ja - sum_j k_j ] dt
+
+with k_j the tokens missing from gap j, A_j their bag and n_ja how many of them are `a` (the last two terms are the
+conditional chain's own, free of parameters). Per document the estimate draws K stratified times
+t_i = (i + u_i) / K with one x_t each and averages w(t_i) B(x_t_i); its standard error is the K terms' spread over
+sqrt(K).
+
+A caveat (docs/results.md, "Likelihood"): the integral is finite only if the model's total insertion rate at the
+complete document vanishes. OneFlow's text heads are not told t, so at x_t = x1 the rate sum_j (1 - pi_j) lambda_j is
+small but positive, and the tail w(t) ~ 1 / (1 - t) makes the exact bound diverge logarithmically; the K-sample
+estimate, whose latest time is about 1 - 1 / (2K), grows slowly with K. Compare estimates at the same K only.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from oneflow_jax import methods
+from oneflow_jax.models import ar_transformer
+from oneflow_jax.objectives import edit_flow, oneflow_objective
+from oneflow_jax.sampling import generate
+
+
+def _latents(run: generate.Run, images) -> np.ndarray:
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        return np.asarray(run.codec.encode(images), np.float32) if len(images) else np.zeros(
+            (0, run.codec.num_patches, run.codec.patch_dim), np.float32)
+    return images.astype(np.float32)
+
+
+def _bag_entropy_terms(doc) -> float:
+    """sum_j sum_a n_ja log n_ja - sum_j k_j of a noised document (the conditional chain's own terms)."""
+    counts = collections.Counter(zip(doc["del_gap"].tolist(), doc["del_tokens"].tolist()))
+    return float(sum(n * math.log(n) for n in counts.values()) - len(doc["del_tokens"]))
+
+
+def oneflow_bound(run: generate.Run, documents, num_samples: int = 16, seed: int = 0) -> list[dict]:
+    """Per document: {"nats", "stderr_nats", "tokens"} of the ELBO estimate (module docstring)."""
+    cfg = run.config
+    method = methods.for_config(cfg)
+    special = method.special_tokens(run.tokenizer)
+    noising = dataclasses.replace(cfg.objective.noising, drop_images_prob=0.0, drop_text_prob=0.0)
+    _, packer = method.pipeline_pieces(cfg, run.tokenizer, run.codec)
+    forward = jax.jit(lambda p, b: run.model.apply({"params": p}, oneflow_objective.model_inputs(b)))
+    rng = np.random.default_rng(seed)
+    out = []
+    for tokens, images in documents:
+        tokens, latents = np.asarray(tokens, np.int32), _latents(run, images)
+        times = (np.arange(num_samples) + rng.uniform(size=num_samples)) / num_samples
+        docs = [edit_flow.noise_document(tokens, latents, rng, noising, special, times=(t, np.ones(len(latents))))
+                for t in times]
+        if any(not all(u <= lim for u, lim in zip(packer.usage(d), packer.limits)) for d in docs):
+            continue                                                        # longer than a row: skipped
+        rows = [packer.pack([d]) for d in docs]
+        batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        o = jax.device_get(forward(run.params, batch))
+        rate = jax.nn.sigmoid(-np.asarray(o["pi_logit"], np.float32)) * np.asarray(o["lam"], np.float32)
+        gaps = batch["text_weight"] > 0
+        k = batch["insert_count"].astype(np.float32)
+        log_q = np.asarray(jax.nn.log_softmax(jnp.asarray(o["q_logits"], jnp.float32), axis=-1))
+        rows_idx = np.arange(len(rows))[:, None]
+        bag = np.where(batch["del_valid"] > 0, log_q[rows_idx, batch["del_gap"], batch["del_tokens"]], 0.0)
+        b = (np.sum(np.where(gaps, rate, 0.0), 1) - np.sum(np.where(k > 0, k * np.log(np.maximum(rate, 1e-30)), 0.0), 1)
+             - np.sum(bag, 1) + np.asarray([_bag_entropy_terms(d) for d in docs]))
+        terms = np.asarray(edit_flow.insertion_rate_scale(times, noising.kappa_power)) * b
+        out.append({"nats": float(terms.mean()), "stderr_nats": float(terms.std(ddof=1) / math.sqrt(num_samples)),
+                    "tokens": int(np.sum(tokens != special.image))})
+    return out
+
+
+def ar_nll(run: generate.Run, documents) -> list[dict]:
+    """Per document: {"nats", "tokens"}: the AR+FM baseline's exact NLL of the text tokens, images read clean."""
+    cfg = run.config
+    method = methods.for_config(cfg)
+    clean = dataclasses.replace(cfg, ar=dataclasses.replace(cfg.ar, cond_t_min=1.0))
+    transform, packer = method.pipeline_pieces(clean, run.tokenizer, run.codec)
+    special = method.special_tokens(run.tokenizer)
+    forward = jax.jit(lambda p, b: run.model.apply({"params": p}, ar_transformer.model_inputs(b)))
+    out = []
+    rng = np.random.default_rng(0)
+    for tokens, images in documents:
+        tokens = np.asarray(tokens, np.int32)
+        doc = transform(tokens, _latents(run, images), rng)
+        if not all(u <= lim for u, lim in zip(packer.usage(doc), packer.limits)):
+            continue
+        row = {k: v[None] for k, v in packer.pack([doc]).items()}
+        logits = np.asarray(jax.device_get(forward(run.params, row))["q_logits"], np.float32)[0]
+        ce = np.asarray(jax.nn.logsumexp(logits, -1)) - np.take_along_axis(logits, row["targets"][0][:, None], 1)[:, 0]
+        text = (row["target_weight"][0] > 0) & (row["targets"][0] != special.image) & (row["targets"][0] != special.eos)
+        out.append({"nats": float(np.sum(np.where(text, ce, 0.0))), "tokens": int(np.sum(tokens != special.image))})
+    return out
+
+
+def evaluate(run: generate.Run, documents, num_samples: int = 16, seed: int = 0) -> dict:
+    """Corpus bits per text token (total nats / total tokens / ln 2), with the OneFlow estimate's standard error."""
+    if methods.for_config(run.config).causal:           # the AR+FM baseline: its likelihood is exact
+        rows, kind = ar_nll(run, documents), "exact NLL (AR+FM)"
+    else:
+        rows, kind = oneflow_bound(run, documents, num_samples, seed), f"ELBO bound, {num_samples} times per document"
+    if not rows:
+        raise ValueError("no document fits a row of the run's seq_len")
+    tokens = sum(r["tokens"] for r in rows)
+    out = {"step": run.step, "kind": kind, "documents": len(rows), "tokens": tokens,
+           "bits_per_token": sum(r["nats"] for r in rows) / tokens / math.log(2)}
+    if "stderr_nats" in rows[0]:
+        out["stderr_bits_per_token"] = math.sqrt(sum(r["stderr_nats"] ** 2 for r in rows)) / tokens / math.log(2)
+        out["samples_per_document"] = num_samples
+    return out
