@@ -66,10 +66,9 @@ def main(argv):
                 raise FileNotFoundError(f"input file {path} does not exist")
         builder = datasets.get_builder(FLAGS.name, FLAGS.data_dir, config)
         codec = datasets.make_codec(config.codec, config.image_size)
-        features = builder.info.features
+        _ = builder.info.features        # builds the record features: a bad codec or image_size fails here
     except (FileNotFoundError, ValueError) as e:
         raise cli.UserError(str(e).splitlines()[0]) from None
-    del features
     if builder.is_prepared():
         cli.say(f"{builder.data_dir} is already prepared: nothing to do")
         return
