@@ -157,6 +157,8 @@ def run_config(config, spec: RunSpec):
     run.ckpt_every = math.gcd(*steps)
     run.keep_checkpoints = run.total_steps // run.ckpt_every + 1        # all kept: each is a point of the curve
     run.sample_every = 0
+    if "eval_every" in run:             # the comparison scores the checkpoints itself: no validation loss to build
+        run.eval_every = 0
     return run
 
 
