@@ -7,7 +7,7 @@ Wall clock (2-core CPU, 2026-12-03, beside other work): a training takes ~3 min 
 d128, ~12 min at d256; an evaluation of 100 documents 35-120 s (OneFlow) or 8-20 s (AR+FM). The tuning (11 d64 runs
 with the edge extensions) took ~55 min, a d64 pair of the sweep ~10 min, a d256 pair ~30 min; the whole sweep (two
 seeds) is a few hours in the background, resumable.
-Scores: docs/results.md, "FLOP comparison" (seed 0: AR+FM ~2-3x more FLOP-efficient at d64).
+Scores: docs/results.md, "FLOP comparison".
 Every run is shapes_tiny's recipe (configs/shapes_tiny.py; AR's extras from configs/ar_shapes_tiny.py) at
 d_model = width, d_ff = patch head hidden = ff_mult x width; model_type, lr, image-loss weight and seed set per run.
 Variant :tiny is for tests (a few steps of a tiny model, one width, one tuning value).

@@ -3,31 +3,22 @@ SD3-style VAE latents precomputed in bfloat16, a byte-level BPE tokenizer.json w
 
 Command: launch/real_data_example.sh DIR (writes DIR with `python -m oneflow_jax.example_photos`, precomputes,
 trains with `--config configs/photos_tiny.py:DIR`, samples and exports). `arg` is that directory.
-Everything else is shapes_tiny's smoke model: the point is the data path, not the samples.
+Everything else is shapes_tiny's smoke model: the point is the data path, not the samples. The VAE has the SD3
+architecture (16 latent channels) with downsampling 4: 32 px -> 8x8x16 latents -> 16 patches of 64 values.
 """
 import os
 
 from oneflow_jax import example_photos
-
-_SHAPES_TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes_tiny.py")
-
-
-def _shapes_tiny():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("shapes_tiny", _SHAPES_TINY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("smoke")
+from oneflow_jax.config_lib import sibling_config
 
 
 def get_config(arg: str | None = None):
     directory = os.path.abspath(arg or "workdir/photos_example")
-    c = _shapes_tiny()
+    c = sibling_config(__file__, "shapes_tiny.py").get_config("smoke")
     c.total_steps, c.log_every, c.ckpt_every, c.sample_every = 20, 5, 10, 0
     c.eval_every, c.eval.val_batches = 10, 1      # the held-out photos (eval.tar) as the validation set
     builder = example_photos.builder_config(directory)
     builder.update(train_files=tuple(builder["train_files"]), eval_files=tuple(builder["eval_files"]))  # overridable
-    # an SD3-architecture VAE (16 latent channels, downsampling 4 here): 32 px -> 8x8x16 latents -> 16 patches of 64
     c.codec = dict({k: v for k, v in builder["codec"].items() if k != "dtype"}, image_size=example_photos.IMAGE_SIZE)
     c.data.update(
         name="image_caption_pairs", builder_config=builder,   # the --config of `python -m oneflow_jax.precompute`
