@@ -113,8 +113,7 @@ def encoder(codec) -> Callable[[jax.Array], jax.Array]:
     if isinstance(codec, codec_lib.PixelPatchCodec):
         return lambda x: codec_lib.patchify(x.astype(jnp.float32) / 127.5 - 1.0, codec.patch_size)
     params = jax.tree_util.tree_map(jnp.asarray, codec.params)
-    encode_z = codec._fns[0]                           # pylint: disable=protected-access  (jitted VAE encode)
-    return lambda x: codec_lib.patchify(encode_z(params, x.astype(jnp.float32) / 127.5 - 1.0), codec.patch_size)
+    return lambda x: codec.encode_patches(params, x)
 
 
 def add_clean_latents(batch: dict, encode: Callable) -> dict:

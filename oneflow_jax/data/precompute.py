@@ -84,14 +84,9 @@ class DeviceEncoder:
         self._batch = NamedSharding(mesh, PartitionSpec("batch"))
         self._fn = None
         if getattr(codec, "params", None) is not None:        # a VAE: run it on the devices
-            from oneflow_jax.models import codec as codec_lib  # pylint: disable=g-import-not-at-top
-            encode_z = codec._fns[0]                       # (params, x in [-1, 1]) -> normalised latents NHWC
             self._params = jax.device_put(codec.params, NamedSharding(mesh, PartitionSpec()))
-
-            def fn(params, images):
-                z = encode_z(params, images.astype(np.float32) / 127.5 - 1.0)
-                return codec_lib.patchify(z, codec.patch_size).astype(dtype)
-            self._fn = jax.jit(fn, out_shardings=self._batch)
+            self._fn = jax.jit(lambda params, images: codec.encode_patches(params, images).astype(dtype),
+                               out_shardings=self._batch)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """A full batch of `batch_size` images (pad the last one)."""
@@ -156,7 +151,6 @@ class Precompute:
         self._queue: list[tuple[_Doc, int, np.ndarray]] = []          # images waiting for a batch
         self._outputs: dict[Unit, _Output] = {}
         self.batches = self.encoded = 0
-        self.done: list[dict] = []
 
     # -- reading
     def _prepare(self, unit: Unit, item) -> tuple:
@@ -222,7 +216,7 @@ class Precompute:
             self._outputs[doc.unit].write(raw, len(doc.latents))
         for unit, out in list(self._outputs.items()):
             if out.read_all and out.pending == 0:
-                self.done.append(out.finish(self.directory))
+                out.finish(self.directory)
                 del self._outputs[unit]
 
     def run(self, units: list[Unit]) -> None:

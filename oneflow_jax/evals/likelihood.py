@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from oneflow_jax import methods
+from oneflow_jax.data import packing
 from oneflow_jax.models import ar_transformer
 from oneflow_jax.objectives import edit_flow, oneflow_objective
 from oneflow_jax.sampling import generate
@@ -68,7 +69,7 @@ def oneflow_bound(run: generate.Run, documents, num_samples: int = 16, seed: int
         times = (np.arange(num_samples) + rng.uniform(size=num_samples)) / num_samples
         docs = [edit_flow.noise_document(tokens, latents, rng, noising, special, times=(t, np.ones(len(latents))))
                 for t in times]
-        if any(not all(u <= lim for u, lim in zip(packer.usage(d), packer.limits)) for d in docs):
+        if not all(packing.fits((0,) * len(packer.limits), packer.usage(d), packer.limits) for d in docs):
             continue                                                        # longer than a row: skipped
         rows = [packer.pack([d]) for d in docs]
         batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
@@ -100,7 +101,7 @@ def ar_nll(run: generate.Run, documents) -> list[dict]:
     for tokens, images in documents:
         tokens = np.asarray(tokens, np.int32)
         doc = transform(tokens, _latents(run, images), rng)
-        if not all(u <= lim for u, lim in zip(packer.usage(doc), packer.limits)):
+        if not packing.fits((0,) * len(packer.limits), packer.usage(doc), packer.limits):
             continue
         row = {k: v[None] for k, v in packer.pack([doc]).items()}
         logits = np.asarray(jax.device_get(forward(run.params, row))["q_logits"], np.float32)[0]

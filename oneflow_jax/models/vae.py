@@ -379,6 +379,12 @@ class VAECodec(PatchGeometry):
             out.append(np.asarray(fn(self.params, chunk))[:len(chunk) - pad])
         return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
+    def encode_patches(self, params, images):
+        """The jax function under `encode`: uint8 images [n, H, W, 3] -> latent patches [n, num_patches, patch_dim],
+        for callers that jit and shard it themselves (the precompute, encoding inside the train step)."""
+        z = self._fns[0](params, images.astype(jnp.float32) / 127.5 - 1.0)
+        return patchify(z, self.patch_size)
+
     def encode(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images)
         if images.shape[-3:] != self.image_shape:

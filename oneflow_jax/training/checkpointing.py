@@ -245,9 +245,10 @@ class Checkpointer:
             raise CheckpointWriteError(self._write_failure(pending, e)) from e
         if pending is None:
             return
-        if pending not in self.committed_steps():     # Orbax logged the error but raised nothing
+        committed = self.committed_steps()
+        if pending not in committed:                  # Orbax logged the error but raised nothing
             raise CheckpointWriteError(self._write_failure(pending, "its files were not committed"))
-        older = [s for s in self.committed_steps() if s < pending]
+        older = [s for s in committed if s < pending]
         for s in older[:max(len(older) - (self._keep - 1), 0)]:
             logging.info("deleting checkpoint step %d from %s (keeping the latest %d)", s, self.directory, self._keep)
             self._manager.delete(s)
