@@ -22,6 +22,13 @@ def test_conditional_chain_terms():
     assert likelihood._bag_entropy_terms({"del_gap": np.zeros(0, int), "del_tokens": np.zeros(0, int)}) == 0.0
 
 
+def test_layout_names_where_the_images_are():
+    assert likelihood.layout([5, 6, 7], 9) == "text only"
+    assert likelihood.layout([9, 5, 6], 9) == "image first"
+    assert likelihood.layout([5, 6, 9], 9) == "text first"
+    assert likelihood.layout([5, 9, 6, 9], 9) == "interleaved"
+
+
 def test_eval_likelihood_on_a_oneflow_run(cli, trained_run, tmp_path, monkeypatch):
     from oneflow_jax.evals import captioning
     from oneflow_jax.sampling import generate
@@ -33,6 +40,13 @@ def test_eval_likelihood_on_a_oneflow_run(cli, trained_run, tmp_path, monkeypatc
     assert np.isfinite(scores["bits_per_token"]) and scores["bits_per_token"] > 0
     assert 0 < scores["stderr_bits_per_token"] < scores["bits_per_token"]
     assert "bits per text token" in result.stdout, str(result)
+    # the bound's split over t and over document layouts adds up to it
+    assert sum(scores["bits_per_token_by_time"].values()) == pytest.approx(scores["bits_per_token"])
+    layouts = scores["by_layout"]
+    assert sum(v["documents"] for v in layouts.values()) == 4 and set(layouts) <= {"image first", "text first",
+                                                                                    "interleaved", "text only"}
+    assert sum(v["bits_per_token"] * v["tokens"] for v in layouts.values()) == pytest.approx(
+        scores["bits_per_token"] * scores["tokens"])
 
     monkeypatch.setenv("TFDS_DATA_DIR", str(cli.data_dir))
     run = generate.load_run(str(workdir))

@@ -40,6 +40,20 @@ from oneflow_jax.objectives import edit_flow, oneflow_objective
 from oneflow_jax.sampling import generate
 
 
+TIME_EDGES = (0.5, 0.75, 0.875, 1.0)       # where `bits_per_token_by_time` splits the bound (the tail t -> 1 last)
+
+
+def layout(tokens, image_id: int) -> str:
+    """A document's layout: "image first" (its one image before all text: a captioning document), "text first"
+    (one image after text), "interleaved" (several images) or "text only"."""
+    where = np.flatnonzero(np.asarray(tokens) == image_id)
+    if len(where) == 0:
+        return "text only"
+    if len(where) > 1:
+        return "interleaved"
+    return "image first" if where[0] == 0 else "text first"
+
+
 def _latents(run: generate.Run, images) -> np.ndarray:
     images = np.asarray(images)
     if images.dtype == np.uint8:
@@ -84,7 +98,8 @@ def oneflow_bound(run: generate.Run, documents, num_samples: int = 16, seed: int
              - np.sum(bag, 1) + np.asarray([_bag_entropy_terms(d) for d in docs]))
         terms = np.asarray(edit_flow.insertion_rate_scale(times, noising.kappa_power)) * b
         out.append({"nats": float(terms.mean()), "stderr_nats": float(terms.std(ddof=1) / math.sqrt(num_samples)),
-                    "tokens": int(np.sum(tokens != special.image))})
+                    "tokens": int(np.sum(tokens != special.image)), "strata_nats": terms / num_samples,
+                    "layout": layout(tokens, special.image)})
     return out
 
 
@@ -107,7 +122,8 @@ def ar_nll(run: generate.Run, documents) -> list[dict]:
         logits = np.asarray(jax.device_get(forward(run.params, row))["q_logits"], np.float32)[0]
         ce = np.asarray(jax.nn.logsumexp(logits, -1)) - np.take_along_axis(logits, row["targets"][0][:, None], 1)[:, 0]
         text = (row["target_weight"][0] > 0) & (row["targets"][0] != special.image) & (row["targets"][0] != special.eos)
-        out.append({"nats": float(np.sum(np.where(text, ce, 0.0))), "tokens": int(np.sum(tokens != special.image))})
+        out.append({"nats": float(np.sum(np.where(text, ce, 0.0))), "tokens": int(np.sum(tokens != special.image)),
+                    "layout": layout(tokens, special.image)})
     return out
 
 
@@ -121,8 +137,23 @@ def evaluate(run: generate.Run, documents, num_samples: int = 16, seed: int = 0)
         raise ValueError("no document fits a row of the run's seq_len")
     tokens = sum(r["tokens"] for r in rows)
     out = {"step": run.step, "kind": kind, "documents": len(rows), "tokens": tokens,
-           "bits_per_token": sum(r["nats"] for r in rows) / tokens / math.log(2)}
+           "bits_per_token": sum(r["nats"] for r in rows) / tokens / math.log(2), "by_layout": {}}
+    for layout in sorted({r["layout"] for r in rows}):
+        mine = [r for r in rows if r["layout"] == layout]
+        n = sum(r["tokens"] for r in mine)
+        out["by_layout"][layout] = {"documents": len(mine), "tokens": n,
+                                    "bits_per_token": sum(r["nats"] for r in mine) / n / math.log(2)}
     if "stderr_nats" in rows[0]:
         out["stderr_bits_per_token"] = math.sqrt(sum(r["stderr_nats"] ** 2 for r in rows)) / tokens / math.log(2)
         out["samples_per_document"] = num_samples
+        out["bits_per_token_by_time"] = _by_time(rows, num_samples, tokens)
     return out
+
+
+def _by_time(rows, num_samples: int, tokens: int) -> dict:
+    """The bound split over t: {"[a, b)": bits per token} (they sum to the total). Stratum i covers [i/K, (i+1)/K),
+    so each lies in one range; ranges with no stratum edge inside are merged into the next."""
+    strata = np.sum([r["strata_nats"] for r in rows], axis=0) / tokens / math.log(2)
+    edges = sorted({min(num_samples, max(1, round(e * num_samples))) for e in TIME_EDGES} | {0})
+    return {f"[{lo / num_samples:g}, {hi / num_samples:g})": float(strata[lo:hi].sum())
+            for lo, hi in zip(edges[:-1], edges[1:])}
