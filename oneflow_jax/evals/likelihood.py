@@ -22,6 +22,10 @@ A caveat (docs/results.md, "Likelihood"): the integral is finite only if the mod
 complete document vanishes. OneFlow's text heads are not told t, so at x_t = x1 the rate sum_j (1 - pi_j) lambda_j is
 small but positive, and the tail w(t) ~ 1 / (1 - t) makes the exact bound diverge logarithmically; the K-sample
 estimate, whose latest time is about 1 - 1 / (2K), grows slowly with K. Compare estimates at the same K only.
+
+The report splits the bound over t (`bits_per_token_by_time`) and by document layout (`by_layout`, `layout`): the
+images are read clean while the text is noised, which training shows for image-first documents only, so the other
+layouts' bounds are measured off the training distribution (docs/results.md, "Likelihood").
 """
 from __future__ import annotations
 
