@@ -5,11 +5,18 @@
   caption  (any dataset; evals/captioning.py) a caption per image of the run's eval split, or of the images a
            references file names, scored with BLEU, METEOR, ROUGE-L and CIDEr-D -> W/eval/caption_step_{K}.json
            (scores and cost) and .jsonl (each caption with its references)
+  generate (any dataset; evals/image_eval.py) an image per caption of the eval split (or of a references file),
+           written as PNGs and scored with FID against the real images and CLIP score against the captions
+           -> W/eval/generate_step_{K}.json, .jsonl and W/eval/generate_step_{K}/*.png
+  interleaved  (any dataset) documents grown from an empty prompt, each image CLIP-scored against its own text,
+           FID against the eval split's images -> W/eval/interleaved_step_{K}.json, .jsonl and PNGs
   likelihood  (any dataset; evals/likelihood.py) bits per text token of the eval split's documents: OneFlow's Edit
            Flow ELBO with its standard error, or the AR+FM baseline's exact NLL -> W/eval/likelihood_step_{K}.json
 
     python -m oneflow_jax.eval --workdir W [--task shapes|caption] [--step K] [--num_examples N]
         [--references refs.jsonl|captions_val2017.json --image_root DIR] [--sampler '{"key": value}'] [--steps S]
+    python -m oneflow_jax.eval --workdir W --task generate|interleaved [--inception_weights inception.safetensors]
+        [--clip_weights CLIP_DIR] [--references ... --image_root DIR] [--distributed | --coordinator_address ...]
     python -m oneflow_jax.eval --workdir W --task likelihood [--num_examples N] [--elbo_samples K]
 """
 from __future__ import annotations
@@ -29,16 +36,23 @@ flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 flags.DEFINE_integer("num_examples", None, "Eval documents (default: config.eval.num_examples).")
 flags.DEFINE_integer("num_free", None, "Documents generated from an empty prompt (default: num_examples // 4).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_enum("task", None, ["shapes", "caption", "likelihood"], "What to score (default: shapes for shapes-world runs, "
+flags.DEFINE_enum("task", None, ["shapes", "caption", "generate", "interleaved", "likelihood"], "What to score (default: shapes for shapes-world runs, "
                   "else caption).")
 flags.DEFINE_string("references", None, "caption: COCO-style JSONL {\"image\": PATH, \"captions\": [...]} or a COCO "
                     "annotations JSON (default: the run's eval split, each record's own caption).")
 flags.DEFINE_string("image_root", None, "caption: folder the references' image paths are relative to (default: the "
                     "references file's folder).")
+flags.DEFINE_string("split", None, "caption / likelihood: the split of the run's dataset to score (default: "
+                    "config.eval.split); e.g. --split train next to the eval split shows a generalisation gap.")
+flags.DEFINE_string("inception_weights", None, "generate / interleaved: pytorch-fid's Inception as safetensors "
+                    "(python -m oneflow_jax.convert_weights) for FID; without it FID is listed as unavailable.")
+flags.DEFINE_string("clip_weights", None, "generate / interleaved: a Hugging Face CLIP directory (config.json, "
+                    "model.safetensors, tokenizer.json) for CLIP score; without it CLIP score is listed as unavailable.")
 flags.DEFINE_integer("elbo_samples", 16, "likelihood: times t drawn per document for OneFlow's ELBO estimate.")
 flags.DEFINE_bool("ema", True, "Use the run's EMA weights when it keeps them (optimizer.ema_decay > 0); "
                   "--noema: the raw trained weights.")
 cli.define_sampler_flags()
+cli.define_distributed_flags()
 
 
 def main(argv):
@@ -49,7 +63,14 @@ def main(argv):
         if FLAGS[name].value is not None and FLAGS[name].value < (1 if name == "num_examples" else 0):
             raise cli.UserError(f"--{name} must be {'> 0' if name == 'num_examples' else '>= 0'}, got "
                                 f"{FLAGS[name].value}")
+    if FLAGS.inception_weights and not os.path.exists(FLAGS.inception_weights):   # before anything is loaded
+        from oneflow_jax.evals import inception
+        inception.load(FLAGS.inception_weights)                      # a one-line UserError saying where to get it
+    if FLAGS.clip_weights and not os.path.isdir(FLAGS.clip_weights):
+        from oneflow_jax.evals import clip
+        clip.load(FLAGS.clip_weights)
     overrides = cli.sampler_overrides()
+    cli.init_distributed()
     run = generate.load_run(FLAGS.workdir, FLAGS.step, FLAGS.ema)
     task = FLAGS.task or ("shapes" if run.config.data.name == "shapes_world" else "caption")
     if task == "shapes" and run.config.data.name != "shapes_world":
@@ -61,6 +82,8 @@ def main(argv):
     os.makedirs(out, exist_ok=True)
     if task == "caption":
         return _caption(run, n, scfg, out)
+    if task in ("generate", "interleaved"):
+        return _images(task, run, n, scfg, out)
     if task == "likelihood":
         return _likelihood(run, n, out)
     scores = shapes_eval.evaluate(run, n, n // 4 if FLAGS.num_free is None else FLAGS.num_free, scfg,
@@ -74,17 +97,22 @@ def main(argv):
 def _likelihood(run, n: int, out: str) -> None:
     if FLAGS.elbo_samples < 2:
         raise cli.UserError(f"--elbo_samples must be >= 2 (the standard error needs two), got {FLAGS.elbo_samples}")
+    split = FLAGS.split or run.config.eval.split
     documents = [(run.tokenizer.encode(r["text"]), r["images"])
-                 for r in captioning.split_records(run, run.config.eval.split)[:n]]
+                 for r in captioning.split_records(run, split)[:n]]
     try:
         scores = likelihood.evaluate(run, documents, FLAGS.elbo_samples, FLAGS.seed)
     except ValueError as e:
         raise cli.UserError(str(e)) from None
-    with open(os.path.join(out, f"likelihood_step_{run.step}.json"), "w") as f:
+    scores["split"] = split
+    name = "likelihood" if split == run.config.eval.split else f"likelihood_{split}"
+    with open(os.path.join(out, f"{name}_step_{run.step}.json"), "w") as f:
         json.dump(scores, f, indent=2)
     error = f" +- {scores['stderr_bits_per_token']:.3f}" if "stderr_bits_per_token" in scores else ""
     print(f"likelihood, step {run.step}: {scores['bits_per_token']:.3f}{error} bits per text token "
           f"({scores['kind']}; {scores['documents']} documents, {scores['tokens']} tokens)")
+    print("by layout: " + "; ".join(f"{k} {v['bits_per_token']:.3f} ({v['documents']} documents)"
+                                    for k, v in scores["by_layout"].items()))
     print(json.dumps(scores))
 
 
@@ -92,14 +120,57 @@ def _caption(run, n: int, sampler_config, out: str) -> None:
     if FLAGS.references:
         items = captioning.reference_items(run, FLAGS.references, FLAGS.image_root, n)
     else:
-        items = captioning.dataset_items(run, run.config.eval.split, n)
+        items = captioning.dataset_items(run, FLAGS.split or run.config.eval.split, n)
     scores, rows = captioning.evaluate(run, items, sampler_config, run.config.eval.batch_size, FLAGS.seed)
-    scores["references"] = FLAGS.references or f"{run.config.data.name}/{run.config.eval.split}"
+    scores["references"] = FLAGS.references or f"{run.config.data.name}/{FLAGS.split or run.config.eval.split}"
     with open(os.path.join(out, f"caption_step_{run.step}.json"), "w") as f:
         json.dump(scores, f, indent=2)
     with open(os.path.join(out, f"caption_step_{run.step}.jsonl"), "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     print(captioning.format_table(scores))
+    print(json.dumps({k: v for k, v in scores.items() if k not in ("cost", "unavailable")}))
+
+
+def _images(task: str, run, n: int, sampler_config, out: str) -> None:
+    import jax
+    from jax.experimental import multihost_utils
+    from oneflow_jax.evals import image_eval
+    process, processes = jax.process_index(), jax.process_count()
+    metrics = image_eval.ImageMetrics(FLAGS.inception_weights, FLAGS.clip_weights, run.config.eval.batch_size)
+    if FLAGS.references:
+        items = image_eval.reference_items(run, FLAGS.references, FLAGS.image_root, n)
+    else:
+        items = image_eval.dataset_items(run, FLAGS.split or run.config.eval.split, n)
+    images_dir = os.path.join(out, f"{task}_step_{run.step}")
+    os.makedirs(images_dir, exist_ok=True)
+    real, cache = image_eval.reference_stats(metrics, items, out, process, processes)
+    if task == "generate":
+        part = image_eval.generate_part(run, items, sampler_config, run.config.eval.batch_size, metrics, images_dir,
+                                        FLAGS.seed, process, processes)
+    else:
+        documents = n if FLAGS.num_free is None else FLAGS.num_free
+        part = image_eval.interleaved_part(run, documents, sampler_config, run.config.eval.batch_size, metrics,
+                                           images_dir, FLAGS.seed, process, processes)
+    image_eval.save_part(part, images_dir, process)
+    if processes > 1:
+        if real is not None and not os.path.exists(cache):    # each process holds a share of the real statistics
+            real.save(os.path.join(images_dir, "parts", f"{process}_real.npz"))
+        multihost_utils.sync_global_devices("eval: parts written")
+        if process != 0:
+            return
+        if real is not None and not os.path.exists(cache):
+            real = metrics.stats()
+            for p in range(processes):
+                real.merge(metrics.fid_lib.FeatureStats.load(os.path.join(images_dir, "parts", f"{p}_real.npz")))
+    scores = image_eval.merge(images_dir, processes, metrics, real, cache, run.step)
+    rows = scores.pop("rows")
+    scores.update(task=task, images_dir=images_dir,
+                  references=FLAGS.references or f"{run.config.data.name}/{FLAGS.split or run.config.eval.split}")
+    with open(os.path.join(out, f"{task}_step_{run.step}.json"), "w") as f:
+        json.dump(scores, f, indent=2)
+    with open(os.path.join(out, f"{task}_step_{run.step}.jsonl"), "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    print(image_eval.format_table(task, scores))
     print(json.dumps({k: v for k, v in scores.items() if k not in ("cost", "unavailable")}))
 
 

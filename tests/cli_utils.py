@@ -127,10 +127,10 @@ class Cli:
     def start(self, module: str, *args, devices: int = 1) -> Started:
         return self._start(self._module_args(module, args), self.env(devices))
 
-    def start_multiprocess(self, num_processes: int, *train_args, devices_per_process: int) -> Started:
-        """launch/local_multiprocess.sh N <train args>: N train processes over gloo on loopback."""
-        args = ["bash", str(REPO / "launch" / "local_multiprocess.sh"), str(num_processes), *map(str, train_args)]
-        return self._start(args, self.env(devices_per_process))
+    def start_multiprocess(self, num_processes: int, *args, devices_per_process: int, module: str = "train") -> Started:
+        """launch/local_multiprocess.sh N <args>: N processes of `module` over gloo on loopback."""
+        argv = ["bash", str(REPO / "launch" / "local_multiprocess.sh"), str(num_processes), *map(str, args)]
+        return self._start(argv, {**self.env(devices_per_process), "MODULE": module})
 
     def _start(self, args, env) -> Started:
         self.started.append(Started(args, env, self._scratch / f"command_{len(self.started):03d}"))

@@ -11,7 +11,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Files whose tests share a session fixture that is expensive to build (cli_utils.trained_run: the reference run) form
 # one group; every other file is a group of its own, so its module fixtures are built once.
 SHARED_GROUPS = {"test_train.py": "reference_run", "test_cli.py": "reference_run",
-                 "test_caption_metrics.py": "reference_run", "test_likelihood.py": "reference_run"}
+                 "test_caption_metrics.py": "reference_run", "test_likelihood.py": "reference_run",
+                 "test_image_eval.py": "reference_run"}
 
 
 @pytest.hookimpl(optionalhook=True)
