@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 from absl import app, flags
 
 from oneflow_jax import cli, config_lib
@@ -121,7 +122,22 @@ def _caption(run, n: int, sampler_config, out: str) -> None:
         items = captioning.reference_items(run, FLAGS.references, FLAGS.image_root, n)
     else:
         items = captioning.dataset_items(run, FLAGS.split or run.config.eval.split, n)
-    scores, rows = captioning.evaluate(run, items, sampler_config, run.config.eval.batch_size, FLAGS.seed)
+    process, processes = jax.process_index(), jax.process_count()
+    if processes == 1:
+        scores, rows = captioning.evaluate(run, items, sampler_config, run.config.eval.batch_size, FLAGS.seed)
+    else:                                   # each process captions its share; process 0 gathers and scores them all
+        share = [(i, item) for i, item in enumerate(items) if i % processes == process]
+        mine, cost = captioning.caption_rows(run, [item for _, item in share], sampler_config,
+                                             run.config.eval.batch_size, FLAGS.seed + process)
+        parts = _gather(out, f"caption_step_{run.step}", process, processes,
+                        {"rows": [dict(r, index=i) for (i, _), r in zip(share, mine)], "cost": cost})
+        if parts is None:
+            return
+        rows = [{k: v for k, v in r.items() if k != "index"}
+                for r in sorted((r for part in parts for r in part["rows"]), key=lambda r: r["index"])]
+        cost = dict(parts[0]["cost"], processes=processes,
+                    per_second=len(rows) / max(max(p["cost"]["seconds"] for p in parts), 1e-9))
+        scores = {**captioning.score_rows(rows), "step": run.step, "cost": cost}
     scores["references"] = FLAGS.references or f"{run.config.data.name}/{FLAGS.split or run.config.eval.split}"
     with open(os.path.join(out, f"caption_step_{run.step}.json"), "w") as f:
         json.dump(scores, f, indent=2)
@@ -131,9 +147,26 @@ def _caption(run, n: int, sampler_config, out: str) -> None:
     print(json.dumps({k: v for k, v in scores.items() if k not in ("cost", "unavailable")}))
 
 
-def _images(task: str, run, n: int, sampler_config, out: str) -> None:
-    import jax
+def _gather(out: str, name: str, process: int, processes: int, part: dict) -> list[dict] | None:
+    """Writes this process's part as JSON under out/name.parts/, waits for every process, and returns all the parts on
+    process 0 (None on the others)."""
     from jax.experimental import multihost_utils
+    directory = os.path.join(out, f"{name}.parts")
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"{process}.json.tmp"), "w") as f:
+        json.dump(part, f)
+    os.replace(os.path.join(directory, f"{process}.json.tmp"), os.path.join(directory, f"{process}.json"))
+    multihost_utils.sync_global_devices(f"eval: {name} parts written")
+    if process != 0:
+        return None
+    parts = []
+    for p in range(processes):
+        with open(os.path.join(directory, f"{p}.json")) as f:
+            parts.append(json.load(f))
+    return parts
+
+
+def _images(task: str, run, n: int, sampler_config, out: str) -> None:
     from oneflow_jax.evals import image_eval
     process, processes = jax.process_index(), jax.process_count()
     metrics = image_eval.ImageMetrics(FLAGS.inception_weights, FLAGS.clip_weights, run.config.eval.batch_size)
@@ -141,8 +174,10 @@ def _images(task: str, run, n: int, sampler_config, out: str) -> None:
         items = image_eval.reference_items(run, FLAGS.references, FLAGS.image_root, n)
     else:
         items = image_eval.dataset_items(run, FLAGS.split or run.config.eval.split, n)
-    images_dir = os.path.join(out, f"{task}_step_{run.step}")
+    name = f"{task}_step_{run.step}"
+    images_dir, parts_dir = os.path.join(out, name), os.path.join(out, f"{name}.parts")
     os.makedirs(images_dir, exist_ok=True)
+    os.makedirs(parts_dir, exist_ok=True)
     real, cache = image_eval.reference_stats(metrics, items, out, process, processes)
     if task == "generate":
         part = image_eval.generate_part(run, items, sampler_config, run.config.eval.batch_size, metrics, images_dir,
@@ -151,24 +186,17 @@ def _images(task: str, run, n: int, sampler_config, out: str) -> None:
         documents = n if FLAGS.num_free is None else FLAGS.num_free
         part = image_eval.interleaved_part(run, documents, sampler_config, run.config.eval.batch_size, metrics,
                                            images_dir, FLAGS.seed, process, processes)
-    image_eval.save_part(part, images_dir, process)
-    if processes > 1:
-        if real is not None and not os.path.exists(cache):    # each process holds a share of the real statistics
-            real.save(os.path.join(images_dir, "parts", f"{process}_real.npz"))
-        multihost_utils.sync_global_devices("eval: parts written")
-        if process != 0:
-            return
-        if real is not None and not os.path.exists(cache):
-            real = metrics.stats()
-            for p in range(processes):
-                real.merge(metrics.fid_lib.FeatureStats.load(os.path.join(images_dir, "parts", f"{p}_real.npz")))
-    scores = image_eval.merge(images_dir, processes, metrics, real, cache, run.step)
-    rows = scores.pop("rows")
+    image_eval.save_stats(parts_dir, process, generated=part.pop("generated"),
+                          real=real if processes > 1 and not os.path.exists(cache or "") else None)
+    parts = _gather(out, name, process, processes, part)
+    if parts is None:
+        return
+    scores, rows = image_eval.merge(parts, parts_dir, metrics, real, cache, run.step)
     scores.update(task=task, images_dir=images_dir,
                   references=FLAGS.references or f"{run.config.data.name}/{FLAGS.split or run.config.eval.split}")
-    with open(os.path.join(out, f"{task}_step_{run.step}.json"), "w") as f:
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump(scores, f, indent=2)
-    with open(os.path.join(out, f"{task}_step_{run.step}.jsonl"), "w") as f:
+    with open(os.path.join(out, f"{name}.jsonl"), "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     print(image_eval.format_table(task, scores))
     print(json.dumps({k: v for k, v in scores.items() if k not in ("cost", "unavailable")}))

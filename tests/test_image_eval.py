@@ -66,6 +66,18 @@ def test_generate_writes_images_and_scores_them(cli, trained_run, weights, tmp_p
     mine = fid.FeatureStats().update(generated)
     assert fid.fid_from_stats(mine, fid.FeatureStats.load(str(cache[0]))) == pytest.approx(scores["FID"], rel=1e-4)
 
+    # two processes split the items; process 0 merges their rows and the real images' statistics
+    other = copy_workdir(trained_run.workdir, tmp_path / "two")
+    cli.start_multiprocess(2, *[a.replace(str(workdir), str(other)) for a in args[:4]], devices_per_process=1,
+                           module="eval").wait(300).check()
+    scores = json.loads((other / "eval" / "generate_step_12.json").read_text())
+    rows = [json.loads(line) for line in (other / "eval" / "generate_step_12.jsonl").read_text().splitlines()]
+    assert scores["cost"]["processes"] == 2 and [r["index"] for r in rows] == list(range(5))
+    assert scores["fid_images"] == {"generated": 5, "real": 5} and "CLIP score" in scores["unavailable"]
+    merged, whole = (fid.FeatureStats.load(str(next((d / "eval").glob("fid_reference_*.npz")))).mean_cov()
+                     for d in (other, workdir))
+    np.testing.assert_allclose(merged[0], whole[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(merged[1], whole[1], rtol=1e-4, atol=1e-6)
 
 
 def test_interleaved_scores_each_image_against_its_own_text(cli, trained_run, weights, tmp_path):
@@ -84,24 +96,33 @@ def test_interleaved_scores_each_image_against_its_own_text(cli, trained_run, we
     assert "not computed: FID (needs --inception_weights" in result.stdout, str(result)
 
 
-def test_two_processes_split_the_items_and_process_0_merges(cli, trained_run, weights, tmp_path, monkeypatch):
+def test_caption_eval_on_two_processes_scores_every_image_once(cli, trained_run, tmp_path):
     workdir = copy_workdir(trained_run.workdir, tmp_path / "run")
-    inception_file, _ = weights
-    cli.start_multiprocess(2, f"--workdir={workdir}", "--task=generate", "--num_examples=5",
-                           f"--inception_weights={inception_file}", devices_per_process=1,
+    cli.start_multiprocess(2, f"--workdir={workdir}", "--task=caption", "--num_examples=5", devices_per_process=1,
                            module="eval").wait(300).check()
-    scores = json.loads((workdir / "eval" / "generate_step_12.json").read_text())
-    rows = [json.loads(line) for line in (workdir / "eval" / "generate_step_12.jsonl").read_text().splitlines()]
-    assert scores["cost"]["processes"] == 2 and [r["index"] for r in rows] == list(range(5))
-    assert scores["fid_images"] == {"generated": 5, "real": 5}
-    # the real images' statistics merged from the two processes' shares equal one process's over all five
-    merged = fid.FeatureStats.load(str(next((workdir / "eval").glob("fid_reference_*.npz"))))
-    features = fid.InceptionFeatures.from_file(str(inception_file))
+    scores = json.loads((workdir / "eval" / "caption_step_12.json").read_text())
+    rows = [json.loads(line) for line in (workdir / "eval" / "caption_step_12.jsonl").read_text().splitlines()]
+    assert scores["n"] == 5 and scores["cost"]["processes"] == 2 and "CIDEr" in scores
+    indices = [int(r["key"].split("/")[1]) for r in rows]           # record indices of the one-image records
+    assert len(indices) == 5 and indices == sorted(set(indices)), rows            # in order, each once
+
+
+def test_sampling_splits_the_batch_over_the_local_devices(cli, trained_run, monkeypatch):
+    """8 local devices: the Generator shards each batch over them; the documents equal the one-device ones."""
+    from oneflow_jax import config_lib
     monkeypatch.setenv("TFDS_DATA_DIR", str(cli.data_dir))
-    items = image_eval.dataset_items(generate.load_run(str(workdir)), "eval", 5)
-    whole = fid.FeatureStats().update(features(np.stack([image for _, _, image in items])))
-    np.testing.assert_allclose(merged.mean_cov()[0], whole.mean_cov()[0], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(merged.mean_cov()[1], whole.mean_cov()[1], rtol=1e-4, atol=1e-6)
+    run = generate.load_run(str(trained_run.workdir))
+    sampler = config_lib.sampler_config(run.config)
+    prompts = [generate.encode_prompt("a red circle <image>", [None], run.tokenizer, run.codec)] * 3 + [([], [])] * 5
+    sharded, single = generate.Generator(run, sampler, 8), generate.Generator(run, sampler, 8)
+    single._batch_sharding = None
+    assert jax.local_device_count() == 8 and sharded._batch_sharding is not None
+    a, b = sharded(prompts, seed=1), single(prompts, seed=1)
+    assert [text for text, _ in a] == [text for text, _ in b]
+    for (_, images_a), (_, images_b) in zip(a, b):
+        assert len(images_a) == len(images_b)
+        for x, y in zip(images_a, images_b):
+            assert np.abs(x.astype(int) - y.astype(int)).max() <= 1                 # uint8 pixels, float rounding
 
 
 def test_missing_weights_are_one_line(cli, trained_run, tmp_path):

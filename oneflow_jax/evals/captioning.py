@@ -73,16 +73,26 @@ def caption_of(document: str) -> str:
     return " ".join(document.replace(datasets.IMAGE_TOKEN, " ").split())
 
 
-def evaluate(run: generate.Run, items, sampler_config, batch_size: int, seed: int = 0) -> tuple[dict, list[dict]]:
-    """(scores, rows): corpus metrics with the sampling cost, and one row per image (key, caption, references)."""
+def caption_rows(run: generate.Run, items, sampler_config, batch_size: int, seed: int = 0):
+    """(rows, cost): a caption per item (key, caption, references), and the sampling cost (`Generator.timed`)."""
     gen = generate.Generator(run, sampler_config, batch_size)
     docs, cost = gen.timed([prompt(image, run) for _, image, _ in items], seed)
-    rows = [{"key": key, "caption": caption_of(text), "references": refs}
-            for (key, _, refs), (text, _) in zip(items, docs)]
+    return [{"key": key, "caption": caption_of(text), "references": refs}
+            for (key, _, refs), (text, _) in zip(items, docs)], cost
+
+
+def score_rows(rows: list[dict]) -> dict:
+    """Corpus metrics of caption rows, and how many captions came out empty."""
     scores = caption_metrics.score({r["key"]: [r["caption"]] for r in rows},
                                    {r["key"]: r["references"] for r in rows})
-    scores.update(step=run.step, cost=cost, empty_captions=sum(not r["caption"] for r in rows))
-    return scores, rows
+    scores["empty_captions"] = sum(not r["caption"] for r in rows)
+    return scores
+
+
+def evaluate(run: generate.Run, items, sampler_config, batch_size: int, seed: int = 0) -> tuple[dict, list[dict]]:
+    """(scores, rows): corpus metrics with the sampling cost, and one row per image (key, caption, references)."""
+    rows, cost = caption_rows(run, items, sampler_config, batch_size, seed)
+    return {**score_rows(rows), "step": run.step, "cost": cost}, rows
 
 
 def format_table(scores: dict) -> str:

@@ -16,7 +16,8 @@ without weights is listed under "unavailable" with the flag that enables it. FID
 the report gives the number of images on each side next to it (the field reports it on 10k-50k images).
 
 Across processes (`--distributed` or `--coordinator_address ...`): process p draws items p, p + P, ... and writes its
-own PNGs and its partial sums (feature statistics, CLIP sums, rows) under `parts/`; process 0 merges them. The real
+own PNGs and its partial sums (feature statistics, CLIP sums, rows) under `W/eval/<task>_step_K.parts/`; process 0
+merges them (`merge`). Within a process the sampler splits each batch over the local devices. The real
 images' statistics are cached next to the report (`fid_reference_*.npz`), so scoring further checkpoints of a run
 against the same items encodes only the generated images.
 """
@@ -185,15 +186,11 @@ class _Part:
 
 # ------------------------------------------------------------------------------------------------ across processes
 
-def save_part(part: dict, out_dir: str, process: int) -> None:
-    """Writes a process's partial result under `out_dir/parts/` (JSON and, with FID, a feature-statistics .npz)."""
-    os.makedirs(os.path.join(out_dir, "parts"), exist_ok=True)
-    base = os.path.join(out_dir, "parts", f"{process}")
-    if part["generated"] is not None:
-        part["generated"].save(base + ".npz")
-    with open(base + ".json.tmp", "w") as f:
-        json.dump({k: v for k, v in part.items() if k != "generated"}, f)
-    os.replace(base + ".json.tmp", base + ".json")
+def save_stats(parts_dir: str, process: int, generated=None, real=None) -> None:
+    """Writes this process's feature statistics (`{p}_generated.npz`, `{p}_real.npz`) for process 0's `merge`."""
+    for kind, stats in (("generated", generated), ("real", real)):
+        if stats is not None:
+            stats.save(os.path.join(parts_dir, f"{process}_{kind}.npz"))
 
 
 def reference_stats(metrics: ImageMetrics, real_items, cache_dir: str, process: int = 0, processes: int = 1):
@@ -210,24 +207,29 @@ def reference_stats(metrics: ImageMetrics, real_items, cache_dir: str, process: 
     return stats, cache
 
 
-def merge(out_dir: str, processes: int, metrics: ImageMetrics, real, real_cache: str | None, step: int) -> dict:
-    """Process 0: the scores of all processes' parts (FID against `real`, the mean CLIP score with its spread, the
-    cost), and every row in order in `rows`."""
-    parts, generated = [], metrics.stats()
-    for p in range(processes):
-        with open(os.path.join(out_dir, "parts", f"{p}.json")) as f:
-            parts.append(json.load(f))
-        if generated is not None:
-            generated.merge(metrics.fid_lib.FeatureStats.load(os.path.join(out_dir, "parts", f"{p}.npz")))
-    if real is not None and real_cache and not os.path.exists(real_cache):
-        real.save(real_cache)
+def merge(parts: list[dict], parts_dir: str, metrics: ImageMetrics, real, real_cache: str | None,
+          step: int) -> tuple[dict, list[dict]]:
+    """Process 0: (scores, rows) of all processes' parts: FID of the generated images against the real ones (the
+    real statistics from the cache, from this process alone, or merged from every process's share), the mean CLIP
+    score with its spread, the cost; every row, in order."""
+    processes = len(parts)
+    generated = metrics.stats()
+    if generated is not None:
+        for p in range(processes):
+            generated.merge(metrics.fid_lib.FeatureStats.load(os.path.join(parts_dir, f"{p}_generated.npz")))
+        if real is not None and real_cache and not os.path.exists(real_cache):
+            if processes > 1:
+                real = metrics.stats()
+                for p in range(processes):
+                    real.merge(metrics.fid_lib.FeatureStats.load(os.path.join(parts_dir, f"{p}_real.npz")))
+            real.save(real_cache)
     rows = sorted((row for part in parts for row in part["rows"]), key=lambda r: r["index"])
     total, square, n = (sum(part["clip"][i] for part in parts) for i in range(3))
     nfe = [x for part in parts for x in part["cost"]["nfe"]]
     requests = sum(part["cost"]["requests"] for part in parts)
     scores = {"step": step, "requests": requests, "images": sum(part["images"] for part in parts)}
     if generated is not None and real is not None and generated.count >= 2 and real.count >= 2:
-        scores.update(FID=float(metrics.fid_lib.frechet_distance(*generated.mean_cov(), *real.mean_cov())),
+        scores.update(FID=metrics.fid_lib.fid_from_stats(generated, real),
                       fid_images={"generated": int(generated.count), "real": int(real.count)})
     if n:
         mean = total / n
@@ -237,8 +239,7 @@ def merge(out_dir: str, processes: int, metrics: ImageMetrics, real, real_cache:
                       "batch_size": parts[0]["cost"]["batch_size"],
                       "per_second": requests / max(max(p["cost"]["seconds"] for p in parts), 1e-9),
                       "warmup_s": max(p["cost"]["warmup_s"] for p in parts)}
-    scores["rows"] = rows
-    return scores
+    return scores, rows
 
 
 def format_table(task: str, scores: dict) -> str:

@@ -8,6 +8,7 @@ import os
 import time
 
 import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from typing import Any
 import numpy as np
 from PIL import Image
@@ -84,6 +85,11 @@ class Generator:
         self.special = method.special_tokens(run.tokenizer)
         self._lib = method.sampler
         self._sample = method.make_sampler(run.model, sampler_config, run.tokenizer, run.codec.num_patches)
+        # The batch is split over this process's devices (data parallel; the run's params are replicated on them)
+        # when it divides evenly; a caller's own params (the train loop's) keep their placement.
+        devices = jax.local_devices()
+        self._batch_sharding = (NamedSharding(Mesh(np.array(devices), ("data",)), P("data"))
+                                if len(devices) > 1 and batch_size % len(devices) == 0 else None)
         self.nfe: list[int] = []
         self.seconds: list[float] = []
 
@@ -138,6 +144,8 @@ class Generator:
                                              codec.patch_dim, seed=seed + start)
             except ValueError as e:           # a prompt that does not fit the buffer, or a marker without latents
                 raise UserError(str(e)) from None
+            if self._batch_sharding is not None and params is self.run.params:
+                state = jax.device_put(state, self._batch_sharding)
             final, nfe = self._sample(params, state, jax.random.fold_in(jax.random.key(seed), start))
             for tokens, latents in self._lib.extract_documents(jax.device_get(final), self.special)[:real]:
                 images = [codec.decode(lat) for lat in latents]
