@@ -79,8 +79,7 @@ def main():
     captions = ["a photograph of a red circle on the left and a blue square on the right"] * args.batch
     n, devices = args.batch * args.batches, jax.local_device_count()
 
-    variables = jax.jit(lambda k: inception.FIDInceptionV3().init(k, np.zeros((1, 299, 299, 3), np.float32)))(
-        jax.random.key(0))
+    variables = inception.random_variables(0)
     features = fid.InceptionFeatures(variables, batch_size=args.batch)
     fid_compile, fid_s = _timed(features, batches)
     fid_flops = _flops(lambda x: inception.FIDInceptionV3().apply(variables, x), batches[0][:1].astype(np.float32))

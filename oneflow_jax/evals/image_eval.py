@@ -44,6 +44,7 @@ class ImageMetrics:
         self.fid_lib, self.batch_size = fid, batch_size
         self.unavailable: dict[str, str] = {}
         self.features = fid.InceptionFeatures.from_file(inception_weights) if inception_weights else None
+        self.inception_digest = _file_digest(inception_weights) if inception_weights else None
         self.clip = clip.ClipScorer.from_pretrained(clip_weights) if clip_weights else None
         if self.features is None:
             self.unavailable["FID"] = ("needs --inception_weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
@@ -66,6 +67,14 @@ class ImageMetrics:
         return [float(s) for start in range(0, len(images), self.batch_size)
                 for s in self.clip.score(np.stack(images[start:start + self.batch_size]),
                                          captions[start:start + self.batch_size])]
+
+
+def _file_digest(path: str) -> str:
+    sha = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            sha.update(block)
+    return sha.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------------ what to draw
@@ -195,10 +204,12 @@ def save_stats(parts_dir: str, process: int, generated=None, real=None) -> None:
 
 def reference_stats(metrics: ImageMetrics, real_items, cache_dir: str, process: int = 0, processes: int = 1):
     """The real images' feature statistics: this process's share, or all of them from the cache when an earlier eval
-    of the same items wrote it (`fid_reference_<digest>.npz`, keyed by the items' keys and image shape)."""
+    of the same items wrote it (`fid_reference_<digest>.npz`, keyed by the items' keys, the image shape and the
+    Inception weights file's content)."""
     if metrics.features is None or not real_items:
         return None, None
-    digest = hashlib.sha1(json.dumps([[k for k, _, _ in real_items], list(real_items[0][2].shape)]).encode())
+    digest = hashlib.sha1(json.dumps([[k for k, _, _ in real_items], list(real_items[0][2].shape),
+                                      metrics.inception_digest]).encode())
     cache = os.path.join(cache_dir, f"fid_reference_{digest.hexdigest()[:12]}.npz")
     if os.path.exists(cache):
         return metrics.fid_lib.FeatureStats.load(cache), cache

@@ -264,6 +264,14 @@ def load(path: str) -> dict:
     return convert_pytorch_fid_state(tensors, source=path)
 
 
+def random_variables(seed: int = 0) -> dict:
+    """Random weights for tests and benchmarks: Flax's init with the conv kernels scaled to He's variance (2 / fan-in),
+    so that features keep their scale through the ReLUs instead of vanishing (and every FID being ~0)."""
+    variables = jax.jit(lambda k: FIDInceptionV3().init(k, jnp.zeros((1, 75, 75, 3))))(jax.random.key(seed))
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x * np.sqrt(2.0) if path[-1].key == "kernel" else x, jax.device_get(variables))
+
+
 def save(path: str, variables) -> None:
     """Writes {"params", "batch_stats"} as the safetensors file `load` reads (torch names and layout): random-weight
     networks for tests and benchmarks."""
