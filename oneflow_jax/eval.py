@@ -49,6 +49,9 @@ flags.DEFINE_string("inception_weights", None, "generate / interleaved: pytorch-
                     "(python -m oneflow_jax.convert_weights) for FID; without it FID is listed as unavailable.")
 flags.DEFINE_string("clip_weights", None, "generate / interleaved: a Hugging Face CLIP directory (config.json, "
                     "model.safetensors, tokenizer.json) for CLIP score; without it CLIP score is listed as unavailable.")
+flags.DEFINE_enum("images", "clean", ["clean", "removed"], "likelihood: score the text given the documents' images "
+                  "read clean ('clean'), or the text alone with every image and marker removed ('removed': what "
+                  "condition dropout trains for every layout).")
 flags.DEFINE_integer("elbo_samples", 16, "likelihood: times t drawn per document for OneFlow's ELBO estimate.")
 flags.DEFINE_bool("ema", True, "Use the run's EMA weights when it keeps them (optimizer.ema_decay > 0); "
                   "--noema: the raw trained weights.")
@@ -101,12 +104,15 @@ def _likelihood(run, n: int, out: str) -> None:
     split = FLAGS.split or run.config.eval.split
     documents = [(run.tokenizer.encode(r["text"]), r["images"])
                  for r in captioning.split_records(run, split)[:n]]
+    if FLAGS.images == "removed":
+        documents = [likelihood.without_images(tokens, run.tokenizer.image_id) for tokens, _ in documents]
     try:
         scores = likelihood.evaluate(run, documents, FLAGS.elbo_samples, FLAGS.seed)
     except ValueError as e:
         raise cli.UserError(str(e)) from None
-    scores["split"] = split
-    name = "likelihood" if split == run.config.eval.split else f"likelihood_{split}"
+    scores.update(split=split, images=FLAGS.images)
+    name = "_".join(["likelihood"] + ([split] if split != run.config.eval.split else [])
+                    + (["text_only"] if FLAGS.images == "removed" else []))
     with open(os.path.join(out, f"{name}_step_{run.step}.json"), "w") as f:
         json.dump(scores, f, indent=2)
     error = f" +- {scores['stderr_bits_per_token']:.3f}" if "stderr_bits_per_token" in scores else ""

@@ -55,5 +55,9 @@ def test_eval_likelihood_on_a_oneflow_run(cli, trained_run, tmp_path, monkeypatc
     assert first == again                                                  # the seed fixes the times and x_t
     assert likelihood.evaluate(run, docs, 4, seed=2)["bits_per_token"] != first["bits_per_token"]
 
+    text_only = likelihood.evaluate(run, [likelihood.without_images(t, run.tokenizer.image_id) for t, _ in docs], 4)
+    assert set(text_only["by_layout"]) == {"text only"} and np.isfinite(text_only["bits_per_token"])
+    assert text_only["tokens"] == first["tokens"]                          # the same text tokens, no images
+
     bad = cli.run("eval", f"--workdir={workdir}", "--task=likelihood", "--elbo_samples=1")
     assert bad.returncode == 2 and "--elbo_samples must be >= 2" in bad.stderr, str(bad)

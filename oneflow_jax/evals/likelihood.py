@@ -25,7 +25,9 @@ estimate, whose latest time is about 1 - 1 / (2K), grows slowly with K. Compare 
 
 The report splits the bound over t (`bits_per_token_by_time`) and by document layout (`by_layout`, `layout`): the
 images are read clean while the text is noised, which training shows for image-first documents only, so the other
-layouts' bounds are measured off the training distribution (docs/results.md, "Likelihood").
+layouts' bounds are measured off the training distribution (docs/results.md, "Likelihood"). `without_images` gives
+the text alone (images and markers removed), which condition dropout trains for every layout: the likelihood of the
+text with no image to read (`eval --images removed`).
 """
 from __future__ import annotations
 
@@ -56,6 +58,12 @@ def layout(tokens, image_id: int) -> str:
     if len(where) > 1:
         return "interleaved"
     return "image first" if where[0] == 0 else "text first"
+
+
+def without_images(tokens, image_id: int):
+    """(tokens, no images) of a document with every image and `<image>` marker removed: the text alone, as training's
+    condition dropout (`drop_images_prob`) shows it for every layout (`eval --task likelihood --images removed`)."""
+    return [t for t in tokens if t != image_id], np.zeros((0, 1, 1, 3), np.uint8)
 
 
 def _latents(run: generate.Run, images) -> np.ndarray:
