@@ -31,7 +31,7 @@ def get_config(arg: str | None = None):
             lr=(1e-3, 2e-3, 4e-3),    # tried at the smallest width, image-loss weight = objective.image_loss_weight
             extend=2,                 # times an lr past the grid's edge (x2 or /2) is tried when the best is on it
             image_loss_weight=(1.0, 4.0))),   # then tried at each model's best lr
-        lr_scaling="constant",        # the tuned lr at every width ('constant') or x smallest / width ('inverse_width')
+        lr_scaling="inverse_width",   # lr x smallest / width ('inverse_width') or the tuned lr at every width ('constant')
         eval_fractions=(0.125, 0.25, 0.5, 0.75, 1.0),   # checkpoints evaluated, as fractions of the steps
         parity_levels=(0.5, 0.75, 0.9, 1.0),           # parity targets, as fractions of the other model's final score
         metric_set="auto",            # compare.METRIC_SETS: how a checkpoint is scored ('auto': the dataset's own)

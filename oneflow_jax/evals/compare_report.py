@@ -314,7 +314,8 @@ def plot_curves(result: dict, path: str) -> None:
 
 
 def plot_parity(result: dict, path: str) -> None:
-    """Parity FLOP ratio at 1.0 x and 0.9 x AR's final score vs model size, one line per metric (log-log)."""
+    """Parity FLOP ratio at 1, 0.9 and 0.5 x AR's final score vs model size, one line per metric and level
+    (log-log)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -324,7 +325,7 @@ def plot_parity(result: dict, path: str) -> None:
     sizes = [result["curves"][k]["oneflow"]["params"] for k in keys]
     marks = {"=": "o", ">": "^", ">=": "^", "<": "v", "<=": "v", "~": "x"}   # a bound points the way it bounds
     for i, m in enumerate(result["headline"]):
-        for lv, ls in (("1", "-"), ("0.9", "--")):
+        for lv, ls in (("1", "-"), ("0.9", "--"), ("0.5", ":")):
             entries = [result["parity"][k][m].get("of_ar_final", {}).get(lv, {}) for k in keys]
             pts = [(s, e["ratio"], e["kind"]) for s, e in zip(sizes, entries) if e.get("ratio") is not None]
             if not pts:
