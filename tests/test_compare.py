@@ -84,12 +84,13 @@ def test_tuning_then_sweep_specs_and_the_best_choice():
     sweep = compare.sweep_specs(config, {"oneflow": (2e-3, 1.0), "ar": (4e-3, 4.0)})
     assert [s.seed for s in sweep] == [0] * 6 + [1] * 6                   # every size gets a seed before any two
     assert sweep[0].name == "d64/oneflow_lr0.002_w1_s0" and sweep[1].name == "d64/ar_lr0.004_w4_s0"
-    config.compare.lr_scaling = "inverse_width"
-    assert [s.lr for s in compare.sweep_specs(config, {"oneflow": (2e-3, 1.0), "ar": (4e-3, 4.0)})][:6] == \
-        pytest.approx([2e-3, 4e-3, 1e-3, 2e-3, 5e-4, 1e-3])
-    config.compare.lr_scaling = "constant"
+    assert config.compare.lr_scaling == "inverse_width"                    # the default: lr x 64 / width
+    assert [s.lr for s in sweep][:6] == pytest.approx([2e-3, 4e-3, 1e-3, 2e-3, 5e-4, 1e-3])
     run = compare.run_config(config, sweep[5])
-    assert (run.model_type, run.model.d_model, run.model.d_ff, run.optimizer.lr) == ("ar", 256, 768, 4e-3)
+    assert (run.model_type, run.model.d_model, run.model.d_ff, run.optimizer.lr) == ("ar", 256, 768, 1e-3)
+    config.compare.lr_scaling = "constant"
+    assert [s.lr for s in compare.sweep_specs(config, {"oneflow": (2e-3, 1.0), "ar": (4e-3, 4.0)})][:6] == \
+        pytest.approx([2e-3, 4e-3] * 3)
     steps = compare.eval_steps(config)
     assert steps == [375, 750, 1500, 2250, 3000] and run.ckpt_every == 375 and run.sample_every == 0
     assert run.keep_checkpoints >= len(steps)
