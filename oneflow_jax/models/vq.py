@@ -119,12 +119,14 @@ def _area_matrix(out: int, size: int) -> np.ndarray:
     return m
 
 
+def _separable(x, m: np.ndarray):
+    """[B, H, H, C] -> [B, n, n, C]: the [n, H] matrix m applied to rows and columns (the identity when n == H)."""
+    return x if m.shape[0] == x.shape[1] else jnp.einsum("ih,bhwc,jw->bijc", jnp.asarray(m), x, jnp.asarray(m))
+
+
 def area_down(x, s: int):
     """[B, H, W, C] -> [B, s, s, C] by area averaging (the identity when s == H)."""
-    if x.shape[1] == s:
-        return x
-    a = jnp.asarray(_area_matrix(s, x.shape[1]))
-    return jnp.einsum("ih,bhwc,jw->bijc", a, x, a)
+    return _separable(x, _area_matrix(s, x.shape[1]))
 
 
 def _cubic_matrix(size: int, s: int, a: float = -0.75) -> np.ndarray:
@@ -143,10 +145,7 @@ def _cubic_matrix(size: int, s: int, a: float = -0.75) -> np.ndarray:
 
 def cubic_up(x, size: int):
     """[B, s, s, C] -> [B, size, size, C], bicubic as torch's F.interpolate (the identity when s == size)."""
-    if x.shape[1] == size:
-        return x
-    u = jnp.asarray(_cubic_matrix(size, x.shape[1]))
-    return jnp.einsum("ih,bhwc,jw->bijc", u, x, u)
+    return _separable(x, _cubic_matrix(size, x.shape[1]))
 
 
 def phi_index(k: int, num_scales: int, num_phi: int) -> int:
