@@ -55,7 +55,8 @@ def _clip_scorer(size: str, directory: str) -> clip.ClipScorer:
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<0>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.post_processor = tokenizers.processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 49406), ("<|endoftext|>", 49407)])
+        single="<|startoftext|> $A <|endoftext|>",
+        special_tokens=[("<|startoftext|>", 49406), ("<|endoftext|>", 49407)])
     tok.save(os.path.join(directory, "tokenizer.json"))
     hf = {"text_config": dict(spec["text"], vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu",
                               layer_norm_eps=1e-5, eos_token_id=2, bos_token_id=49406, pad_token_id=1),

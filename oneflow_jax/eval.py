@@ -17,7 +17,11 @@
         [--references refs.jsonl|captions_val2017.json --image_root DIR] [--sampler '{"key": value}'] [--steps S]
     python -m oneflow_jax.eval --workdir W --task generate|interleaved [--inception_weights inception.safetensors]
         [--clip_weights CLIP_DIR] [--references ... --image_root DIR] [--distributed | --coordinator_address ...]
-    python -m oneflow_jax.eval --workdir W --task likelihood [--num_examples N] [--elbo_samples K]
+    python -m oneflow_jax.eval --workdir W --task likelihood [--num_examples N] [--elbo_samples K] [--split S]
+        [--images clean|removed]
+
+caption, generate and interleaved split their requests over processes (--distributed or --coordinator_address ...);
+shapes and likelihood run on process 0 alone.
 """
 from __future__ import annotations
 
@@ -37,18 +41,19 @@ flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 flags.DEFINE_integer("num_examples", None, "Eval documents (default: config.eval.num_examples).")
 flags.DEFINE_integer("num_free", None, "Documents generated from an empty prompt (default: num_examples // 4).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_enum("task", None, ["shapes", "caption", "generate", "interleaved", "likelihood"], "What to score (default: shapes for shapes-world runs, "
-                  "else caption).")
+flags.DEFINE_enum("task", None, ["shapes", "caption", "generate", "interleaved", "likelihood"],
+                  "What to score (default: shapes for shapes-world runs, else caption).")
 flags.DEFINE_string("references", None, "caption: COCO-style JSONL {\"image\": PATH, \"captions\": [...]} or a COCO "
                     "annotations JSON (default: the run's eval split, each record's own caption).")
 flags.DEFINE_string("image_root", None, "caption: folder the references' image paths are relative to (default: the "
                     "references file's folder).")
-flags.DEFINE_string("split", None, "caption / likelihood: the split of the run's dataset to score (default: "
+flags.DEFINE_string("split", None, "caption / generate / likelihood: the split of the run's dataset (default: "
                     "config.eval.split); e.g. --split train next to the eval split shows a generalisation gap.")
 flags.DEFINE_string("inception_weights", None, "generate / interleaved: pytorch-fid's Inception as safetensors "
                     "(python -m oneflow_jax.convert_weights) for FID; without it FID is listed as unavailable.")
 flags.DEFINE_string("clip_weights", None, "generate / interleaved: a Hugging Face CLIP directory (config.json, "
-                    "model.safetensors, tokenizer.json) for CLIP score; without it CLIP score is listed as unavailable.")
+                    "model.safetensors, tokenizer.json) for CLIP score; without it CLIP score is listed as "
+                    "unavailable.")
 flags.DEFINE_enum("images", "clean", ["clean", "removed"], "likelihood: score the text given the documents' images "
                   "read clean ('clean'), or the text alone with every image and marker removed ('removed': what "
                   "condition dropout trains for every layout).")
@@ -88,6 +93,8 @@ def main(argv):
         return _caption(run, n, scfg, out)
     if task in ("generate", "interleaved"):
         return _images(task, run, n, scfg, out)
+    if jax.process_index() != 0:            # the tasks below are not split over processes
+        return None
     if task == "likelihood":
         return _likelihood(run, n, out)
     scores = shapes_eval.evaluate(run, n, n // 4 if FLAGS.num_free is None else FLAGS.num_free, scfg,

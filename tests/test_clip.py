@@ -89,7 +89,8 @@ def test_network_parity(checkpoints, act):
     model, d = checkpoints[act]
     cfg, params, tokenizer = clip.load(d)
     assert cfg.text.hidden_act == cfg.vision.hidden_act == act and cfg.projection_dim == 16
-    assert cfg.text.eos_token_id == model.text_model.eos_token_id == (2 if act == "quick_gelu" else tokenizer.token_to_id(clip.EOS_TOKEN))
+    eos = 2 if act == "quick_gelu" else tokenizer.token_to_id(clip.EOS_TOKEN)
+    assert cfg.text.eos_token_id == model.text_model.eos_token_id == eos
     pixels = np.random.default_rng(0).standard_normal((3, 32, 32, 3)).astype(np.float32)
     ids, mask = clip.tokenize(tokenizer, CAPTIONS, CONTEXT)
     flax_clip = clip.CLIP(cfg)
