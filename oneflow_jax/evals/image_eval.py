@@ -41,11 +41,13 @@ class ImageMetrics:
 
     def __init__(self, inception_weights: str | None, clip_weights: str | None, batch_size: int = 50):
         from oneflow_jax.evals import clip, fid   # the image tasks' imports only
-        self.fid_lib, self.batch_size = fid, batch_size
+        self.fid_lib = fid
         self.unavailable: dict[str, str] = {}
-        self.features = fid.InceptionFeatures.from_file(inception_weights) if inception_weights else None
+        # both networks cut their inputs into chunks of batch_size themselves, sharded over the local devices
+        self.features = (fid.InceptionFeatures.from_file(inception_weights, batch_size=batch_size)
+                         if inception_weights else None)
         self.inception_digest = _file_digest(inception_weights) if inception_weights else None
-        self.clip = clip.ClipScorer.from_pretrained(clip_weights) if clip_weights else None
+        self.clip = clip.ClipScorer.from_pretrained(clip_weights, batch_size=batch_size) if clip_weights else None
         if self.features is None:
             self.unavailable["FID"] = ("needs --inception_weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
                                        "converted once by python -m oneflow_jax.convert_weights")
@@ -57,16 +59,14 @@ class ImageMetrics:
         return self.fid_lib.FeatureStats() if self.features is not None else None
 
     def add(self, stats, images: list[np.ndarray]) -> None:
-        """Streams uint8 images into feature statistics, `batch_size` at a time."""
-        for start in range(0, len(images) if stats is not None else 0, self.batch_size):
-            stats.update(self.features(np.stack(images[start:start + self.batch_size])))
+        """Adds uint8 images' Inception features to feature statistics (nothing without FID weights)."""
+        if stats is not None and images:
+            stats.update(self.features(np.stack(images)))
 
     def clip_scores(self, images: list[np.ndarray], captions: list[str]) -> list[float]:
-        if self.clip is None:
+        if self.clip is None or not images:
             return []
-        return [float(s) for start in range(0, len(images), self.batch_size)
-                for s in self.clip.score(np.stack(images[start:start + self.batch_size]),
-                                         captions[start:start + self.batch_size])]
+        return [float(s) for s in self.clip.score(np.stack(images), captions)]
 
 
 def _file_digest(path: str) -> str:
