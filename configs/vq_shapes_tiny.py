@@ -2,9 +2,7 @@
 sized to train on a 2-core CPU in a few minutes.
 
 Command: python -m oneflow_jax.train_vq --config configs/vq_shapes_tiny.py --workdir workdir/vq_shapes_tiny
-Measured (a 2-core CPU shared with other jobs, load average 4-7): 1200 steps in 4m57s-6m26s wall (3-6 steps/s; 4m08s
-of CPU), eval on the 1508 eval-split images: PSNR 29.5 dB, every image's two colours and shapes recognised by
-shapes_world.judge_image, all 256 codes in use (perplexity ~185), token round trip encode(decode(.)) 78-93% per scale.
+What it reaches, and in how long: docs/results.md, "VQ tokenizer".
 Variants: --config configs/vq_shapes_tiny.py:smoke (a few steps, for tests).
 """
 import ml_collections
@@ -13,7 +11,7 @@ import ml_collections
 def get_config(arg: str | None = None):
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.total_steps = 1200              # optimizer steps (~6 steps/s on a busy 2-core CPU)
+    c.total_steps = 1200              # optimizer steps
     c.batch_size = 32                 # images per step
     c.log_every = 50
     c.ckpt_every = 500
@@ -28,7 +26,7 @@ def get_config(arg: str | None = None):
         codebook_size=256,
         scales=(1, 2, 4, 8),          # token maps 1x1 .. 8x8 (85 tokens per image); must end at 32 / downsample
         beta=0.25,                    # commitment weight
-        codebook_update="ema",        # 'ema' (29.5 dB, perplexity 185) | 'loss' (VAR's: 29.6 dB, perplexity 89)
+        codebook_update="ema",        # 'ema': codes move to an EMA of their residuals | 'loss': VAR's codebook loss
         ema_decay=0.99,               # 'ema' only
         num_phi=2,                    # refinement convs shared across the 4 scales
         phi_mix=0.5,                  # phi(z) = (1 - mix) z + mix conv(z)

@@ -24,11 +24,8 @@ quantisation were the identity), and the loss is
     L = ||x_hat - x||^2 + (1 / K) sum_k [ ||f_hat_k - sg(f)||^2 + beta ||sg(f_hat_k) - f||^2 ],  beta = 0.25,
 with f_hat_k the running reconstruction after scale k: the first term trains Z and the phis, the second (commitment)
 E. `codebook_update='ema'` instead moves each code to an EMA of the residuals down(f_rest, s_k) assigned to it (Z
-gets no gradient; the first term still trains the phis). Measured on shapes-world (configs/vq_shapes_tiny.py, one
-seed each, eval PSNR / codebook perplexity of 256 codes): 1200 steps: 'ema' 29.5 dB / ~185, 'loss' 29.6 dB / ~89
-(a few codes kept dying and being restarted); 1500 steps (an earlier variant with jax's a = -0.5 cubic): 'ema' 32.4 dB /
-~160, 'loss' 31.1 dB / ~70. So 'ema' is the default (as good or better, the codebook used twice as evenly) and VAR's
-'loss' an option.
+gets no gradient; the first term still trains the phis). 'ema' is the default: on shapes-world it reconstructs as well
+as VAR's 'loss' and uses the codebook about twice as evenly (one seed each; docs/results.md, "VQ tokenizer").
 
 Dead codes: the train step counts code hits over a window of `restart_every` steps; at the window's end every code
 with no hit is restarted from a random vector the quantiser just saw (down(f_rest, s_k) over the batch and scales).
