@@ -33,7 +33,7 @@ setuptools.setup(
         "torch": ["torch>=2.1,<3", "safetensors"],
         "examples": ["scikit-image"],   # the photographs of the real-data walk-through (launch/real_data_example.sh)
         "metrics": ["pycocoevalcap"],   # COCO's caption metrics (eval --task caption); METEOR needs java
-        "test": ["pytest", "pytest-timeout", "pytest-xdist", "safetensors", "transformers>=4.45", "diffusers>=0.30",
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "filelock", "safetensors", "transformers>=4.45", "diffusers>=0.30",
                  "scikit-image", "pycocoevalcap"],
     },
 )

@@ -11,7 +11,6 @@ Loaded with `pytest_plugins = ("cli_utils",)` so that its session fixtures exist
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -105,7 +104,9 @@ class Cli:
             JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
             TFDS_DATA_DIR=str(self.data_dir), TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
             JAX_COMPILATION_CACHE_DIR=str(self.cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+            # a size limit turns on the cache's file lock: processes that share it never read a half-written entry
+            JAX_COMPILATION_CACHE_MAX_SIZE=str(8 << 30))
         return env
 
     def _module_args(self, module: str, args) -> list:
@@ -226,23 +227,14 @@ def all_finite(values) -> bool:
 
 # ------------------------------------------------------------------------------------------------ fixtures
 
-def _load_smoke_config():
-    path, variant = SMOKE_CONFIG.split(":")
-    spec = importlib.util.spec_from_file_location("shapes_tiny_config", REPO / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
-
-
 @pytest.fixture(scope="session")
-def cli(tmp_path_factory) -> Cli:
-    """Prepares shapes-world and its tokenizer once (the train CLI's own code path) in a session tmp dir."""
+def cli(tmp_path_factory, prepared_data_dir, worker_id) -> Cli:
+    """A copy of the prepared shapes-world and its tokenizer (conftest.prepared_data_dir) in a session tmp dir, and
+    one JAX compilation cache for the whole test run (both xdist workers: a program compiles once per run)."""
+    from conftest import shared_dir
     data_dir = tmp_path_factory.mktemp("tfds")
-    config = _load_smoke_config()
-    config.data.data_dir = str(data_dir)
-    from oneflow_jax.data import input_pipeline
-    input_pipeline.get_tokenizer(config)
-    cli = Cli(data_dir, tmp_path_factory.mktemp("jax_cache"), tmp_path_factory.mktemp("logs"))
+    shutil.copytree(prepared_data_dir, data_dir, dirs_exist_ok=True)
+    cli = Cli(data_dir, shared_dir(tmp_path_factory, worker_id, "jax_cache"), tmp_path_factory.mktemp("logs"))
     yield cli
     cli.stop_all()
 

@@ -1,6 +1,8 @@
 """Test-wide setup: 8 fake CPU devices (multi-device code is tested for real), quiet TensorFlow, and how tests/run.sh
 spreads the suite over 2 pytest-xdist workers without building an expensive fixture twice."""
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -44,10 +46,36 @@ def pytest_xdist_make_scheduler(config, log):
     return FileGroupScheduling(config, log)
 
 
+def shared_dir(tmp_path_factory, worker_id: str, name: str) -> Path:
+    """A directory every pytest-xdist worker of this test run sees (the run's basetemp root), or this process's own
+    under plain pytest."""
+    root = tmp_path_factory.getbasetemp()
+    return (root if worker_id == "master" else root.parent) / name
+
+
+@pytest.fixture(scope="session")
+def prepared_data_dir(tmp_path_factory, worker_id) -> Path:
+    """shapes-world and its tokenizer, prepared once per test run (the train CLI's own code path; the first worker
+    builds it under a file lock, the other waits) instead of once per test module. Read-only: copy it (`data_dir`)."""
+    import filelock
+    path = shared_dir(tmp_path_factory, worker_id, "prepared_tfds")
+    with filelock.FileLock(f"{path}.lock"):
+        if not (path / "PREPARED").exists():
+            from oneflow_jax import config_lib
+            from oneflow_jax.data import input_pipeline
+            config = config_lib.load_config_file(f"{Path(__file__).parents[1]}/configs/shapes_tiny.py:smoke")
+            config.data.data_dir = str(path)
+            input_pipeline.get_tokenizer(config.data)
+            (path / "PREPARED").write_text("")
+    return path
+
+
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A module's own TFDS_DATA_DIR in a tmp dir: datasets built by its tests never touch ~/tensorflow_datasets."""
-    path = str(tmp_path_factory.mktemp("tfds"))
+def data_dir(tmp_path_factory, prepared_data_dir):
+    """A module's own TFDS_DATA_DIR in a tmp dir, holding a copy of the prepared shapes-world: datasets built by its
+    tests never touch ~/tensorflow_datasets or another module's."""
+    path = tmp_path_factory.mktemp("tfds")
+    shutil.copytree(prepared_data_dir, path, dirs_exist_ok=True)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TFDS_DATA_DIR", path)
-        yield path
+        mp.setenv("TFDS_DATA_DIR", str(path))
+        yield str(path)

@@ -1,19 +1,16 @@
 """Hugging Face tokenizer.json support (data/hf_tokenizer.py): a small byte-level BPE with Llama-3-style special
-tokens, trained offline here, behaves as the SentencePiece tokenizer does; train and sample run with it."""
+tokens, trained offline here, behaves as the SentencePiece tokenizer does. Train and sample with a tokenizer.json run in
+test_import_llama.py (a reserved special token as `<image>`) and test_real_data.py (the walk-through)."""
 from __future__ import annotations
 
 import copy
 import json
 
-import numpy as np
 import pytest
 
 from oneflow_jax.data import hf_tokenizer
 from oneflow_jax.data import shapes_world as sw
 from oneflow_jax.data import tokenizer as tokenizer_lib
-
-pytest.register_assert_rewrite("cli_utils")
-pytest_plugins = ("cli_utils",)
 
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>"] + [f"<|reserved_special_token_{i}|>" for i in range(4)]
 
@@ -79,19 +76,3 @@ def test_unusable_files_are_one_clear_error(tok_dir, tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="not a Hugging Face tokenizer.json"):
         tokenizer_lib.load(str(tmp_path / "bad.json"))
-
-
-def test_train_and_sample_with_a_tokenizer_json(cli, tok_dir, tmp_path):
-    wd = tmp_path / "run"
-    cli.run("train", "--config=configs/shapes_tiny.py:smoke", f"--workdir={wd}",
-            f"--config.data.tokenizer_path={tok_dir / 'tokenizer.json'}",
-            "--config.data.image_token=<|reserved_special_token_1|>").check()
-    assert (wd / hf_tokenizer.FILENAME).exists() and not (wd / "tokenizer.model").exists()
-    saved = tokenizer_lib.load_from_dir(str(wd))
-    assert saved.image_id == 3
-    cli.run("sample", f"--workdir={wd}", "--prompt=a red circle <image>", f"--out={tmp_path}/s").check()
-    text = (tmp_path / "s" / "0000_00.txt").read_text()
-    assert text.startswith("a red circle <image>"), text                   # the prompt, decoded, then the rest
-    assert (tmp_path / "s" / "0000_00_img0.png").stat().st_size > 0
-    rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
-    assert rows and np.isfinite(rows[-1]["loss"])

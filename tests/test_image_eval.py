@@ -89,17 +89,6 @@ def test_interleaved_scores_each_image_against_its_own_text(cli, trained_run, we
     assert "not computed: FID (needs --inception_weights" in result.stdout, str(result)
 
 
-def test_caption_eval_on_two_processes_scores_every_image_once(cli, trained_run, tmp_path):
-    workdir = copy_workdir(trained_run.workdir, tmp_path / "run")
-    cli.start_multiprocess(2, f"--workdir={workdir}", "--task=caption", "--num_examples=5", devices_per_process=1,
-                           module="eval").wait(300).check()
-    scores = json.loads((workdir / "eval" / "caption_step_12.json").read_text())
-    rows = [json.loads(line) for line in (workdir / "eval" / "caption_step_12.jsonl").read_text().splitlines()]
-    assert scores["n"] == 5 and scores["cost"]["processes"] == 2 and "CIDEr" in scores
-    indices = [int(r["key"].split("/")[1]) for r in rows]           # record indices of the one-image records
-    assert len(indices) == 5 and indices == sorted(set(indices)), rows            # in order, each once
-
-
 def test_sampling_splits_the_batch_over_the_local_devices(cli, trained_run, monkeypatch):
     """8 local devices: the Generator shards each batch over them; the documents equal the one-device ones."""
     from oneflow_jax import config_lib

@@ -16,6 +16,15 @@ SIZES = {"circle": ({10, 11, 12}, {10, 11, 12}), "square": ({10, 11, 12}, {10, 1
 
 
 @pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """An empty TFDS_DATA_DIR (not conftest's prepared copy): these tests build the dataset themselves."""
+    path = str(tmp_path_factory.mktemp("tfds_empty"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TFDS_DATA_DIR", path)
+        yield path
+
+
+@pytest.fixture(scope="module")
 def docs():
     return [sw.generate_document(split, i) for split in ("train", "eval") for i in range(300)]
 

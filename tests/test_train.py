@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 pytest.register_assert_rewrite("cli_utils")
-from cli_utils import (METRIC_KEYS, REFERENCE_DEVICES, SMOKE_CONFIG, TOTAL_STEPS,  # noqa: E402
+from cli_utils import (METRIC_KEYS, REFERENCE_DEVICES, REPO, SMOKE_CONFIG, TOTAL_STEPS,  # noqa: E402
                        all_finite, assert_one_line_error, checkpoint_steps, copy_workdir, exact_metrics,
                        metrics_by_step, resumed_step, train_args, wait_for_step)
 
@@ -165,35 +165,64 @@ def test_resuming_with_a_different_ema_setting_is_a_one_line_error(cli, trained_
     assert checkpoint_steps(workdir) == checkpoint_steps(trained_run.workdir)     # nothing moved aside
 
 
-BAD_CONFIGS = {   # name: (flags, what the one error line must mention)
+# Bad configs, each with what the one error line must mention. Two run as commands (the flag parser, the device
+# count); the rest run the train entry point in-process: the same code from the config on, without a start-up each.
+BAD_COMMANDS = {
     "mesh_product_is_not_the_device_count": (["--config.mesh.fsdp=3"], "config.mesh"),
-    "batch_not_divisible_by_data_parallel": (["--config.data.global_batch_size=12"], "global_batch_size"),
     "unknown_top_level_key": (["--config.nonexistent=1"], "nonexistent"),
-    "heads_not_divisible_by_tensor": (["--config.mesh.tensor=8"], "n_heads"),
-    "heads_not_dividing_d_model": (["--config.model.n_heads=3"], "n_heads 3"),
-    "negative_patch_head_hidden": (["--config.model.patch_head_hidden=-1"], "patch_head_hidden"),
-    "unknown_image_loss_space": (["--config.objective.image_loss_space=eps"], "image_loss_space"),
-    "ema_decay_of_1": (["--config.optimizer.ema_decay=1.0"], "ema_decay"),
-    "negative_max_patches_per_row": (["--config.data.max_patches_per_row=-1"], "max_patches_per_row"),
-    "max_patches_per_row_below_one_image": (["--config.data.max_patches_per_row=2"], "less than one image"),
-    "zero_sampler_votes": (["--config.sampler.votes=0"], "votes must be >= 1"),
+}
+BAD_CONFIGS = {
+    "batch_not_divisible_by_data_parallel": ({"data.global_batch_size": 12}, "global_batch_size"),
+    "heads_not_divisible_by_tensor": ({"mesh.tensor": 8}, "n_heads"),
+    "heads_not_dividing_d_model": ({"model.n_heads": 3}, "n_heads 3"),
+    "negative_patch_head_hidden": ({"model.patch_head_hidden": -1}, "patch_head_hidden"),
+    "unknown_image_loss_space": ({"objective.image_loss_space": "eps"}, "image_loss_space"),
+    "ema_decay_of_1": ({"optimizer.ema_decay": 1.0}, "ema_decay"),
+    "negative_max_patches_per_row": ({"data.max_patches_per_row": -1}, "max_patches_per_row"),
+    "max_patches_per_row_below_one_image": ({"data.max_patches_per_row": 2}, "less than one image"),
+    "zero_sampler_votes": ({"sampler.votes": 0}, "votes must be >= 1"),
 }
 
 
 @pytest.fixture(scope="module")
-def bad_config_results(cli, tmp_path_factory):
-    """All bad-config commands, run concurrently (each fails before anything compiles)."""
+def bad_command_results(cli, tmp_path_factory):
+    """The bad-config commands, run concurrently (each fails before anything compiles)."""
     base = tmp_path_factory.mktemp("bad_configs")
     commands = [("train", [f"--config={SMOKE_CONFIG}", f"--workdir={base / name}", *flags])
-                for name, (flags, _) in BAD_CONFIGS.items()]
+                for name, (flags, _) in BAD_COMMANDS.items()]
     results = cli.run_many(commands, devices=REFERENCE_DEVICES, timeout=180)
-    return {name: (result, base / name) for name, result in zip(BAD_CONFIGS, results)}
+    return {name: (result, base / name) for name, result in zip(BAD_COMMANDS, results)}
+
+
+@pytest.mark.parametrize("name", list(BAD_COMMANDS))
+def test_bad_config_command_is_a_one_line_error(bad_command_results, name):
+    result, workdir = bad_command_results[name]
+    assert_one_line_error(result, BAD_COMMANDS[name][1])
+    assert not workdir.exists(), "a bad config must fail before the run directory is created"
 
 
 @pytest.mark.parametrize("name", list(BAD_CONFIGS))
-def test_bad_config_is_a_one_line_error(bad_config_results, name):
-    result, workdir = bad_config_results[name]
-    assert_one_line_error(result, BAD_CONFIGS[name][1])
+def test_bad_config_is_a_one_line_error(cli, name, tmp_path, capsys, monkeypatch):
+    """train's entry point (cli.run_cli around loop.train) on 8 devices, as the command runs it."""
+    import jax
+    from oneflow_jax import cli as cli_lib
+    from oneflow_jax import config_lib
+    from oneflow_jax.training import loop
+    monkeypatch.setenv("TFDS_DATA_DIR", str(cli.data_dir))
+    config = config_lib.load_config_file(f"{REPO}/{SMOKE_CONFIG}")
+    changes, fragment = BAD_CONFIGS[name]
+    for key, value in changes.items():
+        *parents, field = key.split(".")
+        section = config
+        for parent in parents:
+            section = section[parent]
+        section[field] = value
+    workdir = tmp_path / "run"
+    assert jax.device_count() == REFERENCE_DEVICES
+    with pytest.raises(SystemExit) as stopped:
+        cli_lib.run_cli(lambda argv: loop.train(config, str(workdir)))([])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert stopped.value.code == 2 and len(errors) == 1 and fragment in errors[0], errors
     assert not workdir.exists(), "a bad config must fail before the run directory is created"
 
 
