@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The embedded default: set up ./.venv, prepare shapes-world (offline, first use), train configs/shapes_tiny.py into
-# ./workdir/shapes_tiny (resuming if it is already there), then print the shapes-world eval table.
-# Usage: ./launch/local.sh [--config.key=value ...]      (extra flags go to the train command)
+# The embedded default: set up ./.venv, prepare shapes-world (offline, first use), train $CONFIG (default
+# configs/shapes_tiny.py) into $WORKDIR (default ./workdir/<config name>; resuming if it is already there), then print
+# the shapes-world eval table. A VQ-codec config (configs/nextflow_shapes_tiny.py) trains its tokenizer first.
+# Usage: [CONFIG=configs/X.py] ./launch/local.sh [--config.key=value ...]      (extra flags go to the train command)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -13,8 +14,15 @@ CPU_FLAGS="--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_enable_concurrency_
 if XLA_FLAGS="$CPU_FLAGS ${XLA_FLAGS:-}" python -c "import jax; jax.numpy.zeros(1).block_until_ready()" 2>/dev/null; then
   export XLA_FLAGS="$CPU_FLAGS ${XLA_FLAGS:-}"
 fi
-WORKDIR="${WORKDIR:-workdir/shapes_tiny}"
 CONFIG="${CONFIG:-configs/shapes_tiny.py}"
+WORKDIR="${WORKDIR:-workdir/$(basename "${CONFIG%%:*}" .py)}"
+# A run whose images are VQ codes (codec 'vq': the NextFlow-style baseline, docs/nextflow.md) trains its tokenizer
+# first, into $WORKDIR/vq with $VQ_CONFIG, unless --config.codec.tokenizer names a trained one.
+codec="$(python -c 'import sys; from oneflow_jax import config_lib as c; print(c.load_config_file(sys.argv[1]).codec.name)' "$CONFIG" 2>/dev/null || true)"  # a bad CONFIG: train says why
+if [[ "$codec" == vq && " $* " != *" --config.codec.tokenizer="* ]]; then
+  python -m oneflow_jax.train_vq --config "${VQ_CONFIG:-configs/vq_shapes_tiny.py}" --workdir "$WORKDIR/vq"
+  set -- "--config.codec.tokenizer=$(cd "$WORKDIR/vq" && pwd)" "$@"
+fi
 python -m oneflow_jax.train --config "$CONFIG" --workdir "$WORKDIR" "$@"
 python -m oneflow_jax.eval --workdir "$WORKDIR"
 echo "done in $(( $(date +%s) - start )) s (setup + training + eval); run dir: $WORKDIR"

@@ -58,7 +58,7 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CodecConfig:
-    name: str = "pixel_patch"       # 'pixel_patch' (pixels cut into patches) | 'vae' (a diffusers AutoencoderKL)
+    name: str = "pixel_patch"       # 'pixel_patch' (pixels cut into patches) | 'vae' (a diffusers VAE) | 'vq' (VQ)
     image_size: int = 32            # square images of this many pixels
     patch_size: int = 16            # pixel_patch: pixels per patch side; vae: latents per patch side
     channels: int = 3               # pixel_patch: image channels
@@ -66,6 +66,10 @@ class CodecConfig:
     batch_size: int = 8             # vae: images encoded per jitted call
     latent_channels: int | None = None      # vae: checked against the weights, or the shape-only geometry
     downsample_factor: int | None = None    # vae: likewise
+    tokenizer: str | None = None    # vq: a train_vq run directory (None: shape-only, for FLOPs and aot)
+    scales: tuple | None = None     # vq: token-map sides; checked against the tokenizer, or the shape-only geometry
+    code_dim: int | None = None     # vq: likewise
+    codebook_size: int | None = None        # vq: likewise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +93,15 @@ class ObjectiveConfig(NoisingConfig):
 @dataclasses.dataclass(frozen=True)
 class ARConfig:
     cond_t_min: float = 0.5         # AR+FM: an image followed by text draws t_img ~ U(cond_t_min, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class NextFlowConfig:
+    cond_drop: float = 0.1          # NextFlow: P(a document loses the text before its first image), for CFG
+
+    def __post_init__(self):
+        if not 0.0 <= self.cond_drop <= 1.0:
+            raise ValueError(f"cond_drop must be in [0, 1], got {self.cond_drop!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +174,7 @@ class CompareConfig:
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """A resolved run config: typed sections, every default filled in."""
-    model_type: str = "oneflow"     # the method (methods.METHODS): 'oneflow' | 'ar'
+    model_type: str = "oneflow"     # the method (methods.METHODS): 'oneflow' | 'ar' | 'nextflow'
     seed: int = 0
     total_steps: int = 1000
     log_every: int = 50             # steps between metric lines
@@ -176,6 +189,7 @@ class RunConfig:
     model: dict = dataclasses.field(default_factory=dict)   # ModelConfig fields; vocabulary and patches come later
     objective: ObjectiveConfig = ObjectiveConfig()
     ar: ARConfig = ARConfig()
+    nextflow: NextFlowConfig = NextFlowConfig()
     data: DataConfig = DataConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     sampler: SamplerConfig = SamplerConfig()
@@ -188,8 +202,8 @@ class RunConfig:
 
 TOP_LEVEL_KEYS = {f.name for f in dataclasses.fields(RunConfig)}
 _SECTION_TYPES = {"mesh": MeshConfig, "codec": CodecConfig, "objective": ObjectiveConfig, "ar": ARConfig,
-                  "data": DataConfig, "optimizer": OptimizerConfig, "sampler": SamplerConfig, "eval": EvalConfig,
-                  "compare": CompareConfig}
+                  "nextflow": NextFlowConfig, "data": DataConfig, "optimizer": OptimizerConfig,
+                  "sampler": SamplerConfig, "eval": EvalConfig, "compare": CompareConfig}
 _MODEL_EXTRA = {"vocab_size"}       # may be given in config.model; 0 = the tokenizer's
 
 
@@ -266,6 +280,12 @@ def _check(cfg: RunConfig) -> None:
                         f"{cfg.eval_every!r}")
     if cfg.data.encode_in_step and cfg.data.latents:
         raise UserError("config.data.encode_in_step encodes pixel records in the step: it needs data.latents=False")
+    if (cfg.model_type == "nextflow") != (cfg.codec.name == "vq"):
+        raise UserError(f"config.model_type={cfg.model_type!r} with config.codec.name={cfg.codec.name!r}: the "
+                        "'nextflow' method and the 'vq' codec go together")
+    if cfg.codec.name == "vq" and (cfg.data.encode_in_step or cfg.data.latents):
+        raise UserError("config.codec.name='vq' encodes images in the input pipeline: set data.encode_in_step=False "
+                        "and data.latents=False")
     if cfg.eval.val_batches < 1:
         raise UserError(f"config.eval.val_batches must be >= 1, got {cfg.eval.val_batches!r}")
     # the model's own checks (the vocabulary and codec geometry come later)
@@ -315,8 +335,9 @@ def model_config(config, vocab_size: int, codec) -> ModelConfig:
         raise UserError(f"config.model.vocab_size={cfg.model['vocab_size']} but the tokenizer has {vocab_size} "
                         f"pieces (set 0 to take the tokenizer's)")
     check_patch_budget(cfg, codec.num_patches)
+    extra = dict(image_vocab_size=codec.codebook_size) if hasattr(codec, "codebook_size") else {}
     return make_section(ModelConfig, dict(cfg.model, vocab_size=vocab_size, num_patches=codec.num_patches,
-                                          patch_dim=codec.patch_dim, patch_grid=tuple(codec.grid)), "model")
+                                          patch_dim=codec.patch_dim, patch_grid=tuple(codec.grid), **extra), "model")
 
 
 def vocab_size(config) -> int:

@@ -80,6 +80,26 @@ def test_ar_step_computes_dense_attention():
                                   - 4 * 256 * 3 * 2 * 64 * 2, rel=1e-9)        # only the insert head differs
 
 
+def test_nextflow_params_and_step_flops_match_the_real_tree_and_xla():
+    """The NextFlow-style model (a shape-only VQ codec: geometry, no tokenizer): the parameter count equals its
+    tree, and the analytic device FLOPs of its compiled step match XLA's cost analysis."""
+    from oneflow_jax.models.nextflow_transformer import NextFlowModel
+    config = load_config("configs/nextflow_shapes_tiny.py")
+    config.codec.tokenizer = None
+    config.model.update(vocab_size=512, scan_layers=False, remat="none", d_model=64, n_heads=2, n_kv_heads=2, d_ff=128)
+    config.mesh.data = 1
+    config.data.update(global_batch_size=2)
+    result = aot.compile_train_step(config, jax.devices()[:1])
+    cfg = result.model_cfg
+    assert cfg.num_patches == 149 and cfg.patch_dim == 17 and cfg.image_vocab_size == 256
+    batch = {k: v[:, :16] for k, v in dummy_batch(cfg).items()}
+    shapes = jax.eval_shape(lambda r: NextFlowModel(cfg).init(r, batch), jax.random.key(0))
+    assert flops.params(cfg, "nextflow") == sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
+    analytic = flops.train_flops_per_step(cfg, config.data, "nextflow")
+    xla = aot.xla_flops(result.compiled)
+    assert abs(analytic / xla - 1) < 0.10, (analytic, xla)
+
+
 def test_attention_and_heads_are_counted_at_every_position():
     cfg = tiny_model_config()
     row = flops.train_flops_per_row(cfg, 128)

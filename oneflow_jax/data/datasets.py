@@ -67,6 +67,9 @@ def make_codec(spec: dict | None, image_size: int | None = None):
     import ml_collections  # pylint: disable=g-import-not-at-top
     from oneflow_jax.models import codec as codec_lib
     spec = dict(spec)
+    if spec.get("name") == "vq":
+        raise ValueError("codec 'vq' does not precompute latents (they carry the image codes): keep pixel records; "
+                         "the input pipeline encodes them")
     if image_size and not spec.get("image_size"):
         spec["image_size"] = int(image_size)
     return codec_lib.make_codec(ml_collections.ConfigDict(spec))

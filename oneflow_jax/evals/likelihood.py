@@ -1,5 +1,6 @@
 """Text likelihood of held-out documents, in bits per text token (`python -m oneflow_jax.eval --task likelihood`):
-OneFlow's Edit Flow ELBO (an upper bound on the NLL, estimated by Monte Carlo) and the AR+FM baseline's exact NLL.
+OneFlow's Edit Flow ELBO (an upper bound on the NLL, estimated by Monte Carlo) and the causal baselines' exact NLL
+(AR+FM, NextFlow).
 
 Both read the document's images clean and in place: OneFlow keeps every image (t_img = 1) while only its text is
 noised; the AR baseline reads images clean (`ar.cond_t_min` = 1) and its NLL sums the text tokens only, not the
@@ -41,7 +42,7 @@ import numpy as np
 
 from oneflow_jax import methods
 from oneflow_jax.data import packing
-from oneflow_jax.models import ar_transformer
+from oneflow_jax.models import ar_transformer, nextflow_transformer
 from oneflow_jax.objectives import edit_flow, oneflow_objective
 from oneflow_jax.sampling import generate
 
@@ -116,13 +117,16 @@ def oneflow_bound(run: generate.Run, documents, num_samples: int = 16, seed: int
 
 
 def ar_nll(run: generate.Run, documents) -> list[dict]:
-    """Per document: {"nats", "tokens"}: the AR+FM baseline's exact NLL of the text tokens, images read clean."""
+    """Per document: {"nats", "tokens"}: a causal method's exact NLL of the text tokens (AR+FM, NextFlow), images
+    read clean (AR+FM: t_img = 1; NextFlow: no condition dropout)."""
     cfg = run.config
     method = methods.for_config(cfg)
-    clean = dataclasses.replace(cfg, ar=dataclasses.replace(cfg.ar, cond_t_min=1.0))
+    clean = dataclasses.replace(cfg, ar=dataclasses.replace(cfg.ar, cond_t_min=1.0),
+                                nextflow=dataclasses.replace(cfg.nextflow, cond_drop=0.0))
     transform, packer = method.pipeline_pieces(clean, run.tokenizer, run.codec)
     special = method.special_tokens(run.tokenizer)
-    forward = jax.jit(lambda p, b: run.model.apply({"params": p}, ar_transformer.model_inputs(b)))
+    inputs = nextflow_transformer.model_inputs if method.name == "nextflow" else ar_transformer.model_inputs
+    forward = jax.jit(lambda p, b: run.model.apply({"params": p}, inputs(b)))
     out = []
     rng = np.random.default_rng(0)
     for tokens, images in documents:
@@ -141,8 +145,9 @@ def ar_nll(run: generate.Run, documents) -> list[dict]:
 
 def evaluate(run: generate.Run, documents, num_samples: int = 16, seed: int = 0) -> dict:
     """Corpus bits per text token (total nats / total tokens / ln 2), with the OneFlow estimate's standard error."""
-    if methods.for_config(run.config).causal:           # the AR+FM baseline: its likelihood is exact
-        rows, kind = ar_nll(run, documents), "exact NLL (AR+FM)"
+    method = methods.for_config(run.config)
+    if method.causal:                                   # AR+FM and NextFlow: their likelihood is exact
+        rows, kind = ar_nll(run, documents), f"exact NLL ({'AR+FM' if method.name == 'ar' else method.name})"
     else:
         rows, kind = oneflow_bound(run, documents, num_samples, seed), f"ELBO bound, {num_samples} times per document"
     if not rows:

@@ -6,14 +6,16 @@ PyTorch. The rest of the code asks `for_config(config)` once and uses what it re
 
     oneflow  OneFlow: insertion Edit Flow over text + Flow Matching over image latents (the paper's method)
     ar       AR+FM: the autoregressive + flow-matching baseline (Transfusion-style, reference §7)
+    nextflow NextFlow-style baseline: next-token text + next-scale VQ image codes (NextFlow / VAR; docs/nextflow.md)
 """
 from __future__ import annotations
 
 from oneflow_jax.methods.base import Method
 from oneflow_jax.methods.ar_fm import AR_FM
+from oneflow_jax.methods.nextflow import NEXTFLOW
 from oneflow_jax.methods.oneflow import ONEFLOW
 
-METHODS: dict[str, Method] = {m.name: m for m in (ONEFLOW, AR_FM)}
+METHODS: dict[str, Method] = {m.name: m for m in (ONEFLOW, AR_FM, NEXTFLOW)}
 
 
 def get(name: str) -> Method:

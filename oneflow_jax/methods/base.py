@@ -22,6 +22,7 @@ class Method:
     insert_head       the model has OneFlow's insertion head (pi, lambda)
     end_token         the document ends with an EOS token (AR)
     torch_export      export_torch supports it
+    image_codes       images are VQ codes (a code head, no flow matching); its sampler takes the run's codec
     """
     name: str
     model_class: type
@@ -35,6 +36,7 @@ class Method:
     insert_head: bool
     end_token: bool
     torch_export: bool
+    image_codes: bool = False
 
     def build_model(self, model_cfg):
         return self.model_class(model_cfg)
@@ -43,7 +45,8 @@ class Method:
         """(model, params, batch, image_loss_weight) -> (loss, metrics)."""
         return functools.partial(self.loss, image_loss_space=image_loss_space)
 
-    def make_sampler(self, model, sampler_config, tokenizer, num_patches: int):
+    def make_sampler(self, model, sampler_config, tokenizer, codec):
         """jit(params, state, rng) -> (state, nfe) for this method's model."""
-        return self.sampler.make_sampler(model, sampler_config, self.special_tokens(tokenizer), num_patches,
-                                         self.banned_tokens(tokenizer))
+        extra = dict(codec=codec) if self.image_codes else {}
+        return self.sampler.make_sampler(model, sampler_config, self.special_tokens(tokenizer), codec.num_patches,
+                                         self.banned_tokens(tokenizer), **extra)

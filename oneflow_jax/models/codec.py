@@ -2,7 +2,8 @@
 
 Every codec maps uint8 images [..., H, W, 3] to float32 latent patches [..., num_patches, patch_dim] (row-major
 patch order over a `grid` of (rows, cols)) and back. The flow-matching objective and the sampler only ever see
-latent patches, so swapping the codec (pixel patches now, an SD3/FLUX VAE later) changes nothing else.
+latent patches, so swapping the codec (pixel patches now, an SD3/FLUX VAE later) changes nothing else. The `vq` codec
+(models/vq_codec.py) is the NextFlow-style baseline's: its "patches" are the positions of an image block.
 """
 from __future__ import annotations
 
@@ -100,4 +101,7 @@ def make_codec(config) -> PixelPatchCodec:
     if name == "vae":                     # an SD3 / FLUX-style diffusers AutoencoderKL (models/vae.py)
         from oneflow_jax.models.vae import VAECodec
         return VAECodec.from_config(config)
-    raise ValueError(f"unknown codec {name!r}; known: 'pixel_patch', 'vae'")
+    if name == "vq":                      # the NextFlow-style baseline's multi-scale VQ tokenizer (models/vq_codec.py)
+        from oneflow_jax.models.vq_codec import VQCodec
+        return VQCodec.from_config(config)
+    raise ValueError(f"unknown codec {name!r}; known: 'pixel_patch', 'vae', 'vq'")

@@ -56,6 +56,7 @@ class ModelConfig:
     image_prediction: str = "v"       # what patch_out predicts: 'v' the velocity, or 'x' the clean latents (below)
     cpu_dense_grads: bool = False     # Dense weight gradients from an explicitly transposed input (dense_matmul)
     patch_head_hidden: int = 0        # > 0: the patch head is an MLP, d_model -> this width (GELU) -> patch_dim
+    image_vocab_size: int = 0         # NextFlow: classes of the image code head (the VQ codebook size, from the codec)
 
     def __post_init__(self):
         if self.image_prediction not in ("v", "x"):

@@ -87,22 +87,31 @@ class ARTransform:
             img += 1
             pos += n
         out["tokens"][pos] = self.special.eos
-        has_target = np.zeros(m, bool)
-        has_target[:-1] = ~out["is_patch"][1:]
-        out["targets"] = np.where(has_target, np.roll(out["tokens"], -1), 0).astype(np.int32)
-        out["target_weight"] = has_target.astype(np.float32) / max(int(has_target.sum()), 1)
+        out["targets"], out["target_weight"] = text_targets(out["tokens"], out["is_patch"])
         return out
+
+
+def text_targets(tokens, is_patch) -> tuple[np.ndarray, np.ndarray]:
+    """(targets, target_weight) of a document's sequence: position j predicts the token at j + 1 when that is a text
+    position (so the last position of a block predicts the token after it, and EOS nothing); weights 1 / (targets of
+    the document)."""
+    has_target = np.zeros(len(tokens), bool)
+    has_target[:-1] = ~is_patch[1:]
+    targets = np.where(has_target, np.roll(tokens, -1), 0).astype(np.int32)
+    return targets, has_target.astype(np.float32) / max(int(has_target.sum()), 1)
 
 
 @dataclasses.dataclass(frozen=True)
 class ARPacker:
     """RowPacker: documents back to back in rows of `seq_len` (segment ids, per-document positions, row-unique
     block ids) and, with `max_patches` > 0, at most that many patches, listed in `patch_slots` (as OneFlow's
-    packing.pack_rows)."""
+    packing.pack_rows). `fields`: the per-position fields of a document that a row carries (the NextFlow baseline
+    packs its own)."""
 
     seq_len: int
     pad_id: int = 0
     max_patches: int = 0
+    fields: tuple[str, ...] = POSITION_FIELDS
 
     @property
     def limits(self) -> tuple[int, int]:
@@ -116,7 +125,7 @@ class ARPacker:
         if total > self.seq_len:
             raise ValueError(f"documents need {total} positions; the row has {self.seq_len}")
         row = {}
-        for name in POSITION_FIELDS:
+        for name in self.fields:
             ref = docs[0][name]
             buf = np.full((self.seq_len,) + ref.shape[1:], self.pad_id if name == "tokens" else 0, ref.dtype)
             buf[:total] = np.concatenate([d[name] for d in docs])
@@ -149,14 +158,24 @@ def pipeline_pieces(config, tokenizer, codec):
                                max_patches=config.data.max_patches_per_row)
 
 
+def cross_entropy(logits, targets):
+    """-log softmax(logits)[targets], in float32: logits [..., V], targets int [...]."""
+    logits = logits.astype(jnp.float32)
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+
+
+def text_loss(q_logits, batch):
+    """(per-document mean next-token CE averaged over documents, number of documents) from `targets` and
+    `target_weight` (1 / a document's targets, so a document's weights sum to one)."""
+    w = batch["target_weight"].astype(jnp.float32)
+    num_docs = jnp.sum(w)
+    return jnp.sum(w * cross_entropy(q_logits, batch["targets"])) / jnp.maximum(num_docs, 1e-6), num_docs
+
+
 def ar_loss(model, params, batch, image_loss_weight: float = 1.0, image_loss_space: str = "v"):
     """(loss, metrics): per-document mean next-token CE (averaged over documents) + w * flow-matching MSE."""
     out = model.apply({"params": params}, ar_model.model_inputs(batch))
-    logits = out["q_logits"].astype(jnp.float32)
-    ce = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
-    w = batch["target_weight"].astype(jnp.float32)
-    num_docs = jnp.sum(w)
-    l_text = jnp.sum(w * ce) / jnp.maximum(num_docs, 1e-6)
+    l_text, num_docs = text_loss(out["q_logits"], batch)
     l_image = flow_matching.image_loss(out["velocity"], batch, image_loss_space)
     loss = l_text + image_loss_weight * l_image
     return loss, dict(loss=loss, text_loss=l_text, image_loss=l_image, num_docs=num_docs,

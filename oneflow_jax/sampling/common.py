@@ -26,6 +26,8 @@ class SamplerConfig:
     image_cfg: float = 1.0      # v = v_u + w (v_c - v_u)
     temperature: float = 1.0    # for Q
     top_p: float = 1.0          # nucleus sampling for Q
+    top_k: int = 0              # nextflow_sampler: draw among the k most likely only (before top_p); 0 = off
+    code_temperature: float = 1.0   # nextflow_sampler: temperature of the image code draws (text: `temperature`)
     max_insertions_per_step: int = 0   # per sequence and step; 0 = no limit (Alg. 1). See the module docstring
     finish_threshold: float = 0.0      # after t = 1, keep stepping while some gap has 1 - pi above this; 0 = off
     insertion_order: str = "random"    # which of a step's insertions the cap keeps: "random" | "largest_gap"
@@ -44,6 +46,8 @@ class SamplerConfig:
                              f"got {self.insertion_order!r}")
         if self.votes < 1:
             raise ValueError(f"votes must be >= 1 (1: no vote), got {self.votes}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
 
 
 # Named sampler settings (`--sampler_preset`); fields not named keep the run's config.sampler.
@@ -84,9 +88,13 @@ def run_bucketed(apply_fn, inputs: dict, live_len, buckets: tuple[int, ...]):
     return jax.lax.switch(jnp.minimum(index, len(buckets) - 1), [branch(n) for n in buckets], inputs)
 
 
-def sample_tokens(rng, log_q, temperature: float, top_p: float):
-    """Draws token ids from log-probabilities `log_q` [..., V] at `temperature`, restricted to the top-p nucleus."""
+def sample_tokens(rng, log_q, temperature: float, top_p: float, top_k: int = 0):
+    """Draws token ids from log-probabilities `log_q` [..., V] at `temperature`, restricted to the `top_k` most likely
+    (0 = all; ties at the k-th value are kept) and then to the top-p nucleus."""
     logits = log_q / max(temperature, 1e-6)
+    if 0 < top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, NEG, logits)
     if top_p < 1.0:
         sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
         probs = jax.nn.softmax(sorted_logits, axis=-1)

@@ -84,7 +84,7 @@ class Generator:
         method = methods.for_config(run.config)
         self.special = method.special_tokens(run.tokenizer)
         self._lib = method.sampler
-        self._sample = method.make_sampler(run.model, sampler_config, run.tokenizer, run.codec.num_patches)
+        self._sample = method.make_sampler(run.model, sampler_config, run.tokenizer, run.codec)
         # The batch is split over this process's devices (data parallel; the run's params are replicated on them)
         # when it divides evenly; a caller's own params (the train loop's) keep their placement.
         devices = jax.local_devices()

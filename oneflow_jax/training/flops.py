@@ -51,11 +51,13 @@ def param_breakdown(cfg: ModelConfig, model_type: str = "oneflow") -> dict[str, 
              + d * cfg.n_heads * hd * 2                          # q, o
              + d * cfg.n_kv_heads * hd * 2                       # k, v
              + 3 * d * cfg.d_ff)                                 # gate, up, down
+    common = dict(embed=v * d, token_head=0 if cfg.tie_embeddings else d * v, layers=cfg.n_layers * layer,
+                  final_norm=d)
+    if method.image_codes:        # models/nextflow_transformer.py: code_in (features, not the code column), the
+        c = cfg.patch_dim - 1     # block-position table, the code head
+        return dict(common, patch_in=c * d + d, patch_pos=cfg.num_patches * d, code_head=d * cfg.image_vocab_size)
     return dict(
-        embed=v * d,
-        token_head=0 if cfg.tie_embeddings else d * v,
-        layers=cfg.n_layers * layer,
-        final_norm=d,
+        **common,
         patch_in=cfg.patch_dim * d + d,
         time_mlp=cfg.time_embed_dim * d + d + d * d + d,
         patch_pos=(cfg.patch_grid[0] + cfg.patch_grid[1]) * d,
@@ -82,6 +84,9 @@ def forward_flops_per_position(cfg: ModelConfig, model_type: str = "oneflow") ->
     method = methods.get(model_type)
     d, hd = cfg.d_model, cfg.dim_per_head
     layer = 2 * d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 2 * 3 * d * cfg.d_ff
+    if method.image_codes:        # NextFlow: code_in at block positions (input is data), the code head
+        return dict(backbone=cfg.n_layers * layer, token_head=2 * d * cfg.vocab_size, insert_head=0,
+                    patch_in=2 * (cfg.patch_dim - 1) * d, code_head=2 * d * cfg.image_vocab_size)
     return dict(backbone=cfg.n_layers * layer,
                 token_head=2 * d * cfg.vocab_size,                 # Q logits (tied: embed.attend, same cost)
                 insert_head=2 * d * 2 if method.insert_head else 0,
@@ -110,7 +115,7 @@ def attention_train_flops(cfg: ModelConfig, length_sq: float, model_type: str = 
     return half * 4.0 * length_sq * cfg.n_heads * cfg.dim_per_head * cfg.n_layers * (1.0 + BWD_ATTENTION)
 
 
-_IMAGE_PARTS = ("patch_in", "time_mlp_in", "time_mlp_out", "patch_hidden", "patch_out")
+_IMAGE_PARTS = ("patch_in", "time_mlp_in", "time_mlp_out", "patch_hidden", "patch_out", "code_head")
 
 
 def train_flops_per_row(cfg: ModelConfig, seq_len: int, model_type: str = "oneflow",
@@ -219,7 +224,7 @@ def useful_train_flops_per_document(cfg: ModelConfig, seq: dict[str, float], mod
     the document only (causal attention halved: useful work skips the masked half)."""
     per_pos = train_flops_per_position(cfg, model_type)
     text_part = per_pos["token_head"] + per_pos["insert_head"]
-    image_part = sum(per_pos[k] for k in _IMAGE_PARTS)
+    image_part = sum(per_pos.get(k, 0.0) for k in _IMAGE_PARTS)
     return (per_pos["backbone"] * seq["length"] + text_part * seq["text_positions"]
             + image_part * seq["patch_positions"]
             + attention_train_flops(cfg, seq["length_sq"], model_type, causal_skipping=True))
