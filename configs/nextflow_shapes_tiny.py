@@ -46,4 +46,5 @@ def get_config(arg: str | None = None):
         c.codec.update(tokenizer="workdir/vq_shapes_tiny_smoke", scales=(1, 4, 16), code_dim=8, codebook_size=32)
         c.data.update(seq_len=576)    # one single-image document per row; the interleaved ones are dropped
         c.sampler.update(max_len=576)
+        c.eval.update(num_examples=8, batch_size=8)
     return c

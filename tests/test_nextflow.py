@@ -5,6 +5,9 @@ config. One tokenizer for the whole file: configs/vq_shapes_tiny.py:smoke's geom
 from __future__ import annotations
 
 import copy
+import json
+import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +23,9 @@ from oneflow_jax.models import vq
 from oneflow_jax.models.transformer import ModelConfig, attention_mask, dummy_batch
 from oneflow_jax.objectives import ar_objective, nextflow_objective
 from oneflow_jax.training import checkpointing, train_state
+
+pytest.register_assert_rewrite("cli_utils")
+pytest_plugins = ("cli_utils",)
 
 SP = ar_objective.ARSpecial(bos=1, eos=2, pad=0, image=4)
 SMOKE = "configs/nextflow_shapes_tiny.py:smoke"
@@ -239,3 +245,32 @@ def test_run_config_builds_the_model_and_rejects_what_it_cannot_do(tokenizer_dir
         config_lib.resolve(wrong)
     with pytest.raises(ValueError, match="codec 'vq' does not precompute latents"):
         datasets.make_codec(dict(name="vq", tokenizer=tokenizer_dir), 32)
+
+
+def test_local_sh_trains_tokenizer_then_model_evaluates_and_resumes_exactly(cli, tmp_path):
+    """`CONFIG=configs/nextflow_shapes_tiny.py ./launch/local.sh` as a user runs it (smoke sizes): the tokenizer is
+    trained first into W/vq, the model names it, the eval table is printed; then a rerun from the step-2 checkpoint
+    retraces the same losses (the transform's condition dropout is seeded per document, like every method's)."""
+    from cli_utils import REPO, exact_metrics
+    wd = tmp_path / "run"
+    env = dict(cli.env(1), CONFIG=SMOKE, VQ_CONFIG="configs/vq_shapes_tiny.py:smoke", WORKDIR=str(wd),
+               OFJ_EXTRAS=os.environ.get("OFJ_EXTRAS", "torch,test"))     # the test venv's extras: no reinstall
+    args = ["--config.total_steps=4", "--config.ckpt_every=2", "--config.log_every=1"]
+    result = cli._start(["bash", "launch/local.sh", *args], env).wait(600)
+    assert result.returncode == 0, str(result)
+    assert (wd / "vq" / "eval.json").exists()
+    assert json.loads((wd / "config.json").read_text())["codec"]["tokenizer"] == str(wd / "vq")
+    scores = json.loads((wd / "eval" / "step_4.json").read_text())
+    assert scores["generation"]["all"]["n"] > 0 and scores["generation"]["nfe_per_request"] >= 4, scores
+    assert "shapes-world eval @ step 4" in result.stdout, str(result)
+
+    rerun = tmp_path / "rerun"
+    shutil.copytree(wd, rerun)
+    shutil.rmtree(rerun / "checkpoints" / "4")
+    cpu_flags = next(line.split('"')[1] for line in (REPO / "launch" / "local.sh").read_text().splitlines()
+                     if line.startswith("CPU_FLAGS="))           # local.sh's XLA flags: the same numerics
+    env = dict(cli.env(1))
+    env["XLA_FLAGS"] = f"{cpu_flags} {env['XLA_FLAGS']}"
+    cli._start(cli._module_args("train", [f"--config={SMOKE}", f"--workdir={rerun}",
+                                          f"--config.codec.tokenizer={wd / 'vq'}", *args]), env).wait().check()
+    assert exact_metrics(rerun) == exact_metrics(wd)
