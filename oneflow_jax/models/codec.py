@@ -31,6 +31,21 @@ def unpatchify(z: np.ndarray, grid: tuple[int, int], patch_size: int) -> np.ndar
     return z.reshape(*lead, rows * p, cols * p, c)
 
 
+def run_chunked(fn, x: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """[fn(chunk)] over x in chunks of `batch_size` (jitted codecs: VAECodec, VQCodec); a short last chunk is padded
+    to the next power of two only, so one image costs one call, not batch_size, and at most log2(batch_size) + 1
+    shapes compile."""
+    out = []
+    for start in range(0, len(x), batch_size):
+        chunk = x[start:start + batch_size]
+        size = min(batch_size, 1 << max(len(chunk) - 1, 0).bit_length())
+        pad = size - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+        out.append(np.asarray(fn(chunk))[:len(chunk) - pad])
+    return out
+
+
 class PatchGeometry:
     """The latent geometry every codec shares: square images of `image_size` pixels, `downsample`d to latents of
     `latent_channels` channels and cut into `patch_size` x `patch_size` patches (row-major)."""

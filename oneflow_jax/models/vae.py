@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from oneflow_jax.convert import safetensors_io
-from oneflow_jax.models.codec import PatchGeometry, patchify, unpatchify
+from oneflow_jax.models.codec import PatchGeometry, patchify, run_chunked, unpatchify
 
 WEIGHTS_NAME, CONFIG_NAME = "diffusion_pytorch_model.safetensors", "config.json"
 
@@ -367,16 +367,7 @@ class VAECodec(PatchGeometry):
         return state
 
     def _chunked(self, fn, x):
-        """fn over x in chunks of batch_size; a short last chunk is padded to the next power of two only (one image
-        costs one encode, not batch_size; at most log2(batch_size) + 1 compiled shapes)."""
-        out = []
-        for start in range(0, len(x), self.batch_size):
-            chunk = x[start:start + self.batch_size]
-            size = min(self.batch_size, 1 << max(len(chunk) - 1, 0).bit_length())
-            pad = size - len(chunk)
-            if pad:
-                chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-            out.append(np.asarray(fn(self.params, chunk))[:len(chunk) - pad])
+        out = run_chunked(lambda chunk: fn(self.params, chunk), x, self.batch_size)
         return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
     def encode_patches(self, params, images):

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from oneflow_jax.models import vq
+from oneflow_jax.models.codec import run_chunked
 from oneflow_jax.models.vq import VQConfig, VQModel
 
 
@@ -170,19 +171,6 @@ class VQCodec:
         off = self.group_offsets
         return [codes[:, off[k]:off[k + 1]].reshape(-1, s, s) for k, s in enumerate(self.scales)]
 
-    def _chunked(self, fn, x):
-        """fn over x in chunks of batch_size; a short last chunk is padded to the next power of two only (at most
-        log2(batch_size) + 1 compiled shapes), as VAECodec."""
-        out = []
-        for start in range(0, len(x), self.batch_size):
-            chunk = x[start:start + self.batch_size]
-            size = min(self.batch_size, 1 << max(len(chunk) - 1, 0).bit_length())
-            pad = size - len(chunk)
-            if pad:
-                chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-            out.append(np.asarray(fn(chunk))[:len(chunk) - pad])
-        return out
-
     def encode(self, images: np.ndarray) -> np.ndarray:
         """uint8 images [..., H, W, 3] -> float32 block latents [..., N, C + 1]."""
         images = np.asarray(images)
@@ -190,7 +178,7 @@ class VQCodec:
             raise ValueError(f"expected images of shape [..., {self.image_shape}], got {images.shape}")
         lead = images.shape[:-3]
         flat = images.reshape((-1,) + self.image_shape).astype(np.uint8)
-        out = self._chunked(self._fns[0], flat)
+        out = run_chunked(self._fns[0], flat, self.batch_size)
         z = np.concatenate(out) if out else np.zeros((0, self.num_patches, self.patch_dim), np.float32)
         return z.reshape(*lead, self.num_patches, self.patch_dim)
 
@@ -203,7 +191,7 @@ class VQCodec:
         codes = np.rint(latents.reshape(-1, self.num_patches, self.patch_dim)[:, :self.num_codes, -1]).astype(np.int32)
         if codes.size and (codes.min() < 0 or codes.max() >= self.codebook_size):
             raise ValueError(f"latents hold codes outside [0, {self.codebook_size}) in column {self.code_dim}")
-        out = self._chunked(self._fns[1], codes)
+        out = run_chunked(self._fns[1], codes, self.batch_size)
         x = np.concatenate(out) if out else np.zeros((0,) + self.image_shape, np.uint8)
         return x.reshape(*lead, *self.image_shape)
 

@@ -26,8 +26,8 @@ from oneflow_jax.models import ar_transformer as ar_model
 from oneflow_jax.objectives import flow_matching
 from oneflow_jax.objectives.ar_objective import ARSpecial
 from oneflow_jax.models.transformer import attention_mask
-from oneflow_jax.sampling.common import (NEG, SamplerConfig, bucket_lengths, check_markers, prompt_buffers,
-                                         sample_tokens)
+from oneflow_jax.sampling.common import (SamplerConfig, check_markers, jit_with_prefill_bucket, next_text_tokens,
+                                         prompt_buffers)
 
 
 def init_state(prompts, max_len: int, special: ARSpecial, num_patches: int, patch_dim: int, seed: int = 0):
@@ -133,10 +133,8 @@ def make_sampler(model: ar_model.ARModel, cfg: SamplerConfig, special: ARSpecial
             rng, r_tok = jax.random.split(c["rng"])
             active = ~c["done"]
             cur = c["length"]
-            log_q = jax.nn.log_softmax(c["logits"], axis=-1).at[:, banned].set(NEG)
             no_room = cur + 1 + n > length            # an image block would not fit: no BOI
-            log_q = log_q.at[:, special.image].set(jnp.where(no_room, NEG, log_q[:, special.image]))
-            tok = sample_tokens(r_tok, log_q, cfg.temperature, cfg.top_p).astype(jnp.int32)
+            tok = next_text_tokens(r_tok, c["logits"], banned, special.image, no_room, cfg)
             write = jnp.where(active, cur, length)[:, None]
             chunk = dict(tokens=tok[:, None], is_patch=jnp.zeros((b, 1), bool), patch_index=jnp.zeros((b, 1), jnp.int32),
                          patches=jnp.zeros((b, 1, c["patches"].shape[-1]), c["patches"].dtype),
@@ -197,10 +195,4 @@ def make_sampler(model: ar_model.ARModel, cfg: SamplerConfig, special: ARSpecial
         keys = ("tokens", "is_patch", "patch_index", "patches", "patch_t", "length")
         return {k: final[k] for k in keys}, final["nfe"]
 
-    jitted = jax.jit(run, static_argnums=3)
-
-    def sample(params, st, rng):          # the prefill runs on the smallest length bucket that holds every prompt
-        buckets = bucket_lengths(st["tokens"].shape[1], cfg.length_buckets)
-        longest = int(np.max(st["prompt_len"]))
-        return jitted(params, st, rng, next(n for n in buckets if n >= longest))
-    return sample
+    return jit_with_prefill_bucket(run, cfg)

@@ -88,6 +88,27 @@ def run_bucketed(apply_fn, inputs: dict, live_len, buckets: tuple[int, ...]):
     return jax.lax.switch(jnp.minimum(index, len(buckets) - 1), [branch(n) for n in buckets], inputs)
 
 
+def next_text_tokens(rng, logits, banned, image_id: int, no_room, cfg: SamplerConfig):
+    """The KV-cached samplers' text draw: a token per row from its next-token `logits` [B, V] at the config's
+    temperature / top-k / top-p; `banned` ids never, `<image>` not where `no_room` [B] (its block would not fit)."""
+    log_q = jax.nn.log_softmax(logits, axis=-1).at[:, banned].set(NEG)
+    log_q = log_q.at[:, image_id].set(jnp.where(no_room, NEG, log_q[:, image_id]))
+    return sample_tokens(rng, log_q, cfg.temperature, cfg.top_p, cfg.top_k).astype(jnp.int32)
+
+
+def jit_with_prefill_bucket(run, cfg: SamplerConfig):
+    """The KV-cached samplers' entry: run(params, state, rng, prefill_len) jitted with prefill_len static, called
+    with the smallest length bucket (bucket_lengths) that holds every prompt, so prompts of similar length share one
+    compile."""
+    jitted = jax.jit(run, static_argnums=3)
+
+    def sample(params, st, rng):
+        buckets = bucket_lengths(st["tokens"].shape[1], cfg.length_buckets)
+        longest = int(np.max(st["prompt_len"]))
+        return jitted(params, st, rng, next(n for n in buckets if n >= longest))
+    return sample
+
+
 def sample_tokens(rng, log_q, temperature: float, top_p: float, top_k: int = 0):
     """Draws token ids from log-probabilities `log_q` [..., V] at `temperature`, restricted to the `top_k` most likely
     (0 = all; ties at the k-th value are kept) and then to the top-p nucleus."""

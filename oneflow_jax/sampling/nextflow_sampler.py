@@ -39,7 +39,7 @@ from oneflow_jax.models import nextflow_transformer as nf_model
 from oneflow_jax.models.transformer import attention_mask
 from oneflow_jax.objectives.ar_objective import ARSpecial
 from oneflow_jax.sampling import ar_sampler
-from oneflow_jax.sampling.common import NEG, SamplerConfig, bucket_lengths, sample_tokens
+from oneflow_jax.sampling.common import SamplerConfig, jit_with_prefill_bucket, next_text_tokens, sample_tokens
 
 
 def init_state(prompts, max_len: int, special: ARSpecial, num_patches: int, patch_dim: int, seed: int = 0):
@@ -110,10 +110,8 @@ def make_sampler(model: nf_model.NextFlowModel, cfg: SamplerConfig, special: ARS
             rng, r_tok = jax.random.split(c["rng"])
             active = ~c["done"]
             cur = c["length"]
-            log_q = jax.nn.log_softmax(c["logits"], axis=-1).at[:, banned].set(NEG)
             no_room = cur + 1 + n > length            # an image block would not fit: no BOI
-            log_q = log_q.at[:, special.image].set(jnp.where(no_room, NEG, log_q[:, special.image]))
-            tok = sample_tokens(r_tok, log_q, cfg.temperature, cfg.top_p, cfg.top_k).astype(jnp.int32)
+            tok = next_text_tokens(r_tok, c["logits"], banned, special.image, no_room, cfg)
             write = jnp.where(active, cur, length)[:, None]
             chunk = dict(tokens=tok[:, None], is_patch=jnp.zeros((b, 1), bool),
                          patch_index=jnp.zeros((b, 1), jnp.int32), patches=jnp.zeros((b, 1, dim), c["patches"].dtype),
@@ -212,10 +210,4 @@ def make_sampler(model: nf_model.NextFlowModel, cfg: SamplerConfig, special: ARS
         keys = ("tokens", "is_patch", "patch_index", "patches", "length")
         return {k: final[k] for k in keys}, final["nfe"]
 
-    jitted = jax.jit(run, static_argnums=3)
-
-    def sample(params, st, rng):          # the prefill runs on the smallest length bucket that holds every prompt
-        buckets = bucket_lengths(st["tokens"].shape[1], cfg.length_buckets)
-        longest = int(np.max(st["prompt_len"]))
-        return jitted(params, st, rng, next(m for m in buckets if m >= longest))
-    return sample
+    return jit_with_prefill_bucket(run, cfg)
