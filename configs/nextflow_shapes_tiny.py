@@ -2,9 +2,11 @@
 size: same backbone, data and optimizer as configs/shapes_tiny.py, model_type 'nextflow' (oneflow_jax/methods/
 nextflow.py), images as the multi-scale VQ tokenizer's codes (codec 'vq', trained by configs/vq_shapes_tiny.py).
 
-Commands: python -m oneflow_jax.train_vq --config configs/vq_shapes_tiny.py --workdir workdir/vq_shapes_tiny
+Command: CONFIG=configs/nextflow_shapes_tiny.py ./launch/local.sh (tokenizer into W/vq, then the model, then eval), or
+    python -m oneflow_jax.train_vq --config configs/vq_shapes_tiny.py --workdir workdir/vq_shapes_tiny
     then python -m oneflow_jax.train --config configs/nextflow_shapes_tiny.py --workdir workdir/nextflow_shapes_tiny
     (--config.codec.tokenizer=DIR for a tokenizer trained elsewhere)
+Scores and wall clock: docs/results.md, "NextFlow-style baseline".
 Variants: --config configs/nextflow_shapes_tiny.py:smoke (a few steps, for tests; its tokenizer is
 configs/vq_shapes_tiny.py:smoke's).
 """
@@ -34,12 +36,12 @@ def get_config(arg: str | None = None):
     c.sampler.update(
         max_len=512,                  # positions of the sampler's buffer, prompt included (3 images fit)
         temperature=0.1,              # text tokens' temperature
-        code_temperature=1.0,         # image codes' temperature
+        code_temperature=0.1,         # image codes' temperature
         top_k=0, top_p=1.0,           # top-k (0 = off), then nucleus filtering of every draw
-        image_cfg=1.5)                # guidance weight at the last scale, ramped from 1 at the first; 1 = off
+        image_cfg=3.0)                # guidance weight at the last scale, ramped from 1 at the first; 1 = off
 
     if not arg:
-        c.total_steps = 1200          # optimizer steps: with the tokenizer's, ./launch/local.sh fits 15 min on 2 cores
+        c.total_steps = 2400          # optimizer steps: with the tokenizer's, ./launch/local.sh fits 15 min on 2 cores
         c.sample_every = 0            # no periodic sample grid (local.sh's eval follows the training)
     if arg == "smoke":
         # configs/vq_shapes_tiny.py:smoke's tokenizer: scales 1, 4, 16 (273 codes, blocks of 529 positions)
