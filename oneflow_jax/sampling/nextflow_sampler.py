@@ -21,11 +21,11 @@ rows enter images together (at the prefill or in one text step) and in fact alwa
 keeps a lagging row correct.
 
 CFG (`image_cfg` = w; w = 1 compiles no unconditional pass): the unconditional branch is `BOS <image>` + the block so
-far in its own KV cache of 2 + N positions, run in the same image steps (group 1's chunk also writes BOS and
-`<image>`): code logits l = l_u + w_g (l_c - l_u), w_g = 1 + (w - 1) (g - 1) / (K - 1), ramping from 1 at the first
-scale to w at the last (VAR). The final group draws no codes and needs no unconditional pass, so a guided image costs
-2K + 1 evaluations. `text_cfg` is ignored.
-`nfe` counts forward passes (the prefill and both branches included). The prefill runs on the smallest of the length
+far in its own KV cache, run in the same network evaluation as the conditional rows (one batched call over 2B rows;
+group 1's chunk also writes BOS and `<image>`): code logits l = l_u + w_g (l_c - l_u), w_g = 1 + (w - 1) (g - 1) /
+(K - 1), ramping from 1 at the first scale to w at the last (VAR). The final group draws no codes and runs the
+conditional rows only. An image costs K + 1 evaluations, guided or not. `text_cfg` is ignored.
+`nfe` counts network evaluations (batched calls; the prefill included). The prefill runs on the smallest of the length
 buckets (common.bucket_lengths) that holds every prompt. A prompt may end with an `<image>` whose latents are None:
 that image is generated first.
 """
@@ -74,7 +74,6 @@ def make_sampler(model: nf_model.NextFlowModel, cfg: SamplerConfig, special: ARS
         raise ValueError(f"the codec's block has {offsets[-1]} positions, the sampler was given {n}")
     group_of = jnp.asarray(np.repeat(np.arange(k_scales + 1), sizes), jnp.int32)    # [N] group of a block index
     guided = cfg.image_cfg != 1.0                              # static: w = 1 runs no unconditional pass at all
-    u_len = 2 + n                                              # the unconditional cache: BOS <image> block
     banned = jnp.asarray([special.bos, special.pad, *banned_tokens], jnp.int32)
 
     def run(params, st, rng, prefill_len):
@@ -103,7 +102,8 @@ def make_sampler(model: nf_model.NextFlowModel, cfg: SamplerConfig, special: ARS
                      f_hat=jnp.zeros((b, f_size, f_size, dim - 1), jnp.float32), cache=cache, rng=rng,
                      nfe=jnp.int32(1))
         if guided:
-            carry["ucache"] = nf_model.empty_cache(model.cfg, b, u_len)
+            carry["ucache"] = nf_model.empty_cache(model.cfg, b, length)   # BOS <image> block, as long as the
+                                                                              # main cache: one batched call
 
         def text_step(c):
             c = dict(c)
@@ -135,9 +135,9 @@ def make_sampler(model: nf_model.NextFlowModel, cfg: SamplerConfig, special: ARS
             c["rng"], c["nfe"] = rng, c["nfe"] + 1
             return c
 
-        def unconditional_logits(c, g, feats, active):
-            """Code logits of group g in `BOS <image> block so far` (the small cache; group 0 also writes BOS and
-            `<image>`)."""
+        def unconditional_chunk(g, feats, active):
+            """Group g of `BOS <image> block so far` for the unconditional rows (cache `ucache`; group 0 also writes
+            BOS and `<image>`): (chunk, write positions, mask)."""
             size, off = sizes[g], offsets[g]
             upos = 2 + off + jnp.arange(size)
             chunk = dict(tokens=jnp.full((b, size), special.pad, jnp.int32), is_patch=jnp.ones((b, size), bool),
@@ -150,15 +150,31 @@ def make_sampler(model: nf_model.NextFlowModel, cfg: SamplerConfig, special: ARS
                 chunk = {k: jnp.concatenate([jnp.broadcast_to(head[k], (b,) + head[k].shape), v], axis=1)
                          for k, v in chunk.items()}
                 upos = jnp.concatenate([jnp.arange(2), upos])
-            write = jnp.where(active[:, None], upos[None], u_len)
-            keys = jnp.arange(u_len)[None]                  # causal for BOS and <image>, bidirectional in the group
-            allowed = (keys <= upos[:, None]) | ((upos[:, None] >= 2 + off) & (keys < 2 + off + size))
-            mask = jnp.broadcast_to(allowed, (b, 1) + allowed.shape)
-            out, c["ucache"] = decode(chunk, c["ucache"], write, mask)
-            return out["code_logits"][:, -size:].astype(jnp.float32)
+            write = jnp.where(active[:, None], upos[None], length)
+            allowed = (key_pos[None] <= upos[:, None]) | ((upos[:, None] >= 2 + off) & (key_pos[None] < 2 + off + size))
+            return chunk, write, jnp.broadcast_to(allowed, (b, 1) + allowed.shape)
+
+        def guided_decode(c, g, chunk, write, mask, active):
+            """The conditional chunk and the unconditional one as ONE batched evaluation over 2B rows (the two
+            caches stacked for the call); group 0's conditional chunk gets 2 leading positions that write nothing,
+            to match the unconditional chunk's BOS and `<image>`. Returns the outputs of the conditional rows and
+            the unconditional rows' code logits."""
+            uchunk, uwrite, umask = unconditional_chunk(g, chunk["patches"], active)
+            extra = uwrite.shape[1] - write.shape[1]
+            if extra:
+                chunk = {k: jnp.concatenate([v[:, :1]] * extra + [v], axis=1) for k, v in chunk.items()}
+                write = jnp.concatenate([jnp.full((b, extra), length, write.dtype), write], axis=1)
+                mask = jnp.concatenate([mask[:, :, :1]] * extra + [mask], axis=2)
+            both = {k: jnp.concatenate([chunk[k], uchunk[k]]) for k in chunk}
+            cache = tuple(jnp.concatenate([x, u], axis=1) for x, u in zip(c["cache"], c["ucache"]))
+            out, cache = decode(both, cache, jnp.concatenate([write, uwrite]),
+                                jnp.concatenate([mask, jnp.broadcast_to(umask, mask.shape)]))
+            c["cache"], c["ucache"] = (tuple(x[:, :b] for x in cache), tuple(x[:, b:] for x in cache))
+            size = sizes[g]
+            return ({k: v[:b, extra:] for k, v in out.items()}, out["code_logits"][b:, -size:].astype(jnp.float32))
 
         def group_step(g, c):
-            """One network evaluation (two with guidance) on group g of the rows whose block is at group g."""
+            """One network evaluation (over 2B rows with guidance) on group g of the rows whose block is at group g."""
             c = dict(c)
             size, off = sizes[g], offsets[g]
             active = (c["group"] == g) & ~c["done"]
@@ -168,21 +184,27 @@ def make_sampler(model: nf_model.NextFlowModel, cfg: SamplerConfig, special: ARS
             chunk = dict(tokens=jnp.full((b, size), special.pad, jnp.int32), is_patch=jnp.ones((b, size), bool),
                          patch_index=jnp.broadcast_to(off + jnp.arange(size), (b, size)), patches=feats,
                          positions=idx)
-            mask = (key_pos[None, :] < (start + off + size)[:, None])[:, None, None, :]
-            out, c["cache"] = decode(chunk, c["cache"], jnp.where(active[:, None], idx, length), mask)
+            mask = jnp.broadcast_to((key_pos[None, :] < (start + off + size)[:, None])[:, None, None, :],
+                                    (b, 1, size, length))
+            write = jnp.where(active[:, None], idx, length)
+            c["nfe"] = c["nfe"] + 1
             if g == k_scales:                               # the final group: the text logits after the image
+                out, c["cache"] = decode(chunk, c["cache"], write, mask)
                 c["logits"] = jnp.where(active[:, None], out["q_logits"][:, size - 1].astype(jnp.float32),
                                         c["logits"])
                 c["length"] = jnp.where(active, start + n, start)
                 c["group"] = jnp.where(active, -1, c["group"])
                 c["done"] = c["done"] | (active & (c["length"] >= length))
-                c["nfe"] = c["nfe"] + 1
                 return c
-            log_q = jax.nn.log_softmax(out["code_logits"].astype(jnp.float32), axis=-1)
             if guided:                                      # VAR's CFG with its linear ramp over the scales
-                log_u = jax.nn.log_softmax(unconditional_logits(c, g, feats, active), axis=-1)
+                out, u_logits = guided_decode(c, g, chunk, write, mask, active)
+                log_q = jax.nn.log_softmax(out["code_logits"].astype(jnp.float32), axis=-1)
+                log_u = jax.nn.log_softmax(u_logits, axis=-1)
                 w_g = 1.0 + (cfg.image_cfg - 1.0) * g / max(k_scales - 1, 1)
                 log_q = log_u + w_g * (log_q - log_u)
+            else:
+                out, c["cache"] = decode(chunk, c["cache"], write, mask)
+                log_q = jax.nn.log_softmax(out["code_logits"].astype(jnp.float32), axis=-1)
             rng, r_code = jax.random.split(c["rng"])
             codes = sample_tokens(r_code, log_q, cfg.code_temperature, cfg.top_p, cfg.top_k).astype(jnp.int32)
             c["patches"] = c["patches"].at[rows, jnp.where(active[:, None], idx, length), dim - 1].set(
@@ -194,7 +216,7 @@ def make_sampler(model: nf_model.NextFlowModel, cfg: SamplerConfig, special: ARS
             c["patches"] = c["patches"].at[rows, nidx, :dim - 1].set(nxt.astype(c["patches"].dtype), mode="drop")
             c["f_hat"] = jnp.where(active[:, None, None, None], f_hat, c["f_hat"])
             c["group"] = jnp.where(active, g + 1, c["group"])
-            c["rng"], c["nfe"] = rng, c["nfe"] + 1 + guided
+            c["rng"] = rng
             return c
 
         def image_step(c):
