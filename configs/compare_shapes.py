@@ -1,5 +1,5 @@
-"""OneFlow vs AR+FM on shapes-world at matched training FLOPs, each model tuned alike, three widths, two seeds
-(oneflow_jax/evals/compare.py; reference §7-8; the issue's harness).
+"""OneFlow vs AR+FM and the NextFlow-style baseline on shapes-world at matched training FLOPs, each model tuned alike,
+three widths, two seeds (oneflow_jax/evals/compare.py; reference §7-8; the issue's harness).
 
 Command: python -m oneflow_jax.compare --config configs/compare_shapes.py --workdir W [--config.budget=0.5 ...]
     (writes W/compare.json, compare.md, compare_curves.png, compare_parity.png; resumable: rerun to continue)
@@ -10,6 +10,8 @@ seeds) is a few hours in the background, resumable.
 Scores: docs/results.md, "FLOP comparison".
 Every run is shapes_tiny's recipe (configs/shapes_tiny.py; AR's extras from configs/ar_shapes_tiny.py) at
 d_model = width, d_ff = patch head hidden = ff_mult x width; model_type, lr, image-loss weight and seed set per run.
+NextFlow's runs take configs/nextflow_shapes_tiny.py's codec, rows, sampler and loss weight on top (compare.overrides)
+and one VQ tokenizer, configs/vq_shapes_tiny.py, trained into W/vq (its FLOPs are reported apart).
 Variant :tiny is for tests (a few steps of a tiny model, one width, one tuning value).
 """
 import ml_collections
@@ -22,7 +24,16 @@ def get_config(arg: str | None = None):
     c.model_type = "oneflow"          # set per run by compare.py
     c.budget = 1.0                    # scales compare.steps
     c.log_every = 100
+    nf = sibling_config(__file__, "nextflow_shapes_tiny.py").get_config("smoke" if arg == "tiny" else None)
     c.compare = ml_collections.ConfigDict(dict(
+        models=("oneflow", "ar", "nextflow"),   # OneFlow, then the baselines it is measured against
+        # per model, config sections set on top of the shared one (the width, lr, weight and seed still apply)
+        overrides=dict(nextflow=dict(
+            codec=nf.codec.to_dict(), nextflow=nf.nextflow.to_dict(), sampler=nf.sampler.to_dict(),
+            data=dict(seq_len=nf.data.seq_len, max_patches_per_row=nf.data.max_patches_per_row),
+            objective=dict(image_loss_weight=nf.objective.image_loss_weight), model=dict(patch_head_hidden=0))),
+        # the train_vq config of the models with codec 'vq', trained once into W/vq
+        tokenizer=sibling_config(__file__, "vq_shapes_tiny.py").get_config("smoke" if arg == "tiny" else None),
         steps=3000,                   # training steps of every run at budget 1 (batch 8 x 128 positions)
         widths=(64, 128, 256),        # d_model of each size (n_layers, n_heads as the shared config)
         ff_mult=3,                    # d_ff and patch_head_hidden = ff_mult x width
@@ -42,6 +53,12 @@ def get_config(arg: str | None = None):
         c.compare.update(steps=4, widths=(32,), seeds=(0,), eval_fractions=(0.5, 1.0), eval_examples=4,
                          eval_batch_size=4, latency_prompts=1, useful_flops_batches=2)
         c.compare.tune.update(lr=(2e-3,), image_loss_weight=(4.0,), extend=0)
+        # NextFlow on a 3-scale tokenizer (1, 2, 4: blocks of 21 + 16 positions) that fits 64-position rows
+        c.compare.tokenizer.vq.update(channels=(8, 8, 8, 16), downsample=8, scales=(1, 2, 4))
+        c.compare.overrides.nextflow.codec.update(scales=(1, 2, 4))
+        c.compare.overrides.nextflow.data.seq_len = 64
+        c.compare.overrides.nextflow.sampler.max_len = 64
+        c.compare.overrides.nextflow.objective.image_loss_weight = 4.0    # the tuned weight: no second tuning run
         c.model.n_layers = 1
         c.data.update(seq_len=64, global_batch_size=4)
         c.sampler.update(max_len=64, steps=4)

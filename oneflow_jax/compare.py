@@ -1,10 +1,11 @@
-"""OneFlow vs the AR+FM baseline at matched training FLOPs, tuned alike, over model sizes and seeds
-(evals/compare.py, evals/compare_report.py):
+"""OneFlow vs its baselines (AR+FM, NextFlow-style) at matched training FLOPs, tuned alike, over model sizes and
+seeds (evals/compare.py, evals/compare_report.py):
 
     python -m oneflow_jax.compare --config configs/compare_shapes.py --workdir W [--config.budget=0.5 ...]
-        [--sampler '{"temperature": 0.3}']
+        [--sampler '{"temperature": 0.3}'] [--reuse OLD/compare.jsonl]
 
-Tunes lr and image-loss weight for each model, trains the sweep (resumable), evaluates every checkpoint and writes
+Trains the VQ tokenizer NextFlow needs (W/vq), tunes lr and image-loss weight for each model, trains the sweep
+(resumable), evaluates every checkpoint and writes
 W/compare.json, W/compare.md, W/compare.jsonl, W/compare_curves.png and W/compare_parity.png (rewritten after every
 run). --report_only trains nothing and reports the finished runs.
 """
@@ -21,6 +22,8 @@ config_flags.DEFINE_config_file("config", None, "A comparison config (configs/co
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory of the comparison: W/runs/..., W/compare.*")
 flags.DEFINE_bool("report_only", False, "Train nothing: report the finished runs (e.g. while a sweep still trains).")
+flags.DEFINE_string("reuse", None, "An earlier sweep's compare.jsonl (same config and budget): its runs count as "
+                    "finished (evaluations and FLOPs imported), e.g. to add a baseline without retraining the others.")
 cli.define_sampler_flags()
 
 
@@ -28,7 +31,7 @@ def main(argv):
     cli.no_extra_args(argv)
     if FLAGS.config is None or FLAGS.workdir is None:
         raise cli.UserError("--config and --workdir are required")
-    compare.compare(FLAGS.config, FLAGS.workdir, cli.sampler_overrides(), FLAGS.report_only)
+    compare.compare(FLAGS.config, FLAGS.workdir, cli.sampler_overrides(), FLAGS.report_only, FLAGS.reuse)
 
 
 if __name__ == "__main__":

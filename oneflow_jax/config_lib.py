@@ -155,6 +155,9 @@ class EvalConfig:
 @dataclasses.dataclass(frozen=True)
 class CompareConfig:
     """The FLOP comparison (evals/compare.py); configs/compare_shapes.py says what each field is."""
+    models: tuple = ("oneflow", "ar")
+    overrides: dict = dataclasses.field(default_factory=dict)
+    tokenizer: dict = dataclasses.field(default_factory=dict)
     steps: int = 3000
     widths: tuple = (64, 128, 256)
     ff_mult: int = 3

@@ -44,8 +44,8 @@ def test_parity_kinds_and_the_papers_definition():
     assert compare_report.parity_at(of, ar, 1.5)["ratio"] is None
     points = lambda c: [dict(train_flops=f, acc=s) for f, s in c]
     out = compare_report.parity(points(of), points(ar), "acc", [0.5, 1.0])
-    assert out["of_ar_final"]["0.5"]["ratio"] == pytest.approx(2.0 / 1.25)   # target 0.5
-    assert out["of_ar_final"]["1"]["kind"] == ">"
+    assert out["of_baseline_final"]["0.5"]["ratio"] == pytest.approx(2.0 / 1.25)   # target 0.5
+    assert out["of_baseline_final"]["1"]["kind"] == ">"
     assert out["paper"] == dict(ratio=1.0, kind=">")                       # OneFlow's 4 FLOPs / AR's 4, not reached
     assert out["of_oneflow_final"]["1"]["ratio"] == pytest.approx(4.0 / 2.0)   # AR reaches 0.8 at 2
 
@@ -62,14 +62,15 @@ def test_mean_curve_and_equal_quality_cost():
     of = [dict(step=1, train_flops=1, acc=0.3, nfe=7), dict(step=2, train_flops=2, acc=0.9, nfe=7)]
     ar = [dict(step=1, train_flops=1, acc=0.7, nfe=15), dict(step=2, train_flops=2, acc=0.8, nfe=15)]
     e = compare_report.equal_quality_cost(of, ar, "acc", ["nfe"])
-    assert e["quality"] == 0.8 and e["oneflow"]["step"] == 2 and e["ar"]["step"] == 2 and e["ar"]["nfe"] == 15
+    assert e["quality"] == 0.8 and e["oneflow"]["step"] == 2 and e["baseline"]["step"] == 2 and e["baseline"]["nfe"] == 15
 
 
 def test_tuning_then_sweep_specs_and_the_best_choice():
     config = load_config()
+    config.compare.models = ("oneflow", "ar")
     lr_runs = compare.tuning_specs(config)
     assert {(s.model, s.lr, s.width, s.seed) for s in lr_runs} == {
-        (m, lr, 64, 0) for m in compare.MODELS for lr in (1e-3, 2e-3, 4e-3)}
+        (m, lr, 64, 0) for m in ("oneflow", "ar") for lr in (1e-3, 2e-3, 4e-3)}
     scores = {1e-3: 0.2, 2e-3: 0.7, 4e-3: 0.5}
     records = {s.name: dict(points=[dict(caption_accuracy=scores[s.lr] + (0.1 if s.model == "ar" and s.lr == 4e-3
                                                                            else 0.0),
@@ -96,6 +97,24 @@ def test_tuning_then_sweep_specs_and_the_best_choice():
     assert run.keep_checkpoints >= len(steps)
 
 
+def test_nextflow_is_a_third_model_with_its_own_codec_rows_and_tokenizer(tmp_path):
+    config = load_config()
+    assert compare.models(config) == ("oneflow", "ar", "nextflow") and compare.vq_models(config) == ["nextflow"]
+    weight_runs = compare.tuning_specs(config, {"oneflow": 2e-3, "ar": 4e-3, "nextflow": 1e-3})
+    assert [(s.model, s.image_loss_weight) for s in weight_runs] == [("oneflow", 1.0), ("ar", 1.0), ("nextflow", 4.0)]
+    spec = compare.RunSpec(128, "nextflow", 1e-3, 1.0, 1)
+    run = compare.run_config(config, spec, str(tmp_path))
+    assert (run.model_type, run.model.d_model, run.model.d_ff, run.model.patch_head_hidden) == ("nextflow", 128, 384, 0)
+    assert run.codec.name == "vq" and run.codec.tokenizer == os.path.join(str(tmp_path), "vq")
+    assert run.data.seq_len == 256 and run.sampler.image_cfg == 3.0 and run.nextflow.cond_drop == 0.1
+    other = compare.run_config(config, compare.RunSpec(128, "ar", 1e-3, 4.0, 1), str(tmp_path))
+    assert other.codec.name == "pixel_patch" and other.data.seq_len == 128       # overrides touch NextFlow only
+    for bad in (("ar", "oneflow"), ("oneflow",), ("oneflow", "ar", "ar"), ("oneflow", "gpt")):
+        config.compare.models = bad
+        with pytest.raises(compare.cli.UserError, match="compare.models must be 'oneflow' then"):
+            compare.settings(config)
+
+
 @pytest.mark.parametrize("method", ["oneflow", "ar"])
 def test_useful_flops_are_measured_on_the_packed_documents(cli, method):
     from oneflow_jax import config_lib
@@ -120,26 +139,31 @@ def test_useful_flops_are_measured_on_the_packed_documents(cli, method):
     assert 0 < out["packing_fill"] <= 1 and out["documents_per_row"] >= 1
 
 
-def test_compare_cli_tiny_end_to_end_and_resumable(cli, tmp_path):
+def test_compare_cli_tiny_end_to_end_resumable_and_reusable(cli, tmp_path):
     wd = tmp_path / "cmp"
     first = cli.run("compare", "--config=configs/compare_shapes.py:tiny", f"--workdir={wd}").check()
-    assert "compare: [tuning lr 1/2] training d32/oneflow_lr0.002_w4_s0" in first.stdout, first
+    assert "compare: training the VQ tokenizer of nextflow" in first.stdout, first
+    assert "compare: [tuning lr 1/3] training d32/oneflow_lr0.002_w4_s0" in first.stdout, first
     result = json.loads((wd / "compare.json").read_text())
-    assert result["best"] == {"oneflow": [0.002, 4.0], "ar": [0.002, 4.0]}
-    assert set(result["parity"]["d32"]) == {"caption_accuracy", "generation_accuracy"}
+    assert result["best"] == {"oneflow": [0.002, 4.0], "ar": [0.002, 4.0], "nextflow": [0.002, 4.0]}
+    assert {b: set(p) for b, p in result["parity"]["d32"].items()} == {
+        b: {"caption_accuracy", "generation_accuracy"} for b in ("ar", "nextflow")}
     assert result["config"]["compare"]["widths"] == [32] and "commit" in result
-    for model in ("oneflow", "ar"):
+    tok = result["tokenizer"]                   # reported apart: 6 steps of the tiny tokenizer
+    assert tok["steps"] == 6 and tok["train_flops"] == 6 * tok["train_flops_per_step"] > 0
+    for model in ("oneflow", "ar", "nextflow"):
         run = result["runs"][f"d32/{model}_lr0.002_w4_s0"]
         assert [p["step"] for p in run["points"]] == [2, 4]
         p = run["points"][-1]
         assert p["train_flops"] == 4 * run["train_flops_per_step"]
         assert p["useful_train_flops"] < p["train_flops"]
-        assert (p["train_flops_causal"] < p["train_flops"]) == (model == "ar")
-        assert p["caption_nfe"] >= 1 and p["caption_latency_s"] > 0
+        assert (p["train_flops_causal"] < p["train_flops"]) == (model != "oneflow")
+        assert p["caption_nfe"] >= 1 and p["caption_latency_s"] > 0 and p["generation_nfe"] >= 1
     md = (wd / "compare.md").read_text()
-    assert md.startswith("# OneFlow vs AR+FM") and "## Parity FLOP ratio" in md and "## Tuning" in md
+    assert md.startswith("# OneFlow vs AR+FM and NextFlow") and "## Parity FLOP ratio" in md and "## Tuning" in md
+    assert "## VQ tokenizer" in md and "| d32 | 0.12M | NextFlow | caption_accuracy |" in md
     rows = [json.loads(line) for line in (wd / "compare.jsonl").read_text().splitlines()]
-    assert sorted(r["kind"] for r in rows) == ["parity"] * 2 + ["run"] * 2 + ["tuning"] * 2
+    assert sorted(r["kind"] for r in rows) == ["parity"] * 4 + ["run"] * 3 + ["tokenizer"] + ["tuning"] * 3
     assert all(r["commit"] == result["commit"] and r["date"] for r in rows)
     for png in ("compare_curves.png", "compare_parity.png"):
         assert (wd / png).read_bytes()[:4] == b"\x89PNG"
@@ -148,7 +172,21 @@ def test_compare_cli_tiny_end_to_end_and_resumable(cli, tmp_path):
     assert "] training" not in again.stdout and "train step" not in again.stdout, again   # finished: skipped
     evaluated = [line for line in again.stdout.splitlines() if line.startswith("compare: d32/")]
     assert len(evaluated) == 1 and "d32/ar_lr0.002_w4_s0 step 2:" in evaluated[0], again.stdout
-    assert json.loads((wd / "compare.json").read_text())["runs"].keys() == result["runs"].keys()
+    result = json.loads((wd / "compare.json").read_text())
+    assert result["runs"].keys() == {f"d32/{m}_lr0.002_w4_s0" for m in ("oneflow", "ar", "nextflow")}
+    # --reuse: a new comparison takes the runs of this one's compare.jsonl as finished, trains and evaluates nothing
+    wd2 = tmp_path / "cmp2"
+    reused = cli.run("compare", "--config=configs/compare_shapes.py:tiny", f"--workdir={wd2}",
+                     f"--reuse={wd / 'compare.jsonl'}", "--report_only").check()
+    assert "compare: 3 runs imported" in reused.stdout and "compare: d32/" not in reused.stdout, reused
+    result2 = json.loads((wd2 / "compare.json").read_text())
+    for name, run in result["runs"].items():
+        assert result2["runs"][name]["points"] == run["points"]
+        assert result2["runs"][name]["imported"]["commit"] == result["commit"]
+    assert result2["parity"] == result["parity"] and result2["best"] == result["best"]
+    bad = cli.run("compare", "--config=configs/compare_shapes.py:tiny", f"--workdir={tmp_path / 'cmp3'}",
+                  f"--reuse={wd / 'compare.jsonl'}", "--config.budget=0.5", "--report_only")
+    assert_one_line_error(bad, "has {'budget': 1.0")
 
 
 def test_compare_report_only_trains_nothing(cli, tmp_path):

@@ -15,7 +15,8 @@ import numpy as np
 import optax
 import pytest
 
-from oneflow_jax import config_lib, methods, train_vq
+from oneflow_jax import config_lib, methods
+from oneflow_jax.training import vq_trainer
 from oneflow_jax.data import datasets, shapes_world
 from oneflow_jax.models import codec as codec_lib
 from oneflow_jax.models import nextflow_transformer as nf_model
@@ -37,9 +38,9 @@ def tokenizer_dir(tmp_path_factory):
     are fresh, the codebook spread like features (as tests/test_vq.py: a fresh one puts most vectors on one code);
     tests/test_vq.py trains the tokenizer, here only its codes matter."""
     config = config_lib.load_config_file("configs/vq_shapes_tiny.py:smoke")
-    cfg = train_vq.check_config(config)
-    tx, _ = train_vq.make_optimizer(config.optimizer, config.total_steps)
-    state = train_vq.create_state(cfg, tx, seed=0)
+    cfg = vq_trainer.check_config(config)
+    tx, _ = vq_trainer.make_optimizer(config.optimizer, config.total_steps)
+    state = vq_trainer.create_state(cfg, tx, seed=0)
     codebook = np.random.default_rng(1).standard_normal(state["params"]["codebook"].shape).astype(np.float32)
     state["params"] = dict(state["params"], codebook=jnp.asarray(codebook))
     workdir = tmp_path_factory.mktemp("vq") / "run"

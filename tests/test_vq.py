@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from oneflow_jax import train_vq
+from oneflow_jax.training import vq_trainer
 from oneflow_jax.data import shapes_world
 from oneflow_jax.models import vq
 
@@ -102,9 +102,9 @@ def test_resizing_is_torchs_area_and_bicubic_interpolation():
 def test_training_reduces_the_loss_and_restarts_dead_codes():
     """The default EMA codebook here; the CLI test trains the smoke config, whose codebook learns by its loss."""
     opt = ml_collections.ConfigDict(dict(lr=3e-3, min_lr_ratio=1.0, warmup_steps=1, b1=0.9, b2=0.99, grad_clip=1.0))
-    tx, schedule = train_vq.make_optimizer(opt, 12)
-    state = train_vq.create_state(CFG, tx, seed=0)
-    step = train_vq.make_train_step(CFG, tx, schedule, seed=0)
+    tx, schedule = vq_trainer.make_optimizer(opt, 12)
+    state = vq_trainer.create_state(CFG, tx, seed=0)
+    step = vq_trainer.make_train_step(CFG, tx, schedule, seed=0)
     images = shapes_images(16)
     losses, restarted = [], 0
     for _ in range(12):
