@@ -50,7 +50,7 @@ def get_config(arg: str | None = None):
         latency_prompts=4,            # prompts timed one at a time (batch 1) per task and checkpoint
         useful_flops_batches=50))     # training batches read to measure the useful FLOPs of packed documents
     if arg == "tiny":
-        c.compare.update(steps=4, widths=(32,), seeds=(0,), eval_fractions=(0.5, 1.0), eval_examples=4,
+        c.compare.update(steps=4, widths=(32,), seeds=(0,), eval_fractions=(1.0,), eval_examples=4,
                          eval_batch_size=4, latency_prompts=1, useful_flops_batches=2)
         c.compare.tune.update(lr=(2e-3,), image_loss_weight=(4.0,), extend=0)
         # NextFlow on a 3-scale tokenizer (1, 2, 4: blocks of 21 + 16 positions) that fits 64-position rows

@@ -153,7 +153,7 @@ def test_compare_cli_tiny_end_to_end_resumable_and_reusable(cli, tmp_path):
     assert tok["steps"] == 6 and tok["train_flops"] == 6 * tok["train_flops_per_step"] > 0
     for model in ("oneflow", "ar", "nextflow"):
         run = result["runs"][f"d32/{model}_lr0.002_w4_s0"]
-        assert [p["step"] for p in run["points"]] == [2, 4]
+        assert [p["step"] for p in run["points"]] == [4]
         p = run["points"][-1]
         assert p["train_flops"] == 4 * run["train_flops_per_step"]
         assert p["useful_train_flops"] < p["train_flops"]
@@ -167,11 +167,11 @@ def test_compare_cli_tiny_end_to_end_resumable_and_reusable(cli, tmp_path):
     assert all(r["commit"] == result["commit"] and r["date"] for r in rows)
     for png in ("compare_curves.png", "compare_parity.png"):
         assert (wd / png).read_bytes()[:4] == b"\x89PNG"
-    os.remove(wd / "runs/d32/ar_lr0.002_w4_s0/compare_eval/step_2.json")
+    os.remove(wd / "runs/d32/ar_lr0.002_w4_s0/compare_eval/step_4.json")
     again = cli.run("compare", "--config=configs/compare_shapes.py:tiny", f"--workdir={wd}").check()
     assert "] training" not in again.stdout and "train step" not in again.stdout, again   # finished: skipped
     evaluated = [line for line in again.stdout.splitlines() if line.startswith("compare: d32/")]
-    assert len(evaluated) == 1 and "d32/ar_lr0.002_w4_s0 step 2:" in evaluated[0], again.stdout
+    assert len(evaluated) == 1 and "d32/ar_lr0.002_w4_s0 step 4:" in evaluated[0], again.stdout
     result = json.loads((wd / "compare.json").read_text())
     assert result["runs"].keys() == {f"d32/{m}_lr0.002_w4_s0" for m in ("oneflow", "ar", "nextflow")}
     # --reuse: a new comparison takes the runs of this one's compare.jsonl as finished, trains and evaluates nothing

@@ -357,7 +357,7 @@ def ensure_tokenizer(config, workdir: str) -> dict | None:
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
-    if "tokenizer" not in config.compare:
+    if not config.compare.get("tokenizer"):
         raise cli.UserError(f"compare.models {needs} need a VQ tokenizer: set compare.tokenizer to a train_vq config "
                             "(configs/vq_shapes_tiny.py's get_config())")
     vq_config = copy.deepcopy(config.compare.tokenizer)
@@ -371,7 +371,7 @@ def ensure_tokenizer(config, workdir: str) -> dict | None:
         return None
     per_step = vq_trainer.train_flops_per_step(vq_config)
     out = dict(steps=int(vq_config.total_steps), batch_size=int(vq_config.batch_size), train_flops_per_step=per_step,
-               train_flops=per_step * int(vq_config.total_steps), seconds=time.perf_counter() - t0,
+               train_flops=per_step * int(vq_config.total_steps), wall_s=time.perf_counter() - t0,   # eval included
                **{k: scores[k] for k in ("psnr", "attributes_recognised") if k in scores})
     _write_json(path, out)
     return out

@@ -125,7 +125,7 @@ def ar_nll(run: generate.Run, documents) -> list[dict]:
                                 nextflow=dataclasses.replace(cfg.nextflow, cond_drop=0.0))
     transform, packer = method.pipeline_pieces(clean, run.tokenizer, run.codec)
     special = method.special_tokens(run.tokenizer)
-    inputs = nextflow_transformer.model_inputs if method.name == "nextflow" else ar_transformer.model_inputs
+    inputs = nextflow_transformer.model_inputs if method.image_codes else ar_transformer.model_inputs
     forward = jax.jit(lambda p, b: run.model.apply({"params": p}, inputs(b)))
     out = []
     rng = np.random.default_rng(0)
