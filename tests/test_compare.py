@@ -140,18 +140,18 @@ def test_useful_flops_are_measured_on_the_packed_documents(cli, method):
 
 
 def test_compare_cli_tiny_end_to_end_resumable_and_reusable(cli, tmp_path):
-    wd = tmp_path / "cmp"
-    first = cli.run("compare", "--config=configs/compare_shapes.py:tiny", f"--workdir={wd}").check()
+    """OneFlow against NextFlow (AR+FM runs the same code path as OneFlow; the default's three models: above)."""
+    wd, models = tmp_path / "cmp", "--config.compare.models=('oneflow', 'nextflow')"
+    first = cli.run("compare", "--config=configs/compare_shapes.py:tiny", models, f"--workdir={wd}").check()
     assert "compare: training the VQ tokenizer of nextflow" in first.stdout, first
-    assert "compare: [tuning lr 1/3] training d32/oneflow_lr0.002_w4_s0" in first.stdout, first
+    assert "compare: [tuning lr 1/2] training d32/oneflow_lr0.002_w4_s0" in first.stdout, first
     result = json.loads((wd / "compare.json").read_text())
-    assert result["best"] == {"oneflow": [0.002, 4.0], "ar": [0.002, 4.0], "nextflow": [0.002, 4.0]}
-    assert {b: set(p) for b, p in result["parity"]["d32"].items()} == {
-        b: {"caption_accuracy", "generation_accuracy"} for b in ("ar", "nextflow")}
+    assert result["best"] == {"oneflow": [0.002, 4.0], "nextflow": [0.002, 4.0]}
+    assert set(result["parity"]["d32"]["nextflow"]) == {"caption_accuracy", "generation_accuracy"}
     assert result["config"]["compare"]["widths"] == [32] and "commit" in result
     tok = result["tokenizer"]                   # reported apart: 6 steps of the tiny tokenizer
     assert tok["steps"] == 6 and tok["train_flops"] == 6 * tok["train_flops_per_step"] > 0
-    for model in ("oneflow", "ar", "nextflow"):
+    for model in ("oneflow", "nextflow"):
         run = result["runs"][f"d32/{model}_lr0.002_w4_s0"]
         assert [p["step"] for p in run["points"]] == [4]
         p = run["points"][-1]
@@ -160,33 +160,35 @@ def test_compare_cli_tiny_end_to_end_resumable_and_reusable(cli, tmp_path):
         assert (p["train_flops_causal"] < p["train_flops"]) == (model != "oneflow")
         assert p["caption_nfe"] >= 1 and p["caption_latency_s"] > 0 and p["generation_nfe"] >= 1
     md = (wd / "compare.md").read_text()
-    assert md.startswith("# OneFlow vs AR+FM and NextFlow") and "## Parity FLOP ratio" in md and "## Tuning" in md
+    assert md.startswith("# OneFlow vs NextFlow") and "## Parity FLOP ratio" in md and "## Tuning" in md
     assert "## VQ tokenizer" in md and "| d32 | 0.12M | NextFlow | caption_accuracy |" in md
     rows = [json.loads(line) for line in (wd / "compare.jsonl").read_text().splitlines()]
-    assert sorted(r["kind"] for r in rows) == ["parity"] * 4 + ["run"] * 3 + ["tokenizer"] + ["tuning"] * 3
+    assert sorted(r["kind"] for r in rows) == ["parity"] * 2 + ["run"] * 2 + ["tokenizer"] + ["tuning"] * 2
     assert all(r["commit"] == result["commit"] and r["date"] for r in rows)
     for png in ("compare_curves.png", "compare_parity.png"):
         assert (wd / png).read_bytes()[:4] == b"\x89PNG"
-    os.remove(wd / "runs/d32/ar_lr0.002_w4_s0/compare_eval/step_4.json")
-    again = cli.run("compare", "--config=configs/compare_shapes.py:tiny", f"--workdir={wd}").check()
+    os.remove(wd / "runs/d32/oneflow_lr0.002_w4_s0/compare_eval/step_4.json")
+    again = cli.run("compare", "--config=configs/compare_shapes.py:tiny", models, f"--workdir={wd}").check()
     assert "] training" not in again.stdout and "train step" not in again.stdout, again   # finished: skipped
+    assert "compare: training the VQ tokenizer" not in again.stdout, again
     evaluated = [line for line in again.stdout.splitlines() if line.startswith("compare: d32/")]
-    assert len(evaluated) == 1 and "d32/ar_lr0.002_w4_s0 step 4:" in evaluated[0], again.stdout
+    assert len(evaluated) == 1 and "d32/oneflow_lr0.002_w4_s0 step 4:" in evaluated[0], again.stdout
     result = json.loads((wd / "compare.json").read_text())
-    assert result["runs"].keys() == {f"d32/{m}_lr0.002_w4_s0" for m in ("oneflow", "ar", "nextflow")}
+    assert result["runs"].keys() == {f"d32/{m}_lr0.002_w4_s0" for m in ("oneflow", "nextflow")}
     # --reuse: a new comparison takes the runs of this one's compare.jsonl as finished, trains and evaluates nothing
     wd2 = tmp_path / "cmp2"
-    reused = cli.run("compare", "--config=configs/compare_shapes.py:tiny", f"--workdir={wd2}",
+    reused = cli.run("compare", "--config=configs/compare_shapes.py:tiny", models, f"--workdir={wd2}",
                      f"--reuse={wd / 'compare.jsonl'}", "--report_only").check()
-    assert "compare: 3 runs imported" in reused.stdout and "compare: d32/" not in reused.stdout, reused
+    assert "compare: 2 runs imported" in reused.stdout and "compare: d32/" not in reused.stdout, reused
     result2 = json.loads((wd2 / "compare.json").read_text())
     for name, run in result["runs"].items():
         assert result2["runs"][name]["points"] == run["points"]
         assert result2["runs"][name]["imported"]["commit"] == result["commit"]
     assert result2["parity"] == result["parity"] and result2["best"] == result["best"]
-    bad = cli.run("compare", "--config=configs/compare_shapes.py:tiny", f"--workdir={tmp_path / 'cmp3'}",
-                  f"--reuse={wd / 'compare.jsonl'}", "--config.budget=0.5", "--report_only")
-    assert_one_line_error(bad, "has {'budget': 1.0")
+    config = load_config("tiny")
+    config.budget = 0.5
+    with pytest.raises(compare.cli.UserError, match="has {'budget': 1.0"):
+        compare.import_runs(config, str(tmp_path / "cmp3"), str(wd / "compare.jsonl"))
 
 
 def test_compare_report_only_trains_nothing(cli, tmp_path):
