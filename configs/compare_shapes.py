@@ -25,15 +25,14 @@ def get_config(arg: str | None = None):
     c.budget = 1.0                    # scales compare.steps
     c.log_every = 100
     nf = sibling_config(__file__, "nextflow_shapes_tiny.py").get_config("smoke" if arg == "tiny" else None)
+    vq_config = sibling_config(__file__, "vq_shapes_tiny.py").get_config("smoke" if arg == "tiny" else None)
     c.compare = ml_collections.ConfigDict(dict(
         models=("oneflow", "ar", "nextflow"),   # OneFlow, then the baselines it is measured against
-        # per model, config sections set on top of the shared one (the width, lr, weight and seed still apply)
-        overrides=dict(nextflow=dict(
+        overrides=dict(nextflow=dict(   # per model: config sections on top of the shared one (width, lr... still apply)
             codec=nf.codec.to_dict(), nextflow=nf.nextflow.to_dict(), sampler=nf.sampler.to_dict(),
             data=dict(seq_len=nf.data.seq_len, max_patches_per_row=nf.data.max_patches_per_row),
             objective=dict(image_loss_weight=nf.objective.image_loss_weight), model=dict(patch_head_hidden=0))),
-        # the train_vq config of the models with codec 'vq', trained once into W/vq
-        tokenizer=sibling_config(__file__, "vq_shapes_tiny.py").get_config("smoke" if arg == "tiny" else None),
+        tokenizer=vq_config,          # the train_vq config of the models with codec 'vq', trained once into W/vq
         steps=3000,                   # training steps of every run at budget 1 (batch 8 x 128 positions)
         widths=(64, 128, 256),        # d_model of each size (n_layers, n_heads as the shared config)
         ff_mult=3,                    # d_ff and patch_head_hidden = ff_mult x width

@@ -27,12 +27,13 @@ def get_config(arg: str | None = None):
         code_dim=16,                  # C: features per block position (the codes' width)
         codebook_size=256,            # classes of the code head
         batch_size=8))                # images encoded per jitted call in the input pipeline
-    # cond_drop: P(a document loses the text before its first image), what image_cfg's unconditional branch reads
-    c.nextflow = ml_collections.ConfigDict(dict(cond_drop=0.1))
+    c.nextflow = ml_collections.ConfigDict(dict(
+        cond_drop=0.1))               # P(a document loses the text before its first image): image_cfg's unconditional
     c.model.update(patch_head_hidden=0)   # no patch head here (the code head is d_model -> codebook_size)
     c.objective.image_loss_weight = 1.0   # w in L = L_text + w * L_code (mean CE over the batch's codes)
-    # a row holds one caption-image pair (~167 positions); documents with 2-3 images are dropped; no patch-slot limit
-    c.data.update(seq_len=256, max_patches_per_row=0)
+    c.data.update(
+        seq_len=256,                  # one caption-image pair (~167 positions) per row; 2-3 image documents dropped
+        max_patches_per_row=0)        # no patch-slot limit
     c.sampler.update(
         max_len=512,                  # positions of the sampler's buffer, prompt included (3 images fit)
         temperature=0.1,              # text tokens' temperature
