@@ -39,6 +39,9 @@ SETTINGS = {
     "confident_serial": dict(CONFIDENT, parallel_confidence=1e9),      # only the most confident gap: one per step
     "confident_img16": dict(CONFIDENT, steps=16),
     "confident_img8": dict(CONFIDENT, steps=8),
+    "confident_wait": dict(CONFIDENT, images_wait_for_text=True),
+    "confident_t1_wait": dict(CONFIDENT, temperature=1.0, images_wait_for_text=True),
+    "confident_serial_t1_wait": dict(CONFIDENT, parallel_confidence=1e9, temperature=1.0, images_wait_for_text=True),
     "cap1_vote3": dict(insertion_rule="alg1", max_insertions_per_step=1, finish_threshold=0.5,
                        insertion_order="largest_gap", votes=3),      # the 2026-12-03 default (114 evaluations)
     "cap1": dict(insertion_rule="alg1", max_insertions_per_step=1, finish_threshold=0.5,

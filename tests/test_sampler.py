@@ -259,6 +259,52 @@ def test_confident_rule_inserts_one_atom_where_q_is_spread_wider_than_the_gap():
     assert int(out["length"][0]) == 4 and int(nfe) == 2
 
 
+
+def test_images_wait_for_text_keeps_every_image_at_noise_until_the_text_is_written():
+    """images_wait_for_text: while an evaluation still sees an open gap, the row's images take no Euler step (they
+    stay N(0, I) at t_img = 0), so each image denoises from its finished text, as text-to-image examples train it;
+    the document is still rebuilt exactly, and its images then take their `steps` Euler steps together. Without the
+    option the images move while the text is being written."""
+    from oracle import oracle_heads
+    rng = np.random.default_rng(5)
+    targets = [[5, 6, 3, 7, 8, 9, 3, 5, 5, 6]]
+    latents = [rng.standard_normal((2, N, D)).astype(np.float32)]
+
+    def run(wait):
+        seen = []          # per evaluation: (text complete, noise levels of the live image patches)
+
+        def heads(tokens, is_patch, patch_t, patches, length):
+            n = int(length[0])
+            text = [int(t) for t, p in zip(tokens[0, 1:n], is_patch[0, 1:n]) if not p]
+            seen.append((text == targets[0], patch_t[0, :n][is_patch[0, :n]].copy()))
+            return oracle_heads(tokens, is_patch, patch_t, patches, length, targets, latents, V, SP.image)
+
+        def apply_fn(inputs, _live_len):
+            b, L = inputs["tokens"].shape
+            shapes = (jax.ShapeDtypeStruct((b, L), jnp.float32), jax.ShapeDtypeStruct((b, L), jnp.float32),
+                      jax.ShapeDtypeStruct((b, L, V), jnp.float32), jax.ShapeDtypeStruct((b, L, D), jnp.float32))
+            length = jnp.sum(inputs["segment_ids"] > 0, axis=1)
+            pi, lam, q, vel = jax.pure_callback(lambda *a: heads(*(np.asarray(x) for x in a)), shapes,
+                                                inputs["tokens"], inputs["is_patch"], inputs["patch_t"],
+                                                inputs["patches"], length)
+            return dict(pi_logit=pi, lam=lam, q_logits=q, velocity=vel)
+
+        cfg = S.SamplerConfig(steps=8, max_len=64, insertion_rule="confident", images_wait_for_text=wait)
+        state = S.init_state([([], None)], 64, SP, N, D)
+        out, nfe = jax.jit(lambda st, r: S.sample_loop(apply_fn, st, r, cfg, SP, N))(state, jax.random.key(1))
+        docs = S.extract_documents(jax.device_get(out), SP)
+        assert_rebuilt(docs, targets, latents)
+        return seen, int(nfe)
+
+    seen, nfe = run(wait=True)
+    writing = [t for done, t in seen if not done]
+    assert writing and any(t.size for t in writing)                # images were inserted while the text was written
+    assert all((t == 0.0).all() for t in writing)
+    assert nfe == len(writing) + 8                                  # then 8 Euler steps, every image at once
+    seen, _ = run(wait=False)
+    assert any((t > 0.0).any() for done, t in seen if not done)
+
+
 # ------------------------------------------------------------------------------------------------ guidance
 
 def _random_model():

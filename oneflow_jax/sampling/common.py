@@ -20,6 +20,7 @@ class SamplerConfig:
     gap_threshold: float = 0.5      # confident: a gap is open while E[k] = (1 - pi) lambda > this; done when none is
     parallel_confidence: float = 0.8   # confident: an open gap inserts alongside others iff max(1, lambda) / exp(H(Q))
                                        # >= this; the most confident open gap always inserts
+    images_wait_for_text: bool = False   # confident: a row's noisy images take no Euler step while a gap of it is open
     length_buckets: int = 3         # the network runs on the smallest of this many lengths (max_len / 2^k) that holds
                                     # the live sequence; 1 = always max_len
     text_cfg: float = 1.0       # w of Eq. 12 (1 = no guidance)
@@ -41,6 +42,8 @@ class SamplerConfig:
             raise ValueError(f"insertion_rule must be one of {', '.join(INSERTION_RULES)}, got {self.insertion_rule!r}")
         if self.steps < 1 or self.length_buckets < 1:
             raise ValueError(f"steps and length_buckets must be >= 1, got {self.steps} and {self.length_buckets}")
+        if self.images_wait_for_text and self.insertion_rule != "confident":
+            raise ValueError("images_wait_for_text needs insertion_rule 'confident' (Alg. 1 has no open-gap test)")
         if self.insertion_order not in INSERTION_ORDERS:
             raise ValueError(f"insertion_order must be one of {', '.join(INSERTION_ORDERS)}, "
                              f"got {self.insertion_order!r}")

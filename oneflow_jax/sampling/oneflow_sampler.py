@@ -249,26 +249,18 @@ def sample_loop(apply_fn: Callable, state, rng, cfg: SamplerConfig, special: Spe
 
     def body(carry):
         st, i, rng, nfe, pending_text = carry
+        full = ~pending_text if confident else None      # confident: a row whose text is done or whose buffer is full
         rng, r_gate, r_rate, r_tok, r_noise, r_pick = jax.random.split(rng, 6)
         pi_logit, lam, log_q, velocity, passes = _guided_heads(apply_fn, st, cfg, special)
-        # 1. Euler step on every noisy image: schedule time u += h, noise level t = shift_time(u).
+        # 2. (decided first: both steps read the same evaluation) Insertions in the gaps from the prompt's last atom on.
         valid = pos < st["length"][:, None]
-        moving = _noisy_patches(st)
-        st = dict(st)
-        u_next = flow_matching.unshift_time(st["patch_t"], cfg.image_time_shift) + h
-        t_next = jnp.where(u_next > 1.0 - 1e-4, 1.0, flow_matching.shift_time(u_next, cfg.image_time_shift))
-        step = (t_next - st["patch_t"])[..., None]
-        st["patches"] = jnp.where(moving[..., None], flow_matching.euler_step(st["patches"], velocity, step),
-                                  st["patches"])
-        st["patch_t"] = jnp.where(moving, t_next, st["patch_t"])
-        # 2. Insertions in the gaps from the prompt's last atom on.
         text_pos = valid & ~st["is_patch"] & (pos >= st["prompt_len"][:, None] - 1)
         # If the prompt ends in an image block, its gap belongs to that image's <image> token position.
         owner = text_pos | _block_owner_of_prompt_end(st, special, num_patches, pos)
         log_q = jax.nn.log_softmax(log_q.at[..., banned].set(NEG), axis=-1)
         p_open = jax.nn.sigmoid(-pi_logit)                                                   # 1 - pi
         if confident:
-            insert, pending_text = _confident_insertions(owner, p_open, lam, log_q, cfg)
+            insert, pending_text, writing = _confident_insertions(owner, p_open, lam, log_q, cfg)
         else:   # Alg. 1 at text time t = i h < 1 (then t = 1: rate factor 1 for postponed / unfinished gaps)
             t = i.astype(jnp.float32) * h
             scale = edit_flow.insertion_rate_scale(jnp.minimum(t, 1.0 - h), cfg.kappa_power)
@@ -285,6 +277,18 @@ def sample_loop(apply_fn: Callable, state, rng, cfg: SamplerConfig, special: Spe
             pending_text = pending_text | (jnp.sum(insert, axis=1) > cap)
             insert = insert & (rank < cap)
         new_tok = sample_tokens(r_tok, log_q, cfg.temperature, cfg.top_p).astype(jnp.int32)
+        # 1. Euler step on every noisy image: schedule time u += h, noise level t = shift_time(u). With
+        # `images_wait_for_text`, a row's images stay at their noise level while this evaluation still saw an open gap.
+        moving = _noisy_patches(st)
+        if confident and cfg.images_wait_for_text:
+            moving = moving & ~(writing & ~full)[:, None]
+        st = dict(st)
+        u_next = flow_matching.unshift_time(st["patch_t"], cfg.image_time_shift) + h
+        t_next = jnp.where(u_next > 1.0 - 1e-4, 1.0, flow_matching.shift_time(u_next, cfg.image_time_shift))
+        step = (t_next - st["patch_t"])[..., None]
+        st["patches"] = jnp.where(moving[..., None], flow_matching.euler_step(st["patches"], velocity, step),
+                                  st["patches"])
+        st["patch_t"] = jnp.where(moving, t_next, st["patch_t"])
         grown = _insert(st, insert, new_tok, r_noise, special, num_patches)
         # A row that chose insertions of which none fit its buffer is full: it has no more text to write.
         pending_text = pending_text & ((grown["length"] > st["length"]) | ~jnp.any(insert, axis=1))
@@ -309,7 +313,7 @@ def _confident_insertions(owner, p_open, lam, log_q, cfg: SamplerConfig):
     parallel_confidence; the most confident open gap inserts regardless, so every step makes progress. A row's
     text is done when no gap expects more after this step: no open gap was left waiting, and every gap that took an
     atom expected at most one more (E[k_i] - 1 <= gap_threshold), so a finished caption costs no evaluation to
-    confirm it."""
+    confirm it. Returns (insert [B, L], text left after this step [B], an open gap at this evaluation [B])."""
     entropy = -jnp.sum(jnp.exp(log_q) * log_q, axis=-1)
     confidence = jnp.where(owner, jnp.maximum(lam, 1.0) * jnp.exp(-entropy), -1.0)
     expected = p_open * lam
@@ -318,7 +322,7 @@ def _confident_insertions(owner, p_open, lam, log_q, cfg: SamplerConfig):
     best = best & (jnp.cumsum(best, axis=1) == 1)                      # one of them on ties
     insert = is_open & ((confidence >= cfg.parallel_confidence) | best)
     more = is_open & (~insert | (expected - 1.0 > cfg.gap_threshold))
-    return insert, jnp.any(more, axis=1)
+    return insert, jnp.any(more, axis=1), jnp.any(is_open, axis=1)
 
 
 def _block_owner_of_prompt_end(st, special, num_patches, pos):
