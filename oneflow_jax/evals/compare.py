@@ -347,9 +347,10 @@ def vq_models(config) -> list[str]:
             if run_config(config, RunSpec(min(config.compare.widths), m, 1e-3, 1.0, 0)).codec.name == "vq"]
 
 
-def ensure_tokenizer(config, workdir: str) -> dict | None:
+def ensure_tokenizer(config, workdir: str, train: bool = True) -> dict | None:
     """Trains (or resumes) the VQ tokenizer of vq_models into W/vq from compare.tokenizer, once; returns its record
-    (steps, XLA FLOPs of a step and in all, eval scores; cached in W/vq/compare_tokenizer.json), None if preempted."""
+    (steps, XLA FLOPs of a step and in all, eval scores; cached in W/vq/compare_tokenizer.json), None if preempted
+    (or, with `train` False, not trained yet)."""
     needs = vq_models(config)
     from oneflow_jax.training import vq_trainer
     vq_dir = tokenizer_dir(workdir)
@@ -357,6 +358,8 @@ def ensure_tokenizer(config, workdir: str) -> dict | None:
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
+    if not train:
+        return None
     if not config.compare.get("tokenizer"):
         raise cli.UserError(f"compare.models {needs} need a VQ tokenizer: set compare.tokenizer to a train_vq config "
                             "(configs/vq_shapes_tiny.py's get_config())")
@@ -477,14 +480,10 @@ def compare(config, workdir: str, sampler_overrides: dict | None = None, report_
         return not report_only or all(s.name in records for s in specs)
 
     t0 = time.perf_counter()
-    tok_record = os.path.join(tokenizer_dir(workdir), "compare_tokenizer.json")
-    if not report_only and vq_models(config):
-        state["tokenizer"] = ensure_tokenizer(config, workdir)
-        if state["tokenizer"] is None:
+    if vq_models(config):
+        state["tokenizer"] = ensure_tokenizer(config, workdir, train=not report_only)
+        if state["tokenizer"] is None and not report_only:
             return None                   # the tokenizer's training was preempted: a rerun resumes it
-    elif os.path.exists(tok_record):
-        with open(tok_record) as f:
-            state["tokenizer"] = json.load(f)
     lr_runs = tuning_specs(config)
     state["tuning"] = [s.name for s in lr_runs]
     if not do(lr_runs, final, "tuning lr"):
