@@ -52,11 +52,6 @@ def get_config(arg: str | None = None):
         c.compare.update(steps=4, widths=(32,), seeds=(0,), eval_fractions=(1.0,), eval_examples=4,
                          eval_batch_size=4, latency_prompts=1, useful_flops_batches=2)
         c.compare.tune.update(lr=(2e-3,), image_loss_weight=(4.0,), extend=0)
-        # NextFlow on a 3-scale tokenizer (1, 2, 4: blocks of 21 + 16 positions) that fits 64-position rows
-        c.compare.tokenizer.vq.update(channels=(8, 8, 8, 16), downsample=8, scales=(1, 2, 4))
-        c.compare.overrides.nextflow.codec.update(scales=(1, 2, 4))
-        c.compare.overrides.nextflow.data.seq_len = 64
-        c.compare.overrides.nextflow.sampler.max_len = 64
         c.compare.overrides.nextflow.objective.image_loss_weight = 4.0    # the tuned weight: no second tuning run
         c.model.n_layers = 1
         c.data.update(seq_len=64, global_batch_size=4)

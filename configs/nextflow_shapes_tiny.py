@@ -45,9 +45,9 @@ def get_config(arg: str | None = None):
         c.total_steps = 2400          # optimizer steps: with the tokenizer's, ./launch/local.sh fits 15 min on 2 cores
         c.sample_every = 0            # no periodic sample grid (local.sh's eval follows the training)
     if arg == "smoke":
-        # configs/vq_shapes_tiny.py:smoke's tokenizer: scales 1, 4, 16 (273 codes, blocks of 529 positions)
-        c.codec.update(tokenizer="workdir/vq_shapes_tiny_smoke", scales=(1, 4, 16), code_dim=8, codebook_size=32)
-        c.data.update(seq_len=576)    # one single-image document per row; the interleaved ones are dropped
-        c.sampler.update(max_len=576)
+        # configs/vq_shapes_tiny.py:smoke's tokenizer: scales 1, 2, 4 (21 codes, blocks of 21 + 16 = 37 positions)
+        c.codec.update(tokenizer="workdir/vq_shapes_tiny_smoke", scales=(1, 2, 4), code_dim=8, codebook_size=32)
+        c.data.update(seq_len=64)     # one single-image document per row; the interleaved ones are dropped
+        c.sampler.update(max_len=64)
         c.eval.update(num_examples=8, batch_size=8)
     return c

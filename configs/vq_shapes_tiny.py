@@ -44,7 +44,7 @@ def get_config(arg: str | None = None):
 
     if arg == "smoke":
         c.total_steps, c.batch_size, c.log_every, c.ckpt_every = 6, 8, 2, 3
-        c.vq.update(channels=(8, 16), downsample=2, code_dim=8, codebook_size=32, scales=(1, 4, 16),
+        c.vq.update(channels=(8, 8, 8, 16), downsample=8, code_dim=8, codebook_size=32, scales=(1, 2, 4),
                     restart_every=3, codebook_update="loss")   # the rule the default does not use: tests see both
         c.data.limit = 64
         c.eval.update(limit=16, batch_size=16, grid_images=4)

@@ -139,8 +139,8 @@ def test_benchmark_scripts_run(cli):
                          "--peak_n=128", "--peak_repeats=1").check()
     report = json.loads(mfu.stdout.strip().splitlines()[-1])
     assert report["steps_per_sec"] > 0 and 0 < report["mfu"] and report["params"] > 0
-    synthetic = cli.run_script("benchmarks/mfu.py", "--config=configs/ar_shapes_tiny.py", "--synthetic", "--steps=1",
-                               "--warmup=0", "--peak_n=128", "--peak_repeats=1", "--config.model.n_layers=1",
+    synthetic = cli.run_script("benchmarks/mfu.py", "--config=configs/ar_shapes_tiny.py:smoke", "--synthetic",
+                               "--steps=1", "--warmup=0", "--peak_n=128", "--peak_repeats=1",
                                "--config.data.global_batch_size=2").check()
     report = json.loads(synthetic.stdout.strip().splitlines()[-1])
     assert report["data"] == "synthetic" and 0 < report["packing_fill"] <= 1 and report["steps_per_sec"] > 0

@@ -1,7 +1,7 @@
 """The NextFlow-style baseline (docs/nextflow.md): the VQ codec's block latents against the tokenizer, the transform's
 targets and condition dropout, VAR's block-causal mask on a packed row, the KV-cached decode, the loss, and the run
-config. One tokenizer for the whole file: configs/vq_shapes_tiny.py:smoke's geometry (scales 1, 4, 16: blocks of
-1 + 16 + 256 + 256 = 529 positions), written as a train_vq run directory."""
+config. One tokenizer for the whole file: configs/vq_shapes_tiny.py:smoke's geometry (scales 1, 2, 4: blocks of
+1 + 4 + 16 + 16 = 37 positions), written as a train_vq run directory."""
 from __future__ import annotations
 
 import copy
@@ -52,7 +52,7 @@ def tokenizer_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def codec(tokenizer_dir):
-    return codec_lib.make_codec(dict(name="vq", tokenizer=tokenizer_dir, image_size=32, scales=(1, 4, 16), code_dim=8,
+    return codec_lib.make_codec(dict(name="vq", tokenizer=tokenizer_dir, image_size=32, scales=(1, 2, 4), code_dim=8,
                                      codebook_size=32))
 
 
@@ -67,10 +67,10 @@ def latents(codec, images):
 
 
 def test_codec_geometry_and_shape_only_codec(codec, tokenizer_dir):
-    assert codec.group_sizes == (1, 16, 256, 256) and codec.group_offsets == (0, 1, 17, 273, 529)
-    assert (codec.num_codes, codec.num_patches, codec.patch_dim, codec.grid) == (273, 529, 9, (1, 529))
+    assert codec.group_sizes == (1, 4, 16, 16) and codec.group_offsets == (0, 1, 5, 21, 37)
+    assert (codec.num_codes, codec.num_patches, codec.patch_dim, codec.grid) == (21, 37, 9, (1, 37))
     assert codec.codebook_size == 32 and codec.image_shape == (32, 32, 3)
-    shape_only = codec_lib.make_codec(dict(name="vq", image_size=32, scales=(1, 4, 16), code_dim=8, codebook_size=32))
+    shape_only = codec_lib.make_codec(dict(name="vq", image_size=32, scales=(1, 2, 4), code_dim=8, codebook_size=32))
     assert (shape_only.group_sizes, shape_only.patch_dim) == (codec.group_sizes, codec.patch_dim)
     with pytest.raises(ValueError, match="no tokenizer"):
         shape_only.encode(np.zeros((1, 32, 32, 3), np.uint8))
@@ -84,7 +84,7 @@ def test_codec_latents_are_the_tokenizers_features_and_codes(codec, images, late
     cfg, params = codec.vq_config, codec.params
     tokens = vq.encode(cfg, params, images)
     off, c = codec.group_offsets, cfg.code_dim
-    assert latents.shape == (3, 529, 9) and latents.dtype == np.float32
+    assert latents.shape == (3, 37, 9) and latents.dtype == np.float32
     codes = np.concatenate([np.asarray(t).reshape(3, -1) for t in tokens], 1)
     np.testing.assert_array_equal(latents[:, :off[-2], c], codes)                     # column C: the codes
     assert (latents[:, off[-2]:, c] == -1).all()                                      # final group: none
@@ -99,7 +99,7 @@ def test_codec_latents_are_the_tokenizers_features_and_codes(codec, images, late
 
     @jax.jit
     def teacher_forced(codes):                          # what the sampler computes on device, scale by scale
-        f_hat = jnp.zeros((3, 16, 16, c))
+        f_hat = jnp.zeros((3, 4, 4, c))
         feats = []
         for k in range(len(cfg.scales)):
             feats.append(codec.group_inputs(k, f_hat))
@@ -158,7 +158,7 @@ def _row(codec, latents, docs, seq_len):
 
 
 def test_block_causal_mask_on_a_packed_row(codec, latents):
-    row = _row(codec, latents, [([5, 4, 7], slice(0, 1)), ([4, 8, 4, 9], slice(1, 3))], 1600)
+    row = _row(codec, latents, [([5, 4, 7], slice(0, 1)), ([4, 8, 4, 9], slice(1, 3))], 160)
     mask = np.asarray(attention_mask(jnp.asarray(row["segment_ids"])[None], True,
                                      jnp.asarray(row["block_ids"])[None]))[0, 0]
     seg, patch = row["segment_ids"], row["is_patch"]
@@ -174,7 +174,7 @@ def test_block_causal_mask_on_a_packed_row(codec, latents):
     assert not mask[both & (k_img > q_img)].any()                            # never a later image
     assert mask[both & (q_img == k_img) & (k_grp <= q_grp)].all()            # every coarser scale and its own group
     assert mask[both & (k_img < q_img)].all()                                # earlier images, whole
-    text_after = ~patch[:, None] & patch[None, :] & same_doc & (np.arange(1600)[:, None] > np.arange(1600)[None, :])
+    text_after = ~patch[:, None] & patch[None, :] & same_doc & (np.arange(160)[:, None] > np.arange(160)[None, :])
     assert text_after.sum() > 0 and mask[text_after].all()                   # text after an image sees all its block
     assert not mask[~patch[:, None] & patch[None, :] & same_doc & ~text_after].any()   # text before it: nothing
 
@@ -190,7 +190,7 @@ def _model(codec, vocab=16):
 def test_loss_decreases_and_cached_decode_matches_the_forward(codec, latents):
     model, params = _model(codec)
     assert set(params) == {"embed", "code_in", "block_pos_embed", "backbone", "token_head", "code_head"}
-    row = _row(codec, latents, [([5, 6, 4, 7], slice(0, 1))], 554)          # 535 positions + padding
+    row = _row(codec, latents, [([5, 6, 4, 7], slice(0, 1))], 50)           # 43 positions + padding
     batch = {k: jnp.asarray(v)[None] for k, v in row.items()}
     tx = optax.adam(3e-3)
 
@@ -206,22 +206,22 @@ def test_loss_decreases_and_cached_decode_matches_the_forward(codec, latents):
         p, opt, metrics = step(p, opt)
         history.append(jax.device_get(metrics))
     assert set(history[0]) == {"loss", "text_loss", "image_loss", "num_docs", "num_tokens"}
-    assert history[0]["num_docs"] == 1 and history[0]["num_tokens"] == 535
+    assert history[0]["num_docs"] == 1 and history[0]["num_tokens"] == 43
     for key in ("loss", "text_loss", "image_loss"):
         assert history[-1][key] < 0.9 * history[0][key], (key, [h[key] for h in history])
 
-    # decode: the row in two chunks of 277 against a KV cache (the split is a group boundary: 4 + 273) equals the
+    # decode: the row in two chunks of 25 against a KV cache (the split is a group boundary: 4 + 21) equals the
     # training forward on every real position
     full = jax.jit(model.apply)({"params": params}, nf_model.model_inputs(batch))
     mask = attention_mask(batch["segment_ids"], True, batch["block_ids"])
-    cache = nf_model.empty_cache(model.cfg, 1, 554)
+    cache = nf_model.empty_cache(model.cfg, 1, 50)
     decode = jax.jit(lambda c, chunk, pos, m: model.apply({"params": params}, chunk, c, pos, m,
                                                           method=nf_model.NextFlowModel.decode))
     outs = []
-    for start in (0, 277):
-        sl = slice(start, start + 277)
+    for start in (0, 25):
+        sl = slice(start, start + 25)
         chunk = {k: batch[k][:, sl] for k in ("tokens", "is_patch", "patch_index", "patches", "positions")}
-        out, cache = decode(cache, chunk, jnp.arange(start, start + 277)[None], mask[:, :, sl])
+        out, cache = decode(cache, chunk, jnp.arange(start, start + 25)[None], mask[:, :, sl])
         outs.append(out)
     real = row["segment_ids"] > 0
     for key in ("q_logits", "code_logits"):
@@ -235,7 +235,7 @@ def test_run_config_builds_the_model_and_rejects_what_it_cannot_do(tokenizer_dir
     cfg = config_lib.validate(config, jax.device_count())
     model, codec = train_state.build_model(cfg, 40)
     assert isinstance(model, nf_model.NextFlowModel)
-    assert (model.cfg.image_vocab_size, model.cfg.num_patches, model.cfg.patch_dim) == (32, 529, 9)
+    assert (model.cfg.image_vocab_size, model.cfg.num_patches, model.cfg.patch_dim) == (32, 37, 9)
     assert cfg.data.seq_len >= 2 + 14 + codec.num_patches                     # a caption and its image fit a row
     structure = methods.for_config(cfg).batch_structure(cfg, model.cfg)
     assert set(structure) == set(nextflow_objective.POSITION_FIELDS) | {"segment_ids", "positions"}
