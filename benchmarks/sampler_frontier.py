@@ -39,6 +39,7 @@ SETTINGS = {
     "confident_serial": dict(CONFIDENT, parallel_confidence=1e9),      # only the most confident gap: one per step
     "confident_img16": dict(CONFIDENT, steps=16),
     "confident_img8": dict(CONFIDENT, steps=8),
+    "confident_nowait": dict(CONFIDENT, images_wait_for_text=False),     # the preset before 2026-12-04
     "confident_wait": dict(CONFIDENT, images_wait_for_text=True),
     "confident_t1_wait": dict(CONFIDENT, temperature=1.0, images_wait_for_text=True),
     "confident_serial_t1_wait": dict(CONFIDENT, parallel_confidence=1e9, temperature=1.0, images_wait_for_text=True),

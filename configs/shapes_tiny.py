@@ -6,7 +6,7 @@ Command: ./launch/local.sh (set-up, shapes-world, training, eval), which runs
 Wall clock: 401 s in all for ./launch/local.sh on a quiet 2-core CPU with its venv installed (training at 13-14
 steps/s; 5-8 steps/s on a busy machine). Expected scores (eval of 100 documents, EMA weights, seen / held-out, three
 trainings): caption (one sample, ~7 network evaluations) 0.87-0.96 / 0.81-0.93; generation 0.87-0.94 / 0.89-0.94;
-interleaved consistency 0.04-0.07.
+interleaved consistency 0.12-0.15 (0.04-0.09 before images waited for their text).
 Measured history and ablations: docs/results.md.
 Variants: --config configs/shapes_tiny.py:smoke (a few steps, for tests).
 """
@@ -72,6 +72,7 @@ def get_config(arg: str | None = None):
         max_len=80,                   # positions of the sampler's buffer, prompt included
         gap_threshold=0.5,            # confident: a gap is open while its expected missing atoms (1 - pi) lambda > this
         parallel_confidence=0.8,      # confident: open gaps insert together where max(1, lambda) / exp(H(Q)) >= this
+        images_wait_for_text=True,    # confident: a row's noisy images take no Euler step while a gap of it is open
         text_cfg=1.0, top_p=1.0,
         image_cfg=1.5,                # v = v_u + w (v_c - v_u), v_u without the text; 1 = no guidance
         temperature=0.1,              # temperature of Q, the token distribution; > 0 (1 = Alg. 1)

@@ -20,7 +20,8 @@ class SamplerConfig:
     gap_threshold: float = 0.5      # confident: a gap is open while E[k] = (1 - pi) lambda > this; done when none is
     parallel_confidence: float = 0.8   # confident: an open gap inserts alongside others iff max(1, lambda) / exp(H(Q))
                                        # >= this; the most confident open gap always inserts
-    images_wait_for_text: bool = False   # confident: a row's noisy images take no Euler step while a gap of it is open
+    images_wait_for_text: bool = False   # confident rule only: a row's noisy images take no Euler step while an
+                                         # evaluation sees an open gap (each image denoises from its written text)
     length_buckets: int = 3         # the network runs on the smallest of this many lengths (max_len / 2^k) that holds
                                     # the live sequence; 1 = always max_len
     text_cfg: float = 1.0       # w of Eq. 12 (1 = no guidance)
@@ -42,8 +43,6 @@ class SamplerConfig:
             raise ValueError(f"insertion_rule must be one of {', '.join(INSERTION_RULES)}, got {self.insertion_rule!r}")
         if self.steps < 1 or self.length_buckets < 1:
             raise ValueError(f"steps and length_buckets must be >= 1, got {self.steps} and {self.length_buckets}")
-        if self.images_wait_for_text and self.insertion_rule != "confident":
-            raise ValueError("images_wait_for_text needs insertion_rule 'confident' (Alg. 1 has no open-gap test)")
         if self.insertion_order not in INSERTION_ORDERS:
             raise ValueError(f"insertion_order must be one of {', '.join(INSERTION_ORDERS)}, "
                              f"got {self.insertion_order!r}")
@@ -58,11 +57,11 @@ PRESETS = {
     # The paper's Alg. 1 exactly: Bernoulli(1 - pi) and Bernoulli(min(1, h kappa_dot / (1 - kappa) lambda)) in every
     # gap on the time grid t = 0, h, ..., a ~ Q at temperature 1, no cap, no finishing, no vote, no guidance.
     "alg1": dict(insertion_rule="alg1", max_insertions_per_step=0, finish_threshold=0.0, insertion_order="random",
-                 votes=1, temperature=1.0, top_p=1.0, text_cfg=1.0, image_cfg=1.0),
+                 votes=1, temperature=1.0, top_p=1.0, text_cfg=1.0, image_cfg=1.0, images_wait_for_text=False),
     # Concurrent few-step insertion (oneflow_sampler, 'confident'): every confident open gap at once, Q at
-    # temperature 0.1, one sample (docs/results.md, "Sampling frontier").
+    # temperature 0.1, one sample, images denoised once their text is written (docs/results.md, "Sampling frontier").
     "confident": dict(insertion_rule="confident", max_insertions_per_step=0, finish_threshold=0.0, votes=1,
-                      temperature=0.1, top_p=1.0),
+                      temperature=0.1, top_p=1.0, images_wait_for_text=True),
 }
 
 
