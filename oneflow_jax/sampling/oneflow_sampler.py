@@ -249,7 +249,7 @@ def sample_loop(apply_fn: Callable, state, rng, cfg: SamplerConfig, special: Spe
 
     def body(carry):
         st, i, rng, nfe, pending_text = carry
-        full = ~pending_text if confident else None      # confident: a row whose text is done or whose buffer is full
+        text_left = pending_text        # confident: rows whose text is neither done nor stopped by a full buffer
         rng, r_gate, r_rate, r_tok, r_noise, r_pick = jax.random.split(rng, 6)
         pi_logit, lam, log_q, velocity, passes = _guided_heads(apply_fn, st, cfg, special)
         # 2. (decided first: both steps read the same evaluation) Insertions in the gaps from the prompt's last atom on.
@@ -281,7 +281,7 @@ def sample_loop(apply_fn: Callable, state, rng, cfg: SamplerConfig, special: Spe
         # `images_wait_for_text`, a row's images stay at their noise level while this evaluation still saw an open gap.
         moving = _noisy_patches(st)
         if confident and cfg.images_wait_for_text:
-            moving = moving & ~(writing & ~full)[:, None]
+            moving = moving & ~(writing & text_left)[:, None]
         st = dict(st)
         u_next = flow_matching.unshift_time(st["patch_t"], cfg.image_time_shift) + h
         t_next = jnp.where(u_next > 1.0 - 1e-4, 1.0, flow_matching.shift_time(u_next, cfg.image_time_shift))
