@@ -175,20 +175,29 @@ def test_compare_cli_tiny_end_to_end_resumable_and_reusable(cli, tmp_path):
     assert len(evaluated) == 1 and "d32/oneflow_lr0.002_w4_s0 step 4:" in evaluated[0], again.stdout
     result = json.loads((wd / "compare.json").read_text())
     assert result["runs"].keys() == {f"d32/{m}_lr0.002_w4_s0" for m in ("oneflow", "nextflow")}
-    # --reuse: a new comparison takes the runs of this one's compare.jsonl as finished, trains and evaluates nothing
-    wd2 = tmp_path / "cmp2"
+    # --reuse: a new comparison takes the runs of this one's compare.jsonl (as if trained at commit 'elsewhere') as
+    # finished, trains and evaluates nothing, and reports the tokenizer with them
+    wd2, earlier = tmp_path / "cmp2", tmp_path / "earlier.jsonl"
+    earlier.write_text("".join(json.dumps(dict(json.loads(line), commit="elsewhere")) + "\n"
+                               for line in (wd / "compare.jsonl").read_text().splitlines()))
     reused = cli.run("compare", "--config=configs/compare_shapes.py:tiny", models, f"--workdir={wd2}",
-                     f"--reuse={wd / 'compare.jsonl'}", "--report_only").check()
+                     f"--reuse={earlier}", "--report_only").check()
     assert "compare: 2 runs imported" in reused.stdout and "compare: d32/" not in reused.stdout, reused
     result2 = json.loads((wd2 / "compare.json").read_text())
     for name, run in result["runs"].items():
         assert result2["runs"][name]["points"] == run["points"]
-        assert result2["runs"][name]["imported"]["commit"] == result["commit"]
+        assert result2["runs"][name]["imported"]["commit"] == "elsewhere"
     assert result2["parity"] == result["parity"] and result2["best"] == result["best"]
+    assert result2["tokenizer"]["psnr"] == tok["psnr"] and result2["tokenizer"]["imported"]["commit"] == "elsewhere"
+    assert "(imported, elsewhere)." in (wd2 / "compare.md").read_text()
+    # reusing the reuse keeps where the runs were trained
     config = load_config("tiny")
+    assert set(compare.import_runs(config, str(tmp_path / "cmp3"), str(wd2 / "compare.jsonl"))) == set(result["runs"])
+    for name in result["runs"]:
+        assert json.loads((tmp_path / "cmp3/runs" / name / "imported.json").read_text())["commit"] == "elsewhere"
     config.budget = 0.5
     with pytest.raises(compare.cli.UserError, match="has {'budget': 1.0"):
-        compare.import_runs(config, str(tmp_path / "cmp3"), str(wd / "compare.jsonl"))
+        compare.import_runs(config, str(tmp_path / "cmp4"), str(wd / "compare.jsonl"))
 
 
 def test_compare_report_only_trains_nothing(cli, tmp_path):

@@ -355,9 +355,11 @@ def ensure_tokenizer(config, workdir: str, train: bool = True) -> dict | None:
     from oneflow_jax.training import vq_trainer
     vq_dir = tokenizer_dir(workdir)
     path = os.path.join(vq_dir, "compare_tokenizer.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
+    imported = os.path.join(vq_dir, "imported_tokenizer.json")     # --reuse's record: reported, never trained on
+    for p in (path, None if train else imported):
+        if p and os.path.exists(p):
+            with open(p) as f:
+                return json.load(f)
     if not train:
         return None
     if not config.compare.get("tokenizer"):
@@ -382,9 +384,10 @@ def ensure_tokenizer(config, workdir: str, train: bool = True) -> dict | None:
 
 def import_runs(config, workdir: str, path: str) -> list[str]:
     """--reuse: the 'run' and 'tuning' rows of an earlier compare.jsonl (same budget and metric set) become finished
-    runs of W: compare_eval/step_K.json per evaluated point, compare_flops.json, imported.json (source, commit, date).
-    A tuning row has only its final headline scores; its FLOP counts are those of the sweep run of the same model and
-    width. Runs already in W are left alone. Returns the names imported."""
+    runs of W: compare_eval/step_K.json per evaluated point, compare_flops.json, imported.json (source, commit, date;
+    a row that was itself imported keeps where it was trained). A tuning row has only its final headline scores; its
+    FLOP counts are those of the sweep run of the same model and width. Runs already in W are left alone. The
+    'tokenizer' row is kept for the report (W/vq/imported_tokenizer.json). Returns the names imported."""
     try:
         with open(path) as f:
             rows = [json.loads(line) for line in f if line.strip()]
@@ -394,6 +397,11 @@ def import_runs(config, workdir: str, path: str) -> list[str]:
     runs = {r["name"]: r for r in rows if r.get("kind") == "run"}
     out = []
     for r in rows:
+        if r.get("kind") == "tokenizer":
+            keep = ("steps", "batch_size", "train_flops_per_step", "train_flops", "wall_s", "psnr",
+                    "attributes_recognised")
+            _write_json(os.path.join(tokenizer_dir(workdir), "imported_tokenizer.json"),
+                        dict({k: r[k] for k in keep if k in r}, imported=_provenance(r, path)))
         if r.get("kind") not in ("run", "tuning") or (r["kind"] == "tuning" and r["name"] in runs):
             continue
         got = dict(budget=float(r.get("budget", -1)), metric_set=r.get("metric_set"))
@@ -416,10 +424,14 @@ def import_runs(config, workdir: str, path: str) -> list[str]:
             _write_json(os.path.join(wd, "compare_eval", f"step_{p['step']}.json"),
                         {k: v for k, v in p.items() if k not in POINT_FLOPS})
         _write_json(os.path.join(wd, "compare_flops.json"), counts)
-        _write_json(os.path.join(wd, "imported.json"), dict(source=os.path.abspath(path), commit=r.get("commit"),
-                                                            date=r.get("date")))
+        _write_json(os.path.join(wd, "imported.json"), _provenance(r, path))
         out.append(r["name"])
     return out
+
+
+def _provenance(row: dict, path: str) -> dict:
+    """Where a reused row was trained: its own `imported` record if it was imported too, else this file's row."""
+    return row.get("imported") or dict(source=os.path.abspath(path), commit=row.get("commit"), date=row.get("date"))
 
 
 def _write_json(path: str, obj) -> None:

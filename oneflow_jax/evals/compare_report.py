@@ -217,7 +217,8 @@ def markdown(result: dict) -> str:
                   f"{tok['steps']} steps of {tok['batch_size']} images: {tok['train_flops_per_step']:.3g} FLOPs per "
                   f"step (XLA), {tok['train_flops']:.3g} in all; PSNR {tok.get('psnr', float('nan')):.2f} dB"
                   + (f", attributes recognised {tok['attributes_recognised']:.1%}" if "attributes_recognised" in tok
-                     else "") + ".", ""]
+                     else "") + (f" (imported, {tok['imported'].get('commit')})" if tok.get("imported") else "")
+                  + ".", ""]
     if result["tuning"]:
         lines += ["## Tuning (smallest width, final checkpoint)", "",
                   "| model | lr | image-loss weight | " + " | ".join(head) + " | score |",
