@@ -125,14 +125,15 @@ def test_init_state_rejects_mismatched_images():
 
 
 def recording_oracle(targets, latents, scale_lam=1.0):
-    """make_oracle_apply whose lambda is multiplied by `scale_lam`, recording each call's (tokens, length, true
-    lambda)."""
+    """make_oracle_apply whose lambda is multiplied by `scale_lam`, recording each call's inputs and true lambda (a
+    dict: tokens, is_patch, patch_t, length, lam)."""
     from oracle import oracle_heads
     calls = []
 
     def heads(tokens, is_patch, patch_t, patches, length):
         pi, lam, q, vel = oracle_heads(tokens, is_patch, patch_t, patches, length, targets, latents, V, SP.image)
-        calls.append((tokens.copy(), length.copy(), lam.copy()))
+        calls.append(dict(tokens=tokens.copy(), is_patch=is_patch.copy(), patch_t=patch_t.copy(),
+                          length=length.copy(), lam=lam.copy()))
         return pi, lam * np.float32(scale_lam), q, vel
 
     def apply_fn(inputs, _live_len):
@@ -146,18 +147,18 @@ def recording_oracle(targets, latents, scale_lam=1.0):
     return apply_fn, calls
 
 
-def run_recorded(targets, latents, steps, scale_lam=1.0, **kw):
+def run_recorded(targets, latents, steps, scale_lam=1.0, seed=0, **kw):
     """(documents, nfe, the oracle's recorded calls) of one sampler run from empty prompts."""
     apply_fn, calls = recording_oracle(targets, latents, scale_lam)
     cfg = S.SamplerConfig(steps=steps, max_len=64, **kw)
     state = S.init_state([([], None)] * len(targets), 64, SP, N, D)
-    out, nfe = jax.jit(lambda st, r: S.sample_loop(apply_fn, st, r, cfg, SP, N))(state, jax.random.key(0))
+    out, nfe = jax.jit(lambda st, r: S.sample_loop(apply_fn, st, r, cfg, SP, N))(state, jax.random.key(seed))
     return S.extract_documents(jax.device_get(out), SP), int(nfe), calls
 
 
 def call_lengths(calls):
     """[calls, B] state lengths the sampler showed the model, call by call."""
-    return np.stack([length for _, length, _ in calls])
+    return np.stack([c["length"] for c in calls])
 
 
 def test_one_insertion_per_step_rebuilds_documents_past_the_last_step():
@@ -195,10 +196,11 @@ def _insertion_gaps(targets, order):
                                   finish_threshold=0.5, insertion_order=order)
     assert_rebuilt(docs, targets, latents)
     chosen = []
-    for (tok, length, lam), (next_tok, next_length, _) in zip(calls, calls[1:]):
+    for call, after in zip(calls, calls[1:]):
+        tok, length, lam = call["tokens"], call["length"], call["lam"]
         for r in range(len(targets)):
-            if next_length[r] > length[r]:
-                p = int(np.argmax(tok[r] != next_tok[r]))         # the new atom sits at p: it filled gap p - 1
+            if after["length"][r] > length[r]:
+                p = int(np.argmax(tok[r] != after["tokens"][r]))   # the new atom sits at p: it filled gap p - 1
                 chosen.append((lam[r, p - 1], lam[r, :length[r]].max()))
     return chosen
 
@@ -265,36 +267,22 @@ def test_images_wait_for_text_keeps_every_image_at_noise_until_the_text_is_writt
     stay N(0, I) at t_img = 0), so each image denoises from its finished text, as text-to-image examples train it;
     the document is still rebuilt exactly, and its images then take their `steps` Euler steps together. Without the
     option the images move while the text is being written."""
-    from oracle import oracle_heads
     rng = np.random.default_rng(5)
     targets = [[5, 6, 3, 7, 8, 9, 3, 5, 5, 6]]
     latents = [rng.standard_normal((2, N, D)).astype(np.float32)]
 
     def run(wait):
-        seen = []          # per evaluation: (text complete, noise levels of the live image patches)
-
-        def heads(tokens, is_patch, patch_t, patches, length):
-            n = int(length[0])
-            text = [int(t) for t, p in zip(tokens[0, 1:n], is_patch[0, 1:n]) if not p]
-            seen.append((text == targets[0], patch_t[0, :n][is_patch[0, :n]].copy()))
-            return oracle_heads(tokens, is_patch, patch_t, patches, length, targets, latents, V, SP.image)
-
-        def apply_fn(inputs, _live_len):
-            b, L = inputs["tokens"].shape
-            shapes = (jax.ShapeDtypeStruct((b, L), jnp.float32), jax.ShapeDtypeStruct((b, L), jnp.float32),
-                      jax.ShapeDtypeStruct((b, L, V), jnp.float32), jax.ShapeDtypeStruct((b, L, D), jnp.float32))
-            length = jnp.sum(inputs["segment_ids"] > 0, axis=1)
-            pi, lam, q, vel = jax.pure_callback(lambda *a: heads(*(np.asarray(x) for x in a)), shapes,
-                                                inputs["tokens"], inputs["is_patch"], inputs["patch_t"],
-                                                inputs["patches"], length)
-            return dict(pi_logit=pi, lam=lam, q_logits=q, velocity=vel)
-
-        cfg = S.SamplerConfig(steps=8, max_len=64, insertion_rule="confident", images_wait_for_text=wait)
-        state = S.init_state([([], None)], 64, SP, N, D)
-        out, nfe = jax.jit(lambda st, r: S.sample_loop(apply_fn, st, r, cfg, SP, N))(state, jax.random.key(1))
-        docs = S.extract_documents(jax.device_get(out), SP)
+        """Per evaluation: (text complete, noise levels of the live image patches); the number of evaluations."""
+        docs, nfe, calls = run_recorded(targets, latents, steps=8, seed=1, insertion_rule="confident",
+                                        images_wait_for_text=wait)
         assert_rebuilt(docs, targets, latents)
-        return seen, int(nfe)
+        seen = []
+        for c in calls:
+            n = int(c["length"][0])
+            live = ~c["is_patch"][0, 1:n]
+            seen.append(([int(t) for t in c["tokens"][0, 1:n][live]] == targets[0],
+                         c["patch_t"][0, :n][c["is_patch"][0, :n]]))
+        return seen, nfe
 
     seen, nfe = run(wait=True)
     writing = [t for done, t in seen if not done]
