@@ -8,7 +8,6 @@ import os
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers
 from etils import epath
 
 
@@ -47,6 +46,8 @@ class MetricLogger:
         self.is_main = jax.process_index() == 0
         self.total_steps = total_steps
         self.name = name
+        # clu's summary writer imports TensorFlow (~4 s): imported here, so a bad command fails before paying for it
+        from clu import metric_writers  # pylint: disable=g-import-not-at-top
         self.writer = metric_writers.create_default_writer(os.path.join(workdir, "tb"), just_logging=not self.is_main,
                                                            asynchronous=False)
         self._jsonl = JsonlLog(epath.Path(workdir) / "metrics.jsonl", resume_step) if self.is_main else None
