@@ -82,6 +82,7 @@ SAMPLE_ERRORS = {   # name: (arguments after --workdir, expected words of the er
     "more_images_than_markers": (["--prompt=<image>", "--image={png}", "--image={png}"], "marker"),
     "empty_workdir": (["--prompt=<image>", "--image={png}"], "not a training run directory"),
     "nonexistent_workdir": (["--prompt=<image>", "--image={png}"], "not a training run directory"),
+    "missing_step": (["--prompt=a", "--step=5"], "no checkpoint at step 5 (it has steps"),
 }
 
 

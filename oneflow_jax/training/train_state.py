@@ -101,6 +101,9 @@ def restore_params(workdir: str, config, model, step: int | None = None, ema: bo
     try:
         if ckpt.latest_step() is None:
             raise cli.UserError(f"{workdir} has no checkpoint yet")
+        if step is not None and int(step) not in ckpt.all_steps():
+            raise cli.UserError(f"{workdir} has no checkpoint at step {step} (it has steps "
+                                f"{', '.join(map(str, ckpt.all_steps()))})")
         state, _, restored = ckpt.restore(abstract, step=step, partial=True)
     finally:
         ckpt.close()
