@@ -21,7 +21,8 @@
         [--images clean|removed]
 
 caption, generate and interleaved split their requests over processes (--distributed or --coordinator_address ...);
-shapes and likelihood run on process 0 alone.
+shapes and likelihood run on process 0 alone. Every task also writes its numbers as TensorBoard scalars
+(W/eval/tb, named <task>/<score>) and a line of W/eval/metrics.jsonl, at the checkpoint's step.
 """
 from __future__ import annotations
 
@@ -101,6 +102,7 @@ def main(argv):
                                   run.config.eval.batch_size, FLAGS.seed)
     with open(os.path.join(out, f"step_{run.step}.json"), "w") as f:
         json.dump(scores, f, indent=2)
+    _log_scores(out, "shapes", run.step, scores)
     print(shapes_eval.format_table(scores))
     print(json.dumps({k: scores[k] for k in ("step", "caption", "generation", "interleaved_consistency")}))
 
@@ -122,6 +124,7 @@ def _likelihood(run, n: int, out: str) -> None:
                     + (["text_only"] if FLAGS.images == "removed" else []))
     with open(os.path.join(out, f"{name}_step_{run.step}.json"), "w") as f:
         json.dump(scores, f, indent=2)
+    _log_scores(out, name, run.step, scores)
     error = f" +- {scores['stderr_bits_per_token']:.3f}" if "stderr_bits_per_token" in scores else ""
     print(f"likelihood, step {run.step}: {scores['bits_per_token']:.3f}{error} bits per text token "
           f"({scores['kind']}; {scores['documents']} documents, {scores['tokens']} tokens)")
@@ -156,8 +159,18 @@ def _caption(run, n: int, sampler_config, out: str) -> None:
         json.dump(scores, f, indent=2)
     with open(os.path.join(out, f"caption_step_{run.step}.jsonl"), "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
+    _log_scores(out, "caption", run.step, scores)
     print(captioning.format_table(scores))
     print(json.dumps({k: v for k, v in scores.items() if k not in ("cost", "unavailable")}))
+
+
+def _log_scores(out: str, task: str, step: int, scores: dict) -> None:
+    """The scores' numbers as TensorBoard scalars (W/eval/tb, through clu) and a line of W/eval/metrics.jsonl, named
+    <task>/<key>/..., at the checkpoint's step: evals of several checkpoints draw curves."""
+    from oneflow_jax.training import metrics_logging
+    logger = metrics_logging.MetricLogger(out, total_steps=step, name="eval")
+    logger.write_scalars(step, metrics_logging.scalar_leaves({k: v for k, v in scores.items() if k != "step"}, task))
+    logger.close()
 
 
 def _gather(out: str, name: str, process: int, processes: int, part: dict) -> list[dict] | None:
@@ -211,6 +224,7 @@ def _images(task: str, run, n: int, sampler_config, out: str) -> None:
         json.dump(scores, f, indent=2)
     with open(os.path.join(out, f"{name}.jsonl"), "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
+    _log_scores(out, task, run.step, scores)
     print(image_eval.format_table(task, scores))
     print(json.dumps({k: v for k, v in scores.items() if k not in ("cost", "unavailable")}))
 

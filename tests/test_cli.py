@@ -121,6 +121,11 @@ def test_eval_prints_the_table_and_writes_scores(cli, trained_run, tmp_path):
     assert scores["step"] == 12 and scores["caption"]["all"]["n"] == 8 and scores["caption"]["votes"] == 3
     assert scores["caption_one_sample"]["all"]["n"] == 8
     assert 0.0 <= scores["caption"]["all"]["accuracy"] <= 1.0
+    logged = [json.loads(line) for line in (workdir / "eval" / "metrics.jsonl").read_text().splitlines()]
+    assert len(logged) == 1 and logged[0]["step"] == 12                       # and as TensorBoard scalars
+    assert logged[0]["shapes/caption/all/accuracy"] == scores["caption"]["all"]["accuracy"]
+    assert logged[0]["shapes/interleaved_consistency/n_pairs"] == scores["interleaved_consistency"]["n_pairs"]
+    assert any(p.name.startswith("events.out.tfevents") for p in (workdir / "eval" / "tb").iterdir())
     wrong = round((1 - scores["caption"]["all"]["accuracy"]) * 8)
     failures = scores["examples"]["caption_failures"]
     assert len(failures) == wrong, failures

@@ -1,5 +1,6 @@
 """Where metrics go: TensorBoard through clu (`W/tb`), one JSON object per logged step (`W/metrics.jsonl`), and a
-human progress line with throughput and ETA. Only process 0 writes files."""
+human progress line with throughput and ETA (the eval command's scores: `W/eval/tb`, `W/eval/metrics.jsonl`). Only
+process 0 writes files."""
 from __future__ import annotations
 
 import json
@@ -90,6 +91,18 @@ class MetricLogger:
     def close(self) -> None:
         self.writer.flush()
         self.writer.close()
+
+
+def scalar_leaves(tree, prefix: str = "") -> dict[str, float]:
+    """{'a/b/c': value} of the finite numbers in a nested dict of scores (strings, lists and flags left out)."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            out.update(scalar_leaves(value, name))
+        elif isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and np.isfinite(value):
+            out[name] = float(value)
+    return out
 
 
 def format_seconds(s: float) -> str:
