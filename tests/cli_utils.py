@@ -100,8 +100,9 @@ class Cli:
 
     def env(self, devices: int) -> dict:
         env = dict(os.environ)
-        env.update(
-            JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device")]
+        env.update(       # the suite's other XLA flags (tests/run.sh) hold in every command too
+            JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
             TFDS_DATA_DIR=str(self.data_dir), TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
             JAX_COMPILATION_CACHE_DIR=str(self.cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
