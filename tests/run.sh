@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command: creates (or reuses) ./.venv, installs the package with its extras, runs pytest.
 # Usage: ./tests/run.sh [pytest args...]      (default 2 pytest-xdist workers; TEST_WORKERS=0: one process)
-# 2 workers: 585 s instead of 864 s on a 2-core machine (most of the suite is single-threaded compiling and
-# subprocess start-up); tests/conftest.py keeps each file (and the files sharing the reference run) on one worker.
+# 2 workers on a 2-core machine: most of the suite is single-threaded compiling and subprocess start-up;
+# tests/conftest.py keeps each file (and the files sharing the reference run) on one worker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/venv.sh
