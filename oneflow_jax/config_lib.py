@@ -293,6 +293,13 @@ def _check(cfg: RunConfig) -> None:
         raise UserError(f"config.eval.val_batches must be >= 1, got {cfg.eval.val_batches!r}")
     # the model's own checks (the vocabulary and codec geometry come later)
     make_section(ModelConfig, dict(cfg.model, vocab_size=max(cfg.model.get("vocab_size", 0), 1)), "model")
+    if not cfg.optimizer.lr > 0 or cfg.optimizer.warmup_steps < 0 or not 0 <= cfg.optimizer.min_lr_ratio <= 1:
+        raise UserError(f"config.optimizer: lr must be > 0, warmup_steps >= 0 and min_lr_ratio in [0, 1], got lr="
+                        f"{cfg.optimizer.lr!r}, warmup_steps={cfg.optimizer.warmup_steps!r}, min_lr_ratio="
+                        f"{cfg.optimizer.min_lr_ratio!r}")
+    if cfg.data.global_batch_size <= 0:
+        raise UserError(f"config.data.global_batch_size must be a positive integer, got "
+                        f"{cfg.data.global_batch_size!r}")
     if not 0.0 <= cfg.optimizer.ema_decay < 1.0:
         raise UserError(f"config.optimizer.ema_decay must be in [0, 1) (0 = no EMA), got {cfg.optimizer.ema_decay!r}")
     if cfg.data.seq_len <= 0 or cfg.data.max_deletions <= 0:

@@ -181,6 +181,8 @@ BAD_CONFIGS = {
     "negative_max_patches_per_row": ({"data.max_patches_per_row": -1}, "max_patches_per_row"),
     "max_patches_per_row_below_one_image": ({"data.max_patches_per_row": 2}, "less than one image"),
     "zero_sampler_votes": ({"sampler.votes": 0}, "votes must be >= 1"),
+    "negative_lr": ({"optimizer.lr": -1e-3}, "lr must be > 0"),
+    "zero_batch": ({"data.global_batch_size": 0}, "global_batch_size must be a positive integer, got 0"),
 }
 
 
@@ -199,6 +201,19 @@ def test_bad_config_command_is_a_one_line_error(bad_command_results, name):
     result, workdir = bad_command_results[name]
     assert_one_line_error(result, BAD_COMMANDS[name][1])
     assert not workdir.exists(), "a bad config must fail before the run directory is created"
+
+
+def test_a_workdir_that_cannot_be_created_is_a_one_line_error(cli, tmp_path, capsys, monkeypatch):
+    from oneflow_jax import cli as cli_lib
+    from oneflow_jax import config_lib
+    from oneflow_jax.training import loop
+    monkeypatch.setenv("TFDS_DATA_DIR", str(cli.data_dir))
+    (tmp_path / "a_file").write_text("")
+    config = config_lib.load_config_file(f"{REPO}/{SMOKE_CONFIG}")
+    with pytest.raises(SystemExit) as stopped:
+        cli_lib.run_cli(lambda argv: loop.train(config, str(tmp_path / "a_file" / "run")))([])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert stopped.value.code == 2 and len(errors) == 1 and "cannot create --workdir" in errors[0], errors
 
 
 @pytest.mark.parametrize("name", list(BAD_CONFIGS))
@@ -224,6 +239,19 @@ def test_bad_config_is_a_one_line_error(cli, name, tmp_path, capsys, monkeypatch
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert stopped.value.code == 2 and len(errors) == 1 and fragment in errors[0], errors
     assert not workdir.exists(), "a bad config must fail before the run directory is created"
+
+
+def test_a_workdir_that_cannot_be_created_is_a_one_line_error(cli, tmp_path, capsys, monkeypatch):
+    from oneflow_jax import cli as cli_lib
+    from oneflow_jax import config_lib
+    from oneflow_jax.training import loop
+    monkeypatch.setenv("TFDS_DATA_DIR", str(cli.data_dir))
+    (tmp_path / "a_file").write_text("")
+    config = config_lib.load_config_file(f"{REPO}/{SMOKE_CONFIG}")
+    with pytest.raises(SystemExit) as stopped:
+        cli_lib.run_cli(lambda argv: loop.train(config, str(tmp_path / "a_file" / "run")))([])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert stopped.value.code == 2 and len(errors) == 1 and "cannot create --workdir" in errors[0], errors
 
 
 def test_nonfinite_updates_are_skipped_counted_and_stop_the_run(cli, tmp_path):

@@ -67,7 +67,10 @@ def global_data_counts(data_iter) -> dict[str, int]:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains until config.total_steps (or a stop signal). Returns the last logged scalars."""
     cfg = config_lib.validate(config, jax.device_count())
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    try:
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --workdir {workdir}: {e}") from None
     mesh = sharding.make_mesh(cfg.mesh)
     tokenizer = load_run_tokenizer(cfg, workdir)
     model, codec = build_model(cfg, tokenizer.vocab_size)
