@@ -64,12 +64,14 @@ def read_prompts() -> list[tuple[str, list[str | None]]]:
                 continue
             try:
                 obj = json.loads(line)
+                if not isinstance(obj, dict) or "prompt" not in obj:
+                    raise TypeError('each line is an object {"prompt": "...", "images": [...]}; "prompt" is missing')
                 text, images = obj["prompt"], obj.get("images", [])
                 if not isinstance(text, str) or not isinstance(images, list):
                     raise TypeError("'prompt' must be a string and 'images' a list")
                 if not all(p is None or isinstance(p, str) for p in images):
                     raise TypeError("each entry of 'images' must be a path or null")
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (json.JSONDecodeError, TypeError) as e:
                 raise UserError(f"{FLAGS.prompts_file}:{n}: bad line ({e})") from None
             prompts.append((text, [p if p is None or os.path.isabs(p) else os.path.join(base, p) for p in images]))
     if not prompts:

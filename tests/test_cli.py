@@ -83,6 +83,7 @@ SAMPLE_ERRORS = {   # name: (arguments after --workdir, expected words of the er
     "empty_workdir": (["--prompt=<image>", "--image={png}"], "not a training run directory"),
     "nonexistent_workdir": (["--prompt=<image>", "--image={png}"], "not a training run directory"),
     "missing_step": (["--prompt=a", "--step=5"], "no checkpoint at step 5 (it has steps"),
+    "prompts_line_without_prompt": (["--prompts_file={no_prompt}"], ':1: bad line (each line is an object'),
 }
 
 
@@ -94,7 +95,8 @@ def sample_error_results(cli, trained_run, png, tmp_path_factory):
     garbage.write_bytes(b"this is not a PNG\x00\x01\x02" * 8)
     (base / "empty_workdir").mkdir()
     workdirs = {"empty_workdir": base / "empty_workdir", "nonexistent_workdir": base / "nonexistent"}
-    paths = dict(missing=base / "missing.png", garbage=garbage, png=png)
+    (base / "no_prompt.jsonl").write_text('{"text": "a red circle"}\n')
+    paths = dict(missing=base / "missing.png", garbage=garbage, png=png, no_prompt=base / "no_prompt.jsonl")
     commands = [("sample", [f"--workdir={workdirs.get(name, trained_run.workdir)}", f"--out={base / ('out_' + name)}",
                             *(a.format(**paths) for a in args)])
                 for name, (args, _) in SAMPLE_ERRORS.items()]
