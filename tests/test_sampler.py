@@ -117,6 +117,14 @@ def test_real_model_sampler_with_cfg_compiles_once_and_respects_prompt():
         assert np.isfinite(out["patches"][r, :n]).all()
 
 
+@pytest.mark.parametrize("field, value, words", [("temperature", -1.0, "temperature"), ("top_p", 0.0, "top_p"),
+                                                  ("code_temperature", 0.0, "code_temperature"),
+                                                  ("image_cfg", -2.0, "image_cfg"), ("max_len", 1, "max_len")])
+def test_sampler_config_rejects_values_that_would_sample_nonsense(field, value, words):
+    with pytest.raises(ValueError, match=words):
+        S.SamplerConfig(**{field: value})
+
+
 def test_init_state_rejects_mismatched_images():
     with pytest.raises(ValueError, match="<image> markers"):
         S.init_state([([3, 3], np.zeros((1, N, D)))], 32, SP, N, D)

@@ -50,6 +50,12 @@ class SamplerConfig:
             raise ValueError(f"votes must be >= 1 (1: no vote), got {self.votes}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if not (self.temperature > 0 and self.code_temperature > 0 and 0 < self.top_p <= 1):
+            raise ValueError(f"temperature and code_temperature must be > 0 and top_p in (0, 1], got "
+                             f"{self.temperature}, {self.code_temperature} and {self.top_p}")
+        if self.text_cfg < 0 or self.image_cfg < 0 or self.max_len < 2:
+            raise ValueError(f"text_cfg and image_cfg must be >= 0 and max_len >= 2, got {self.text_cfg}, "
+                             f"{self.image_cfg} and {self.max_len}")
 
 
 # Named sampler settings (`--sampler_preset`); fields not named keep the run's config.sampler.
