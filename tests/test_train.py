@@ -203,27 +203,22 @@ def test_bad_config_command_is_a_one_line_error(bad_command_results, name):
     assert not workdir.exists(), "a bad config must fail before the run directory is created"
 
 
-def test_a_workdir_that_cannot_be_created_is_a_one_line_error(cli, tmp_path, capsys, monkeypatch):
+def train_error_lines(cli, config, workdir, capsys, monkeypatch) -> tuple[int, list[str]]:
+    """train's entry point (cli.run_cli around loop.train) on 8 devices, as the command runs it: (exit status, the
+    `error:` lines it printed)."""
+    import jax
     from oneflow_jax import cli as cli_lib
-    from oneflow_jax import config_lib
     from oneflow_jax.training import loop
     monkeypatch.setenv("TFDS_DATA_DIR", str(cli.data_dir))
-    (tmp_path / "a_file").write_text("")
-    config = config_lib.load_config_file(f"{REPO}/{SMOKE_CONFIG}")
+    assert jax.device_count() == REFERENCE_DEVICES
     with pytest.raises(SystemExit) as stopped:
-        cli_lib.run_cli(lambda argv: loop.train(config, str(tmp_path / "a_file" / "run")))([])
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert stopped.value.code == 2 and len(errors) == 1 and "cannot create --workdir" in errors[0], errors
+        cli_lib.run_cli(lambda argv: loop.train(config, str(workdir)))([])
+    return stopped.value.code, [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
 
 
 @pytest.mark.parametrize("name", list(BAD_CONFIGS))
 def test_bad_config_is_a_one_line_error(cli, name, tmp_path, capsys, monkeypatch):
-    """train's entry point (cli.run_cli around loop.train) on 8 devices, as the command runs it."""
-    import jax
-    from oneflow_jax import cli as cli_lib
     from oneflow_jax import config_lib
-    from oneflow_jax.training import loop
-    monkeypatch.setenv("TFDS_DATA_DIR", str(cli.data_dir))
     config = config_lib.load_config_file(f"{REPO}/{SMOKE_CONFIG}")
     changes, fragment = BAD_CONFIGS[name]
     for key, value in changes.items():
@@ -232,26 +227,17 @@ def test_bad_config_is_a_one_line_error(cli, name, tmp_path, capsys, monkeypatch
         for parent in parents:
             section = section[parent]
         section[field] = value
-    workdir = tmp_path / "run"
-    assert jax.device_count() == REFERENCE_DEVICES
-    with pytest.raises(SystemExit) as stopped:
-        cli_lib.run_cli(lambda argv: loop.train(config, str(workdir)))([])
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert stopped.value.code == 2 and len(errors) == 1 and fragment in errors[0], errors
-    assert not workdir.exists(), "a bad config must fail before the run directory is created"
+    code, errors = train_error_lines(cli, config, tmp_path / "run", capsys, monkeypatch)
+    assert code == 2 and len(errors) == 1 and fragment in errors[0], errors
+    assert not (tmp_path / "run").exists(), "a bad config must fail before the run directory is created"
 
 
 def test_a_workdir_that_cannot_be_created_is_a_one_line_error(cli, tmp_path, capsys, monkeypatch):
-    from oneflow_jax import cli as cli_lib
     from oneflow_jax import config_lib
-    from oneflow_jax.training import loop
-    monkeypatch.setenv("TFDS_DATA_DIR", str(cli.data_dir))
     (tmp_path / "a_file").write_text("")
     config = config_lib.load_config_file(f"{REPO}/{SMOKE_CONFIG}")
-    with pytest.raises(SystemExit) as stopped:
-        cli_lib.run_cli(lambda argv: loop.train(config, str(tmp_path / "a_file" / "run")))([])
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert stopped.value.code == 2 and len(errors) == 1 and "cannot create --workdir" in errors[0], errors
+    code, errors = train_error_lines(cli, config, tmp_path / "a_file" / "run", capsys, monkeypatch)
+    assert code == 2 and len(errors) == 1 and "cannot create --workdir" in errors[0], errors
 
 
 def test_nonfinite_updates_are_skipped_counted_and_stop_the_run(cli, tmp_path):
