@@ -20,11 +20,11 @@ SHARED_GROUPS = {"test_train.py": "reference_run", "test_cli.py": "reference_run
 # Seconds each group took in a quiet 2-worker run (`tests/run.sh --durations=0`, 2026-12-03; the rest: ~2 s a test).
 # Groups start longest first, so that no long group is left to run alone at the end while the other worker idles
 # (ordered by test count, the same suite took 811 s in one run and 947 s in another).
-GROUP_SECONDS = {"reference_run": 540, "test_corrupt_data.py": 110, "test_compare.py": 170, "test_sampler.py": 98,
+GROUP_SECONDS = {"reference_run": 540, "test_corrupt_data.py": 110, "test_compare.py": 110, "test_sampler.py": 98,
                  "test_import_llama.py": 60, "test_ar.py": 75, "test_real_data.py": 69, "test_model.py": 61,
                  "test_export_torch.py": 45, "test_validation.py": 41, "test_vq.py": 35, "test_hf_tokenizer.py": 31,
                  "test_precompute.py": 26, "test_fid.py": 25, "test_vae.py": 24, "test_flops.py": 28,
-                 "test_nextflow.py": 80, "test_nextflow_sampler.py": 22}
+                 "test_nextflow.py": 130, "test_nextflow_sampler.py": 22}
 
 
 @pytest.hookimpl(optionalhook=True)
