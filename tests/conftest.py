@@ -17,7 +17,8 @@ SHARED_GROUPS = {"test_train.py": "reference_run", "test_cli.py": "reference_run
                  "test_image_eval.py": "reference_run"}
 
 
-# Seconds each group took in a quiet 2-worker run (`tests/run.sh --durations=0`, 2026-12-03; the rest: ~2 s a test).
+# Seconds each group took in a quiet 2-worker run (`tests/run.sh --durations=0`, 2026-12-03; test_compare and
+# test_nextflow: their slowest test in the 2026-12-04 runs; the rest: ~2 s a test).
 # Groups start longest first, so that no long group is left to run alone at the end while the other worker idles
 # (ordered by test count, the same suite took 811 s in one run and 947 s in another).
 GROUP_SECONDS = {"reference_run": 540, "test_corrupt_data.py": 110, "test_compare.py": 110, "test_sampler.py": 98,

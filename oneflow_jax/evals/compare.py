@@ -356,8 +356,8 @@ def ensure_tokenizer(config, workdir: str, train: bool = True) -> dict | None:
     vq_dir = tokenizer_dir(workdir)
     path = os.path.join(vq_dir, "compare_tokenizer.json")
     imported = os.path.join(vq_dir, "imported_tokenizer.json")     # --reuse's record: reported, never trained on
-    for p in (path, None if train else imported):
-        if p and os.path.exists(p):
+    for p in [path] if train else [path, imported]:
+        if os.path.exists(p):
             with open(p) as f:
                 return json.load(f)
     if not train:
@@ -397,11 +397,10 @@ def import_runs(config, workdir: str, path: str) -> list[str]:
     runs = {r["name"]: r for r in rows if r.get("kind") == "run"}
     out = []
     for r in rows:
-        if r.get("kind") == "tokenizer":
-            keep = ("steps", "batch_size", "train_flops_per_step", "train_flops", "wall_s", "psnr",
-                    "attributes_recognised")
+        if r.get("kind") == "tokenizer":          # the record ensure_tokenizer made, without the row's bookkeeping
+            record = {k: v for k, v in r.items() if k not in ("kind", "date", "commit", "budget", "metric_set")}
             _write_json(os.path.join(tokenizer_dir(workdir), "imported_tokenizer.json"),
-                        dict({k: r[k] for k in keep if k in r}, imported=_provenance(r, path)))
+                        dict(record, imported=_provenance(r, path)))
         if r.get("kind") not in ("run", "tuning") or (r["kind"] == "tuning" and r["name"] in runs):
             continue
         got = dict(budget=float(r.get("budget", -1)), metric_set=r.get("metric_set"))
