@@ -92,6 +92,7 @@ def main():
                    caption_at1_seen=s["caption_one_sample"]["seen"]["accuracy"],
                    caption=cap["all"]["accuracy"], generation=gen["all"]["accuracy"],
                    generation_seen=gen["seen"]["accuracy"], interleaved=free["accuracy"], pairs=free["n_pairs"],
+                   parsed=free["parsed"],
                    caption_nfe=cap["nfe_per_request"], caption_latency_ms=1e3 * cap["latency_s"],
                    caption_nfe_per_batch=cap["nfe_per_batch"], batch_size=cap["batch_size"],
                    captions_per_s=cap["per_second"], image_nfe=gen["nfe_per_request"],

@@ -79,12 +79,14 @@ def evaluate(run: generate.Run, num_examples: int, num_free: int, sampler_config
         images.append(dict(pred=tuple(pred), true=truth, held_out=held, correct=tuple(pred) == truth))
 
     free_docs, free_cost = gen.timed([([], [])] * num_free, seed + 2) if num_free else ([], {})
-    agree = total = 0
+    agree = parsed = total = 0
     for doc, ims in free_docs:
         for text, idx in sw.document_pairs(doc):
+            attributes = sw.parse_caption(text or "")
             total += 1
-            if text is not None and idx is not None and idx < len(ims):
-                agree += int(sw.parse_caption(text) is not None and sw.parse_caption(text) == tuple(sw.judge_image(ims[idx])))
+            parsed += attributes is not None
+            if attributes is not None and idx is not None and idx < len(ims):
+                agree += int(attributes == tuple(sw.judge_image(ims[idx])))
 
     if latency_requests:
         one = generate.Generator(run, sampler_config, 1)
@@ -99,7 +101,9 @@ def evaluate(run: generate.Run, num_examples: int, num_free: int, sampler_config
                                "held_out": _score(single, True)},
         "generation": {"all": _score(images), "seen": _score(images, False), "held_out": _score(images, True),
                        **gen_cost},
-        "interleaved_consistency": {"n_pairs": total, "accuracy": agree / total if total else None, **free_cost},
+        # parsed: the fraction of pairs whose text is a whole caption (agreement needs one)
+        "interleaved_consistency": {"n_pairs": total, "accuracy": agree / total if total else None,
+                                    "parsed": parsed / total if total else None, **free_cost},
         "sampler": dataclasses.asdict(sampler_config),
         "examples": {"captions": [c["text"] for c in captions[:5]], "free": [d for d, _ in free_docs[:3]],
                      "caption_failures": [{"truth": truth, "document": c["text"]} for c, truth
@@ -145,7 +149,8 @@ def format_table(scores) -> str:
                              + " ".join(f"{s[a]:>12.3f}" for a in ATTRS))
     ic = scores["interleaved_consistency"]
     acc = "n/a" if ic["accuracy"] is None else f"{ic['accuracy']:.3f}"
-    lines.append(f"interleaved consistency: {acc} over {ic['n_pairs']} pairs")
+    parsed = f" ({ic['parsed']:.0%} of the pairs' texts parse as captions)" if ic.get("parsed") is not None else ""
+    lines.append(f"interleaved consistency: {acc} over {ic['n_pairs']} pairs{parsed}")
     votes = scores["caption"].get("votes", 1)
     if votes > 1:
         lines.append(f"caption: the most frequent of {votes} samples (caption@1: the first sample alone)")
