@@ -210,18 +210,24 @@ def _insert(state, insert, new_tok, rng, special: SpecialTokens, num_patches: in
     ins_pos = jnp.where(size_at > 0, pos + shift + 1, length)
     new["tokens"] = new["tokens"].at[rows, ins_pos].set(tok_at, mode="drop")
     new["is_patch"] = new["is_patch"].at[rows, ins_pos].set(False, mode="drop")
-    # Fresh image blocks: noise with t_img = 0 right after their new <image> token.
+    # Fresh image blocks: noise with t_img = 0 right after their new <image> token. Most steps insert no image, and
+    # drawing the noise for every possible block costs as much as a network evaluation: only done when one is.
     is_img = (size_at > 1)[..., None]
-    k = jnp.arange(num_patches)[None, None, :]
-    block_pos = jnp.where(is_img, (pos + shift + 2)[..., None] + k, length).reshape(b, -1)
-    rows2 = jnp.arange(b)[:, None]
-    dim = state["patches"].shape[-1]
-    noise = jax.random.normal(rng, (b, length * num_patches, dim), jnp.float32)
-    new["is_patch"] = new["is_patch"].at[rows2, block_pos].set(True, mode="drop")
-    new["patch_index"] = new["patch_index"].at[rows2, block_pos].set(
-        jnp.broadcast_to(k, (b, length, num_patches)).reshape(b, -1), mode="drop")
-    new["patch_t"] = new["patch_t"].at[rows2, block_pos].set(0.0, mode="drop")
-    new["patches"] = new["patches"].at[rows2, block_pos].set(noise.astype(state["patches"].dtype), mode="drop")
+
+    def fresh_blocks(new):
+        k = jnp.arange(num_patches)[None, None, :]
+        block_pos = jnp.where(is_img, (pos + shift + 2)[..., None] + k, length).reshape(b, -1)
+        dim = state["patches"].shape[-1]
+        noise = jax.random.normal(rng, (b, length * num_patches, dim), jnp.float32)
+        new = dict(new)
+        new["is_patch"] = new["is_patch"].at[rows, block_pos].set(True, mode="drop")
+        new["patch_index"] = new["patch_index"].at[rows, block_pos].set(
+            jnp.broadcast_to(k, (b, length, num_patches)).reshape(b, -1), mode="drop")
+        new["patch_t"] = new["patch_t"].at[rows, block_pos].set(0.0, mode="drop")
+        new["patches"] = new["patches"].at[rows, block_pos].set(noise.astype(state["patches"].dtype), mode="drop")
+        return new
+
+    new = jax.lax.cond(jnp.any(is_img), fresh_blocks, lambda new: new, new)
     new["length"] = state["length"] + jnp.sum(size_at, axis=1)
     new["prompt_len"] = state["prompt_len"]
     return new
@@ -289,7 +295,8 @@ def sample_loop(apply_fn: Callable, state, rng, cfg: SamplerConfig, special: Spe
         st["patches"] = jnp.where(moving[..., None], flow_matching.euler_step(st["patches"], velocity, step),
                                   st["patches"])
         st["patch_t"] = jnp.where(moving, t_next, st["patch_t"])
-        grown = _insert(st, insert, new_tok, r_noise, special, num_patches)
+        grown = jax.lax.cond(jnp.any(insert), lambda s: _insert(s, insert, new_tok, r_noise, special, num_patches),
+                             lambda s: s, st)         # image-only steps move no buffer
         # A row that chose insertions of which none fit its buffer is full: it has no more text to write.
         pending_text = pending_text & ((grown["length"] > st["length"]) | ~jnp.any(insert, axis=1))
         return grown, i + 1, rng, nfe + passes, pending_text
