@@ -82,11 +82,13 @@ def oneflow_rows(config_path: str, batches, repeats: int, inner: int):
 def ar_rows(config_path: str, batches, repeats: int, inner: int, prompt_len: int):
     config, model, codec = init(config_path)
     cfg = config_lib.sampler_config(config)
-    x = dict(chunk(1, 8, codec.patch_dim), segment_ids=jnp.ones((1, 8), jnp.int32), block_ids=jnp.zeros((1, 8), jnp.int32))
+    x = dict(chunk(1, 8, codec.patch_dim), segment_ids=jnp.ones((1, 8), jnp.int32),
+             block_ids=jnp.zeros((1, 8), jnp.int32))
     params = model.init(jax.random.PRNGKey(0), x)["params"]
     length = cfg.max_len
     decode = lambda p, inp, cache, write, mask, c: model.apply(
-        {"params": p}, dict(inp, patch_t=inp["patch_t"] + c), cache, write, mask, method=ar_transformer.ARModel.decode)[0]
+        {"params": p}, dict(inp, patch_t=inp["patch_t"] + c), cache, write, mask,
+        method=ar_transformer.ARModel.decode)[0]                # the heads; the new cache is not needed
     for b in batches:
         cache = ar_transformer.empty_cache(model.cfg, b, length)
         for name, start, n in (("prefill", 0, prompt_len), ("decode step", prompt_len, 1)):

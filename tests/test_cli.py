@@ -156,7 +156,8 @@ def test_benchmark_scripts_run(cli):
     report = json.loads(synthetic.stdout.strip().splitlines()[-1])
     assert report["data"] == "synthetic" and 0 < report["packing_fill"] <= 1 and report["steps_per_sec"] > 0
     cost = cli.run_script("benchmarks/evaluation_cost.py", "--config=configs/shapes_tiny.py:smoke",
-                          "--ar_config=configs/ar_shapes_tiny.py:smoke", "--batches=1", "--repeats=1", "--inner=2").check()
+                          "--ar_config=configs/ar_shapes_tiny.py:smoke", "--batches=1", "--repeats=1",
+                          "--inner=2").check()
     rows = [json.loads(line) for line in cost.stdout.strip().splitlines() if line.startswith("{")]
     assert [(r["model"], r["call"], r["positions"]) for r in rows] == [   # smoke sampler.max_len 128, 3 buckets
         ("oneflow", "evaluation", 32), ("oneflow", "evaluation", 64), ("oneflow", "evaluation", 128),
