@@ -1,7 +1,7 @@
 """Milliseconds per network evaluation of OneFlow's sampler and of AR+FM's, by batch size and length.
 
 python benchmarks/evaluation_cost.py [--config configs/shapes_tiny.py] [--ar_config configs/ar_shapes_tiny.py]
-    [--batches 1,50] [--repeats 10] [--inner 20] [--out benchmarks/results/F.jsonl]
+    [--batches 1,50] [--repeats 10] [--inner 20] [--lengths 24,40] [--out F.jsonl]
 
 What a sampler's latency and throughput are made of (docs/results.md, "Why the cost targets cannot be met on this
 CPU"): OneFlow's sampler runs the whole live sequence through the network at every evaluation, on the smallest of its
@@ -66,14 +66,14 @@ def init(config_path: str):
     return config, model, codec
 
 
-def oneflow_rows(config_path: str, batches, repeats: int, inner: int):
+def oneflow_rows(config_path: str, batches, repeats: int, inner: int, lengths=None):
     config, model, codec = init(config_path)
     cfg = config_lib.sampler_config(config)
     x = dict(chunk(1, 8, codec.patch_dim), segment_ids=jnp.ones((1, 8), jnp.int32))
     params = model.init(jax.random.PRNGKey(0), x)["params"]
     forward = lambda p, inp, c: model.apply({"params": p}, dict(inp, patch_t=inp["patch_t"] + c))
     for b in batches:
-        for n in bucket_lengths(cfg.max_len, cfg.length_buckets):
+        for n in lengths or bucket_lengths(cfg.max_len, cfg.length_buckets):
             inp = dict(chunk(b, n, codec.patch_dim), segment_ids=jnp.ones((b, n), jnp.int32))
             yield dict(model="oneflow", call="evaluation", batch=b, positions=n,
                        ms=ms_per_call(forward, (params, inp), repeats, inner))
@@ -106,12 +106,14 @@ def main():
     p.add_argument("--batches", default="1,50")
     p.add_argument("--repeats", type=int, default=10, help="timed loops; the median is kept")
     p.add_argument("--inner", type=int, default=20, help="calls per jitted loop")
+    p.add_argument("--lengths", default="", help="OneFlow lengths to time, e.g. 24,40 (default: the sampler's buckets)")
     p.add_argument("--prompt_len", type=int, default=6, help="AR prefill: BOS, <image> and a 32x32 image's 4 patches")
     p.add_argument("--out", default=None, help="append the rows to this JSONL file")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    rows = [*oneflow_rows(args.config, batches, args.repeats, args.inner),
+    lengths = [int(n) for n in args.lengths.split(",") if n]
+    rows = [*oneflow_rows(args.config, batches, args.repeats, args.inner, lengths),
             *ar_rows(args.ar_config, batches, args.repeats, args.inner, args.prompt_len)]
     for row in rows:
         row.update(ms_per_row=row["ms"] / row["batch"], date=datetime.date.today().isoformat(), commit=commit,
