@@ -29,6 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from oneflow_jax import config_lib  # noqa: E402
 from oneflow_jax.models import ar_transformer  # noqa: E402
+from oneflow_jax.models.transformer import dummy_batch  # noqa: E402
 from oneflow_jax.sampling.common import bucket_lengths  # noqa: E402
 from oneflow_jax.training.train_state import build_model  # noqa: E402
 
@@ -61,16 +62,15 @@ def ms_per_call(fn, args, repeats: int, inner: int) -> float:
 
 
 def init(config_path: str):
+    """(sampler config, model, codec, random params) of a config file."""
     config = config_lib.load_config_file(config_path)
     model, codec = build_model(config, config_lib.vocab_size(config))
-    return config, model, codec
+    params = model.init(jax.random.PRNGKey(0), dummy_batch(model.cfg))["params"]
+    return config_lib.sampler_config(config), model, codec, params
 
 
 def oneflow_rows(config_path: str, batches, repeats: int, inner: int, lengths=None):
-    config, model, codec = init(config_path)
-    cfg = config_lib.sampler_config(config)
-    x = dict(chunk(1, 8, codec.patch_dim), segment_ids=jnp.ones((1, 8), jnp.int32))
-    params = model.init(jax.random.PRNGKey(0), x)["params"]
+    cfg, model, codec, params = init(config_path)
     forward = lambda p, inp, c: model.apply({"params": p}, dict(inp, patch_t=inp["patch_t"] + c))
     for b in batches:
         for n in lengths or bucket_lengths(cfg.max_len, cfg.length_buckets):
@@ -80,11 +80,7 @@ def oneflow_rows(config_path: str, batches, repeats: int, inner: int, lengths=No
 
 
 def ar_rows(config_path: str, batches, repeats: int, inner: int, prompt_len: int):
-    config, model, codec = init(config_path)
-    cfg = config_lib.sampler_config(config)
-    x = dict(chunk(1, 8, codec.patch_dim), segment_ids=jnp.ones((1, 8), jnp.int32),
-             block_ids=jnp.zeros((1, 8), jnp.int32))
-    params = model.init(jax.random.PRNGKey(0), x)["params"]
+    cfg, model, codec, params = init(config_path)
     length = cfg.max_len
     decode = lambda p, inp, cache, write, mask, c: model.apply(
         {"params": p}, dict(inp, patch_t=inp["patch_t"] + c), cache, write, mask,

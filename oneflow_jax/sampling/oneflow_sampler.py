@@ -296,7 +296,7 @@ def sample_loop(apply_fn: Callable, state, rng, cfg: SamplerConfig, special: Spe
                                   st["patches"])
         st["patch_t"] = jnp.where(moving, t_next, st["patch_t"])
         grown = jax.lax.cond(jnp.any(insert), lambda s: _insert(s, insert, new_tok, r_noise, special, num_patches),
-                             lambda s: s, st)         # image-only steps move no buffer
+                             lambda s: s, st)         # a step that inserts nothing moves no buffer
         # A row that chose insertions of which none fit its buffer is full: it has no more text to write.
         pending_text = pending_text & ((grown["length"] > st["length"]) | ~jnp.any(insert, axis=1))
         return grown, i + 1, rng, nfe + passes, pending_text
